@@ -1,0 +1,194 @@
+"""``ProbSFTConfig``: TRL's ``SFTConfig`` plus the objective and its schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .objectives import get_objective
+from .schedules import MODES, SCHEDULES, STATISTICS
+
+
+@dataclass
+class ProbSFTConfig(SFTConfig):
+    r"""
+    Configuration for [`ProbSFTTrainer`]: every [`~trl.SFTConfig`] field, plus the following.
+
+    Parameters:
+        > The objective
+
+        objective (`str`, *optional*, defaults to `"nll"`):
+            Per-token objective of "Beyond Log Likelihood": `nll`, `p`, `power:a`, `top_p:q`, `bottom_p:q`,
+            `top_logp:q`, `bottom_logp:q`, `dft`, or the paper repo's keys (`original`, `GeneralFamily-8`,
+            `OnlyTopP-0.2`, ...). With a schedule, this is the target the schedule moves toward.
+
+        > The schedule (from NLL toward `objective`)
+
+        objective_schedule (`str`, *optional*, defaults to `"none"`):
+            `none` (train `objective` alone), `constant` (fixed blend `objective_lambda`), `linear` / `cosine`
+            (lambda 0 -> 1 over `schedule_warmup_ratio` of the steps) or `adaptive` (lambda follows the running
+            target-token probability statistic from `schedule_p_low` to `schedule_p_high`).
+        schedule_mode (`str`, *optional*, defaults to `"blend"`):
+            `blend`: loss = (1 - lambda) nll + lambda objective. `exponent`: train `power:(lambda k)` for a
+            `power:k` objective, so the family itself slides from NLL (a = 0) to -p^k.
+        objective_lambda (`float`, *optional*, defaults to `1.0`):
+            Lambda of the `constant` schedule, in [0, 1] (1 = the objective alone).
+        schedule_warmup_ratio (`float`, *optional*, defaults to `0.1`):
+            Share of the optimizer steps over which `linear` / `cosine` lambda rises from 0 to 1.
+        schedule_statistic (`str`, *optional*, defaults to `"mean"`):
+            Per-step statistic of the target-token probabilities that `adaptive` follows: `mean` (the paper's
+            proxy), `median`, or `share_confident` (share of tokens with p > 0.55, the paper's cut-off).
+        schedule_p_low (`float`, *optional*, defaults to `0.30`):
+            Statistic at and below which `adaptive` lambda is 0 (pure NLL).
+        schedule_p_high (`float`, *optional*, defaults to `0.55`):
+            Statistic at and above which `adaptive` lambda is 1 (the objective alone).
+
+            Why 0.30 -> 0.55 and not the paper's clean-data bands (strong end 0.76 - 0.81): the mean target
+            probability is capped near (1 - label noise) x (probability on clean tokens), since the model
+            should not believe the noisy answers. In a CPU miniature (2-digit addition, 40% noisy answers,
+            strong base model) the mean sat near 0.6: a 0.45 -> 0.75 ramp left lambda near 0 and scored like
+            NLL (0.91 vs 0.99 exact match for `p`), while 0.30 -> 0.55 matched the best fixed objective at the
+            strong end and beat NLL at the weak end (0.50 vs 0.40: NLL first, then `p` once confident). The
+            weak end of the paper sits at 0.01 - 0.07, far below 0.30, so weak models keep training NLL.
+        schedule_ema_decay (`float`, *optional*, defaults to `0.9`):
+            Decay of the exponential moving average p_ema of the per-step statistic, in [0, 1). 0.9 averages
+            over about 10 optimizer steps: enough to smooth a noisy small batch, quick enough to follow a
+            model that learns within a few hundred steps.
+        schedule_monotone (`bool`, *optional*, defaults to `False`):
+            Never let lambda decrease.
+        schedule_warm_start (`bool`, *optional*):
+            Initialise p_ema from a measurement of the base model on the first `schedule_warm_start_samples`
+            training samples before step 1, rather than from the first noisy step. Defaults to on for `adaptive`.
+        schedule_warm_start_samples (`int`, *optional*, defaults to `256`):
+            Number of training samples the warm start measures.
+    """
+
+    objective: str = field(
+        default="nll",
+        metadata={
+            "help": "Per-token objective: nll, p, power:a, top_p:q, bottom_p:q, top_logp:q, bottom_logp:q, dft, or "
+            "a paper-repo key (GeneralFamily-8, OnlyTopP-0.2, ...). The target of the schedule."
+        },
+    )
+    objective_schedule: str = field(
+        default="none",
+        metadata={
+            "help": "How training moves from NLL toward `objective`: none, constant, linear, cosine or adaptive.",
+            "choices": list(SCHEDULES),
+        },
+    )
+    schedule_mode: str = field(
+        default="blend",
+        metadata={
+            "help": "blend: (1 - lambda) nll + lambda objective; exponent: power:(lambda k) for a power:k objective.",
+            "choices": list(MODES),
+        },
+    )
+    objective_lambda: float = field(
+        default=1.0, metadata={"help": "Lambda of the `constant` schedule, in [0, 1] (1 = the objective alone)."}
+    )
+    schedule_warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Share of optimizer steps over which linear/cosine lambda rises 0 -> 1."}
+    )
+    schedule_statistic: str = field(
+        default="mean",
+        metadata={
+            "help": "Statistic the adaptive schedule follows: mean, median or share_confident (share with p > 0.55).",
+            "choices": list(STATISTICS),
+        },
+    )
+    schedule_p_low: float = field(
+        default=0.30, metadata={"help": "Adaptive: statistic at and below which lambda = 0 (pure NLL)."}
+    )
+    schedule_p_high: float = field(
+        default=0.55, metadata={"help": "Adaptive: statistic at and above which lambda = 1 (the objective alone)."}
+    )
+    schedule_ema_decay: float = field(
+        default=0.9, metadata={"help": "Decay of the moving average of the per-step statistic, in [0, 1)."}
+    )
+    schedule_monotone: bool = field(default=False, metadata={"help": "Never let lambda decrease."})
+    schedule_warm_start: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Initialise the moving average from a probe of the base model on training samples before step 1 "
+            "(default: on for adaptive)."
+        },
+    )
+    schedule_warm_start_samples: int = field(
+        default=256, metadata={"help": "Number of training samples the warm start measures."}
+    )
+
+    def __post_init__(self):
+        self._validate_objective_fields()
+        super().__post_init__()
+
+    def _validate_objective_fields(self) -> None:
+        target = get_objective(self.objective)
+        self.objective = target.spec
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"Unknown {name} {value!r}; allowed: {', '.join(allowed)}.")
+
+        choice("objective_schedule", SCHEDULES)
+        choice("schedule_mode", MODES)
+        choice("schedule_statistic", STATISTICS)
+
+        def unit_interval(name: str) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+
+        for name in ("objective_lambda", "schedule_warmup_ratio", "schedule_p_low", "schedule_p_high"):
+            unit_interval(name)
+        if self.schedule_p_low >= self.schedule_p_high:
+            raise ValueError(
+                f"schedule_p_low ({self.schedule_p_low}) must be below schedule_p_high ({self.schedule_p_high})."
+            )
+        if not (math.isfinite(self.schedule_ema_decay) and 0.0 <= self.schedule_ema_decay < 1.0):
+            raise ValueError(f"schedule_ema_decay must be in [0, 1), got {self.schedule_ema_decay!r}.")
+        if self.schedule_warm_start_samples < 1:
+            raise ValueError(f"schedule_warm_start_samples must be >= 1, got {self.schedule_warm_start_samples}.")
+        if self.objective_schedule != "none" and target.family == "nll":
+            raise ValueError(
+                f"objective_schedule={self.objective_schedule!r} moves from NLL toward `objective`, which is nll: "
+                "set `objective` to the target, e.g. power:10 or p."
+            )
+        if self.schedule_mode == "exponent" and target.family != "power":
+            raise ValueError(
+                f"schedule_mode='exponent' slides power:(lambda k) toward a power:k objective; objective is "
+                f"{target.spec!r}. Use schedule_mode='blend' or objective='power:k'."
+            )
+        if self.schedule_warm_start is None:
+            self.schedule_warm_start = self.objective_schedule == "adaptive"
+
+        # Combinations whose loss TRL computes outside the fused log-prob head, where our objective cannot act.
+        if self.loss_type == "dft" and target.family != "nll":
+            raise ValueError(
+                f"loss_type='dft' is TRL's own DFT loss and would replace objective {target.spec!r}. "
+                "Use objective='dft' (same loss) with the default loss_type='nll'."
+            )
+        if (self.label_smoothing_factor or 0) > 0 and target.family != "nll":
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} makes TRL compute the loss from full logits, "
+                f"bypassing objective {target.spec!r}. Set label_smoothing_factor=0."
+            )
+        if self.use_liger_kernel and (self.liger_kernel_config or {}).get("fused_linear_cross_entropy"):
+            raise ValueError(
+                "Liger's fused linear cross-entropy replaces the model's forward and computes NLL itself; trl-prob "
+                "needs TRL's fused log-prob head. Set liger_kernel_config={'fused_linear_cross_entropy': False}."
+            )
+        parallelism = getattr(self, "parallelism_config", None)
+        if parallelism is not None and getattr(parallelism, "sp_enabled", False) and self.uses_objective:
+            raise ValueError(
+                "Sequence parallelism (Ulysses/ALST) reduces the model's own NLL across ranks, so "
+                f"objective {target.spec!r} cannot be applied. Disable sequence parallelism."
+            )
+
+    @property
+    def uses_objective(self) -> bool:
+        """False only for plain NLL, where the trainer leaves TRL's loss untouched."""
+        return not (get_objective(self.objective).family == "nll" and self.objective_schedule == "none")
