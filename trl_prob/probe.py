@@ -1,15 +1,67 @@
 """Measure where a model stands on the paper's capability continuum: target-token probability statistics.
 
 One implementation serves ``trl-prob probe``, the adaptive schedule's warm start and the benchmarks.
+
+- :func:`measure_token_probs`: the statistics of p(target token) over collated SFT batches, through TRL's fused
+  log-prob head (no [tokens x vocab] logits), reduced over processes.
+- :func:`check_probe_inputs`: clear errors for inputs TRL would reject obscurely; call it before building the trainer.
+- :func:`run_probe`: measure a built ``ProbSFTTrainer``'s training data, place the model on the continuum, recommend
+  ``--objective`` / ``--objective_schedule`` and write ``probe.json`` and ``probe_histogram.png``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .stats import TokenProbStats
+from .stats import CONFIDENT_P, HISTOGRAM_BINS, TokenProbStats
+
+logger = logging.getLogger(__name__)
+
+PROBE_JSON = "probe.json"
+PROBE_HISTOGRAM_PNG = "probe_histogram.png"
+
+# Mean target-token probability of the base models in "Beyond Log Likelihood" (their Eq. 5), per end of the continuum.
+REFERENCE_BANDS: dict[str, tuple[float, float]] = {
+    "model-weak": (0.01, 0.07),  # figfont puzzles (reasoning-gym)
+    "model-intermediate": (0.50, 0.59),  # medical reasoning (m23k)
+    "model-strong": (0.76, 0.81),  # math (NuminaMath-CoT) on math-capable 1.5B-8B models
+}
+REFERENCE_EXAMPLES = {
+    "model-weak": "figfont puzzles",
+    "model-intermediate": "medical reasoning",
+    "model-strong": "math",
+}
+# Share of training tokens with p > 0.55 at the strong end.
+STRONG_SHARE_CONFIDENT = (0.728, 0.812)
+# Below this the model sits at the paper's weak end itself, where NLL wins by far: plain NLL is recommended.
+WEAK_END_P = 0.10
+NOISE_NOTE = (
+    "With label noise the measured mean is capped near (1 - noise) x the probability on clean tokens, so noisy "
+    "data reads lower than the paper's clean-data bands; that is why the adaptive schedule ramps from 0.30 to 0.55 "
+    "by default (see ProbSFTConfig.schedule_p_low / schedule_p_high)."
+)
+_PRIOR_LEANING = ("p", "power", "top_p", "top_logp")
+TABLE_BINS = 10  # histogram in the printed table and in probe.json
+PLOT_BINS = 50  # histogram in probe_histogram.png (also in probe.json)
+
+
+# --------------------------------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class Measurement:
+    """What one pass over the batches saw: token statistics, and how many samples (and how many had no target)."""
+
+    stats: TokenProbStats
+    num_samples: int
+    num_samples_without_targets: int
 
 
 def measure_token_probs(
@@ -21,29 +73,528 @@ def measure_token_probs(
     """Statistics of p(target token) over ``batches`` (collated SFT batches with ``labels``), reduced over processes.
 
     ``model`` must carry TRL's fused log-prob head (``SFTTrainer`` adds it): no [tokens x vocab] logits are
-    built. Runs in eval mode under ``torch.no_grad`` and restores the training mode afterwards.
+    built. Runs in eval mode under ``torch.no_grad`` and restores the training mode afterwards. With an accelerate
+    eval dataloader sharded over several processes, the samples repeated to even out the last batch are left out,
+    as ``gather_for_metrics`` does, so every sample counts once.
     """
+    return measure(model, batches, prepare, progress).stats
+
+
+def measure(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    prepare: Callable[[dict], dict] | None = None,
+    progress: bool = True,
+) -> Measurement:
+    """:func:`measure_token_probs` plus the number of samples seen and of samples without any target token."""
     was_training = model.training
     model.eval()
-    stats = None
+    device = next(model.parameters()).device
+    stats = TokenProbStats.zeros(device)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # samples, samples without targets
     try:
         iterator = batches
         if progress:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(batches, desc="probe", disable=not _is_main_process())
+            iterator = tqdm(batches, desc="probe", unit="batch", disable=not _is_main_process())
         with torch.no_grad():
             for batch in iterator:
                 batch = prepare(batch) if prepare is not None else batch
                 outputs = model(**batch, fused_lm_head=True, use_cache=False)
-                batch_stats = TokenProbStats.of(outputs.log_probs, outputs.label_mask)
-                stats = batch_stats if stats is None else stats + batch_stats
+                sample = _sample_index(batch, outputs.label_mask)
+                num_samples = _num_samples(batch)
+                real = _real_samples(batches, num_samples, device)
+                mask = outputs.label_mask & (sample < real)
+                stats = stats + TokenProbStats.of(outputs.log_probs, mask)
+                targets = torch.bincount(sample[mask], minlength=num_samples)[:real]
+                counts += torch.tensor([real, int((targets == 0).sum())], dtype=torch.float64, device=device)
     finally:
         model.train(was_training)
-    if stats is None:
-        stats = TokenProbStats.zeros(next(model.parameters()).device)
-    return stats.all_reduce()
+    stats.all_reduce()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    num_samples, without_targets = (int(c) for c in counts.tolist())
+    return Measurement(stats, num_samples, without_targets)
+
+
+def _num_samples(batch: dict) -> int:
+    # Padding-free batches flatten every sample into one row; `cu_seq_lens_q` holds the boundaries.
+    if "cu_seq_lens_q" in batch:
+        return batch["cu_seq_lens_q"].numel() - 1
+    return batch["input_ids"].shape[0]
+
+
+def _sample_index(batch: dict, label_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the sample each position of ``label_mask`` (shifted: position j predicts token j + 1) belongs to."""
+    if "cu_seq_lens_q" in batch:
+        boundaries = batch["cu_seq_lens_q"].to(label_mask.device, torch.long)
+        predicted = torch.arange(1, label_mask.shape[-1] + 1, device=label_mask.device)
+        if label_mask.shape[-1] == batch["input_ids"].shape[-1]:  # `shift_labels` given: not shifted
+            predicted = predicted - 1
+        index = torch.searchsorted(boundaries[1:], predicted, right=True)
+        return index.expand_as(label_mask)
+    rows = torch.arange(label_mask.shape[0], device=label_mask.device)
+    return rows[:, None].expand_as(label_mask)
+
+
+def _real_samples(batches: Iterable[dict], num_samples: int, device: torch.device) -> int:
+    """How many samples of this batch are real, not repeats that accelerate adds to even out the last batch.
+
+    With ``even_batches`` (the default), accelerate fills the last round of a sharded dataloader with samples from
+    the start of the dataset; ``gather_for_metrics`` keeps the first ``remainder`` samples of the process-ordered
+    concatenation. We keep the same ones. Every process reaches its last batch together (even batches), so the
+    all-gather below is collective-safe.
+    """
+    if not getattr(batches, "end_of_dataloader", False):
+        return num_samples
+    remainder = getattr(batches, "remainder", -1)
+    even = getattr(getattr(batches, "batch_sampler", None), "even_batches", True)
+    if remainder is None or remainder <= 0 or not even:
+        return num_samples
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return min(num_samples, remainder)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor([num_samples], dtype=torch.long, device=device))
+    before = sum(int(s.item()) for s in sizes[:rank])
+    return max(0, min(num_samples, remainder - before))
 
 
 def _is_main_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+# ------------------------------------------------------------------------------------------ the continuum
+
+
+def place_on_continuum(mean_p: float, p_low: float = 0.30, p_high: float = 0.55) -> str:
+    """``model-weak`` below ``p_low``, ``model-strong`` at or above ``p_high``, ``model-intermediate`` between.
+
+    The cut-offs are the adaptive schedule's: 0.30 is about midway between the paper's weak (<= 0.07) and
+    intermediate (>= 0.50) bands, 0.55 is the paper's own confidence cut-off.
+    """
+    if mean_p >= p_high:
+        return "model-strong"
+    return "model-intermediate" if mean_p >= p_low else "model-weak"
+
+
+def nearest_reference(mean_p: float) -> str:
+    """The paper's reference band closest to ``mean_p`` (``model-weak``, ``model-intermediate`` or ``model-strong``)."""
+
+    def distance(band: tuple[float, float]) -> float:
+        low, high = band
+        return max(low - mean_p, 0.0, mean_p - high)
+
+    return min(REFERENCE_BANDS, key=lambda name: distance(REFERENCE_BANDS[name]))
+
+
+def describe_position(mean_p: float) -> str:
+    """Where ``mean_p`` falls relative to the paper's bands, e.g. ``"inside the intermediate band (0.50-0.59)"``."""
+    names = list(REFERENCE_BANDS)
+    for name in names:
+        low, high = REFERENCE_BANDS[name]
+        if low <= mean_p <= high:
+            return f"inside the paper's {_short(name)} band ({_band(name)})"
+    if mean_p < REFERENCE_BANDS[names[0]][0]:
+        return f"below the paper's weak band ({_band(names[0])})"
+    if mean_p > REFERENCE_BANDS[names[-1]][1]:
+        return f"above the paper's strong band ({_band(names[-1])})"
+    for lower, upper in zip(names, names[1:]):
+        if REFERENCE_BANDS[lower][1] < mean_p < REFERENCE_BANDS[upper][0]:
+            return f"between the paper's {_short(lower)} ({_band(lower)}) and {_short(upper)} ({_band(upper)}) bands"
+    raise AssertionError("unreachable")  # the bands are ordered and cover the gaps above
+
+
+def recommend(
+    mean_p: float, objective: str | None = None, p_low: float = 0.30, p_high: float = 0.55
+) -> tuple[str, str, str]:
+    """``(objective, objective_schedule, reason)`` for a model whose mean target probability is ``mean_p``.
+
+    ``objective`` is the prior-leaning target the user configured (``p`` unless it is one of ``p``, ``power:a``,
+    ``top_p:q``, ``top_logp:q``). The rule follows the paper: NLL at the weak end, the prior-leaning objective at the
+    strong end, and in between (no single winner in the paper) the adaptive schedule, which trains NLL while the
+    model is unsure and moves to the target as its running mean target probability rises from ``p_low`` to
+    ``p_high``.
+    """
+    from .objectives import get_objective
+    from .schedules import adaptive_lambda
+
+    target = get_objective(objective) if objective else None
+    spec = target.spec if target is not None and target.family in _PRIOR_LEANING else "p"
+    if mean_p < WEAK_END_P:
+        return "nll", "none", (
+            f"at the paper's weak end ({_band('model-weak')}), where NLL wins by far (figfont exact match 35.2 vs "
+            "0.0 for 1 - p): prior-leaning objectives barely train tokens the model cannot predict yet."
+        )
+    if mean_p < p_low:
+        return spec, "adaptive", (
+            f"weak on this data: adaptive trains pure NLL (the paper's choice here) until the running mean passes "
+            f"{p_low:.2f}, then moves toward {spec} as the model becomes confident."
+        )
+    if mean_p < p_high:
+        lam = adaptive_lambda(mean_p, p_low, p_high)
+        return spec, "adaptive", (
+            f"between the ends, where the paper finds no single winner: adaptive starts at lambda {lam:.2f} "
+            f"(share of {spec}) and follows the model's confidence, reaching {spec} alone at {p_high:.2f}."
+        )
+    return spec, "none", (
+        f"confident on this data (mean >= {p_high:.2f}): at the strong end prior-leaning objectives beat NLL "
+        "(math: 1 - p 32.75 vs NLL 17.00 on Qwen2.5-Math-1.5B)."
+    )
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("model-")
+
+
+def _band(name: str) -> str:
+    low, high = REFERENCE_BANDS[name]
+    return f"{low:.2f}-{high:.2f}"
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+@dataclass
+class ProbeReport:
+    """What ``trl-prob probe`` found: the target-token probability statistics and what they recommend.
+
+    Every field is written to ``probe.json``; the printed table shows the fields listed in :meth:`table_rows`.
+    """
+
+    model: str
+    num_samples: int
+    num_tokens: int
+    mean_p: float
+    median_p: float
+    share_confident: float
+    nll: float
+    continuum: str
+    position: str
+    nearest_reference: str
+    recommended_objective: str
+    recommended_schedule: str
+    recommended_flags: str
+    reason: str
+    note: str
+    max_length: int | None = None
+    num_samples_without_targets: int = 0
+    num_samples_dropped: int | None = None
+    confident_p: float = CONFIDENT_P
+    schedule_p_low: float = 0.30
+    schedule_p_high: float = 0.55
+    reference_bands: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in REFERENCE_BANDS.items()})
+    reference_strong_share_confident: list[float] = field(default_factory=lambda: list(STRONG_SHARE_CONFIDENT))
+    histogram: dict[str, list[float]] = field(default_factory=dict)
+    histogram_fine: dict[str, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_measurement(
+        cls,
+        measurement: Measurement,
+        *,
+        model: str = "model",
+        objective: str | None = None,
+        p_low: float = 0.30,
+        p_high: float = 0.55,
+        max_length: int | None = None,
+        num_samples_dropped: int | None = None,
+    ) -> ProbeReport:
+        stats = measurement.stats
+        mean_p = stats.mean_p
+        objective_spec, schedule, reason = recommend(mean_p, objective, p_low, p_high)
+        flags = f"--objective {objective_spec} --objective_schedule {schedule}"
+        return cls(
+            model=model,
+            num_samples=measurement.num_samples,
+            num_tokens=stats.num_tokens,
+            mean_p=mean_p,
+            median_p=stats.median_p,
+            share_confident=stats.share_confident,
+            nll=stats.nll,
+            continuum=place_on_continuum(mean_p, p_low, p_high),
+            position=describe_position(mean_p),
+            nearest_reference=nearest_reference(mean_p),
+            recommended_objective=objective_spec,
+            recommended_schedule=schedule,
+            recommended_flags=flags,
+            reason=reason,
+            note=NOISE_NOTE,
+            max_length=max_length,
+            num_samples_without_targets=measurement.num_samples_without_targets,
+            num_samples_dropped=num_samples_dropped,
+            schedule_p_low=p_low,
+            schedule_p_high=p_high,
+            histogram=_histogram(stats, TABLE_BINS),
+            histogram_fine=_histogram(stats, PLOT_BINS),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table_rows(self) -> list[tuple[str, str, str]]:
+        """``(label, probe.json key, shown value)`` of every line of the printed table; sections split at ``""``."""
+        bands = " | ".join(f"{_short(n)} {low:.2f}-{high:.2f}" for n, (low, high) in self.reference_bands.items())
+        share_low, share_high = self.reference_strong_share_confident
+        rows = [
+            ("model", "model", self.model),
+            ("samples", "num_samples", f"{self.num_samples:,}"),
+        ]
+        if self.num_samples_without_targets:
+            rows.append(("samples without targets", "num_samples_without_targets", f"{self.num_samples_without_targets:,}"))
+        if self.num_samples_dropped:
+            rows.append(
+                ("dropped by truncation", "num_samples_dropped", f"{self.num_samples_dropped:,} (max_length={self.max_length})")
+            )
+        rows += [
+            ("target tokens", "num_tokens", f"{self.num_tokens:,}"),
+            ("mean target probability", "mean_p", f"{self.mean_p:.4f}   (the paper's capability proxy, Eq. 5)"),
+            ("median target probability", "median_p", f"{self.median_p:.4f}"),
+            (f"share of tokens p > {self.confident_p:.2f}", "share_confident", f"{self.share_confident:.1%}"),
+            ("mean NLL (nats/token)", "nll", f"{self.nll:.4f}"),
+            ("", "", ""),
+            ("continuum", "continuum", self.continuum),
+            ("position", "position", self.position),
+            ("paper reference (mean p)", "reference_bands", bands),
+            (
+                f"paper: share p > {self.confident_p:.2f}",
+                "reference_strong_share_confident",
+                f"{share_low:.1%}-{share_high:.1%} at the strong end",
+            ),
+            ("note", "note", self.note),
+            ("", "", ""),
+            ("recommended", "recommended_flags", self.recommended_flags),
+            ("why", "reason", self.reason),
+            ("", "", ""),
+            ("histogram of p", "histogram", "share of target tokens per bin"),
+        ]
+        return rows
+
+    def format_table(self) -> str:
+        """The report as the text table ``trl-prob probe`` prints."""
+        rows = self.table_rows()
+        width = max(len(label) for label, _, _ in rows)
+        line = "-" * 100
+        out = [line, "trl-prob probe: where the model stands on the capability continuum", line]
+        for label, _, value in rows:
+            out.append(line if not label else f"{label:<{width}}  " + _wrap(value, width + 2))
+        out += _histogram_lines(self.histogram, indent=width + 2)
+        out.append(line)
+        return "\n".join(out)
+
+    def save(self, output_dir: str) -> tuple[str, str]:
+        """Write ``probe.json`` and ``probe_histogram.png`` to ``output_dir``; returns their paths."""
+        from .plots import plot_probe_histogram
+
+        os.makedirs(output_dir, exist_ok=True)
+        json_path = os.path.join(output_dir, PROBE_JSON)
+        with open(json_path, "w") as f:
+            json.dump(_finite(self.to_dict()), f, indent=2)
+            f.write("\n")
+        png_path = plot_probe_histogram(self, os.path.join(output_dir, PROBE_HISTOGRAM_PNG))
+        return json_path, png_path
+
+
+def _histogram(stats: TokenProbStats, bins: int) -> dict[str, list[float]]:
+    counts = stats.histogram.cpu().view(bins, HISTOGRAM_BINS // bins).sum(-1)
+    edges = torch.linspace(0.0, 1.0, bins + 1)
+    return {"bin_edges": [round(e, 6) for e in edges.tolist()], "token_counts": [int(c) for c in counts.tolist()]}
+
+
+def _histogram_lines(histogram: dict[str, list[float]], indent: int = 2, bar_width: int = 40) -> list[str]:
+    counts, edges = histogram["token_counts"], histogram["bin_edges"]
+    total = sum(counts) or 1
+    top = max(counts) or 1
+    lines = []
+    for i, count in enumerate(counts):
+        share = count / total
+        bar = "#" * round(bar_width * count / top)
+        lines.append(f"{'':<{indent}}{edges[i]:.1f}-{edges[i + 1]:.1f}  {share:6.1%}  {bar}".rstrip())
+    return lines
+
+
+def _wrap(text: str, indent: int, width: int = 100) -> str:
+    import textwrap
+
+    return ("\n" + " " * indent).join(textwrap.wrap(text, width=width - indent))
+
+
+def _finite(value):
+    # JSON has no NaN: statistics of zero tokens become null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+class ProbeInputError(ValueError):
+    """The data or model cannot be probed; the message names the cause and the fix."""
+
+
+def check_probe_inputs(dataset, processing_class=None, args=None, dataset_name: str = "train") -> None:
+    """Fail early, with the cause and a fix, on inputs TRL would reject obscurely or that leave nothing to measure.
+
+    Call it before building the trainer (TRL raises a bare ``StopIteration`` on an empty dataset, and a generic
+    Jinja error for conversational data without a chat template).
+
+    Args:
+        dataset: the raw dataset the trainer will be built with (``datasets.Dataset`` / ``IterableDataset``).
+        processing_class: the tokenizer or processor the trainer will use.
+        args: the ``ProbSFTConfig`` (or ``SFTConfig``): ``chat_template_path`` counts as a chat template.
+    """
+    from trl.data_utils import is_conversational, is_conversational_from_value
+
+    if dataset is None:
+        raise ProbeInputError(f"No {dataset_name} dataset to probe.")
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ProbeInputError(f"The {dataset_name} dataset is empty: there are no samples to probe.")
+    try:
+        first = next(iter(dataset))
+    except StopIteration:
+        raise ProbeInputError(f"The {dataset_name} dataset is empty: there are no samples to probe.") from None
+    conversational = is_conversational(first) or is_conversational_from_value(first)
+    if not conversational or processing_class is None or getattr(args, "dataset_kwargs", None) and args.dataset_kwargs.get(
+        "skip_prepare_dataset"
+    ):
+        return
+    has_template = getattr(processing_class, "chat_template", None) or getattr(args, "chat_template_path", None)
+    if not has_template:
+        name = getattr(processing_class, "name_or_path", "") or type(processing_class).__name__
+        keys = ", ".join(sorted(first))
+        raise ProbeInputError(
+            f"The {dataset_name} dataset is conversational (columns {keys} hold lists of role/content messages), but "
+            f"the tokenizer of {name!r} has no chat template, so TRL cannot render the conversations. Pass "
+            "--chat_template_path (a .jinja file, or a model or tokenizer whose template to clone), use a model "
+            "whose tokenizer has a chat template (usually the instruct variant), or give the data as plain "
+            "prompt/completion strings."
+        )
+
+
+def _check_measured(measurement: Measurement, max_length: int | None, dataset_name: str) -> None:
+    if measurement.num_samples == 0:
+        raise ProbeInputError(f"The {dataset_name} dataset is empty: there are no samples to probe.")
+    if measurement.stats.num_tokens == 0:
+        truncation = f" after truncation to max_length={max_length}" if max_length is not None else ""
+        raise ProbeInputError(
+            f"None of the {measurement.num_samples:,} probed samples has a trainable token{truncation}: every label "
+            "is -100. Raise --max_length, use --truncation_mode keep_end, or check the completion / assistant "
+            "masks (completion_only_loss, assistant_only_loss)."
+        )
+
+
+# ------------------------------------------------------------------------------------------------- run_probe
+
+
+def run_probe(
+    trainer,
+    num_samples: int | None,
+    output_dir: str | None,
+    batch_size: int | None = None,
+    *,
+    source_dataset=None,
+    progress: bool = True,
+) -> ProbeReport:
+    """Probe ``trainer``'s training data: where its model stands on the capability continuum, and what to train.
+
+    The tokens are exactly those training uses (TRL's prepared dataset, collator and masks, via the trainer's eval
+    dataloader), measured through the fused log-prob head, split over processes and reduced. Rank 0 prints the
+    table and, with ``output_dir``, writes ``probe.json`` and ``probe_histogram.png`` there.
+
+    Args:
+        trainer: a built ``ProbSFTTrainer`` (or any ``SFTTrainer`` with ``ProbObjectiveMixin``).
+        num_samples: probe the first ``num_samples`` samples of the (prepared) training set; ``None`` for all.
+        output_dir: where to write the report files; ``None`` to only print.
+        batch_size: per-device batch size of the probe (overrides ``per_device_eval_batch_size`` while it runs).
+        source_dataset: the raw dataset the trainer was built from, if at hand: TRL silently drops samples that
+            truncation to ``max_length`` leaves without a target token, and this lets the report count them.
+        progress: show a progress bar (rank 0).
+    """
+    if num_samples is not None and num_samples < 1:
+        raise ProbeInputError(f"num_samples must be >= 1 (or None for the whole dataset), got {num_samples}.")
+    if batch_size is not None and batch_size < 1:
+        raise ProbeInputError(f"batch_size must be >= 1, got {batch_size}.")
+    args = trainer.args
+    max_length = getattr(args, "max_length", None)
+    dataset = trainer.train_dataset
+    dropped = _count_dropped(source_dataset, dataset, args)
+    if dataset is None or (hasattr(dataset, "__len__") and len(dataset) == 0):
+        _raise_empty(source_dataset, dropped, max_length)
+    if num_samples is not None:
+        dataset = dataset.select(range(min(num_samples, len(dataset)))) if hasattr(dataset, "__len__") else dataset.take(num_samples)
+
+    measurement = _measure_with_batch_size(trainer, dataset, batch_size, progress)
+    _check_measured(measurement, max_length, "train")
+    report = ProbeReport.from_measurement(
+        measurement,
+        model=_model_name(trainer.model),
+        objective=getattr(args, "objective", None),
+        p_low=getattr(args, "schedule_p_low", 0.30),
+        p_high=getattr(args, "schedule_p_high", 0.55),
+        max_length=max_length,
+        num_samples_dropped=dropped,
+    )
+    if measurement.num_samples_without_targets:
+        logger.warning(
+            "%d of %d probed samples have no trainable token (all labels -100%s); they add nothing to the statistics.",
+            measurement.num_samples_without_targets,
+            measurement.num_samples,
+            f" after truncation to max_length={max_length}" if max_length is not None else "",
+        )
+    if trainer.is_world_process_zero():
+        print(report.format_table(), flush=True)
+        if output_dir is not None:
+            json_path, png_path = report.save(output_dir)
+            print(f"wrote {json_path} and {png_path}", flush=True)
+    return report
+
+
+def _measure_with_batch_size(trainer, dataset, batch_size: int | None, progress: bool) -> Measurement:
+    args = trainer.args
+    previous = args.per_device_eval_batch_size
+    if batch_size is not None:
+        args.per_device_eval_batch_size = batch_size
+    try:
+        dataloader = trainer.get_eval_dataloader(dataset)
+        return measure(trainer.model_wrapped, dataloader, prepare=trainer._prepare_inputs, progress=progress)
+    finally:
+        args.per_device_eval_batch_size = previous
+
+
+def _count_dropped(source_dataset, prepared, args) -> int | None:
+    """Samples TRL's preparation dropped (left without a target by truncation), when both sizes are known."""
+    if source_dataset is None or prepared is None or getattr(args, "packing", False):
+        return None
+    if not (hasattr(source_dataset, "__len__") and hasattr(prepared, "__len__")):
+        return None
+    return max(0, len(source_dataset) - len(prepared))
+
+
+def _raise_empty(source_dataset, dropped: int | None, max_length: int | None) -> None:
+    if dropped:
+        raise ProbeInputError(
+            f"All {dropped:,} samples have no trainable token after truncation to max_length={max_length} (TRL drops "
+            "such samples): the prompt fills max_length. Raise --max_length or use --truncation_mode keep_end."
+        )
+    if source_dataset is not None and hasattr(source_dataset, "__len__") and len(source_dataset) == 0:
+        raise ProbeInputError("The train dataset is empty: there are no samples to probe.")
+    truncation = (
+        f", or every sample was left without a trainable token by truncation to max_length={max_length} (TRL drops such samples)"
+        if max_length is not None
+        else ""
+    )
+    raise ProbeInputError(f"The trainer's train dataset is empty after TRL's preparation: the dataset is empty{truncation}.")
+
+
+def _model_name(model) -> str:
+    from accelerate.utils import is_peft_model
+
+    base = model.get_base_model() if is_peft_model(model) else model
+    name = getattr(getattr(base, "config", None), "_name_or_path", "") or type(base).__name__
+    return str(name)
