@@ -1,0 +1,82 @@
+"""TokenProbStats: the sums behind the probe, the adaptive schedule and the logged metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trl_prob.stats import CONFIDENT_P, HISTOGRAM_BINS, TokenProbStats
+
+BIN = 1.0 / HISTOGRAM_BINS
+
+
+def _random_log_p(shape=(6, 40), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    # A spread of probabilities from near 0 to near 1, like a partly trained model.
+    p = torch.rand(shape, generator=generator) ** 2
+    mask = torch.rand(shape, generator=generator) > 0.3
+    return p.clamp_min(1e-6).log(), mask
+
+
+def test_sums_over_chunks_equal_the_whole():
+    log_p, mask = _random_log_p()
+    whole = TokenProbStats.of(log_p, mask)
+    parts = [TokenProbStats.of(log_p[i : i + 2], mask[i : i + 2]) for i in range(0, log_p.shape[0], 2)]
+    summed = parts[0]
+    for part in parts[1:]:
+        summed = summed + part
+    torch.testing.assert_close(summed.sums, whole.sums)
+    assert summed.num_tokens == int(mask.sum())
+    assert summed.mean_p == pytest.approx(whole.mean_p)
+    assert summed.median_p == pytest.approx(whole.median_p)
+
+
+def test_values_match_a_direct_computation():
+    log_p, mask = _random_log_p(seed=1)
+    stats = TokenProbStats.of(log_p, mask)
+    p = log_p[mask].double().exp()
+    assert stats.num_tokens == p.numel()
+    assert stats.mean_p == pytest.approx(p.mean().item(), rel=1e-9)
+    assert stats.nll == pytest.approx(-p.log().mean().item(), rel=1e-9)
+    assert stats.share_confident == pytest.approx((p > CONFIDENT_P).double().mean().item())
+    assert stats.histogram.sum().item() == p.numel()
+
+
+def test_keep_counts_kept_tokens_only_inside_the_mask():
+    log_p, mask = _random_log_p(seed=2)
+    keep = log_p.exp() >= 0.2
+    stats = TokenProbStats.of(log_p, mask, keep)
+    assert stats.kept_fraction == pytest.approx((keep & mask).sum().item() / mask.sum().item())
+
+
+@pytest.mark.parametrize("q", [0.1, 0.25, 0.5, 0.75, 0.9])
+def test_quantiles_match_torch_within_a_bin(q):
+    log_p, mask = _random_log_p(shape=(32, 64), seed=3)
+    stats = TokenProbStats.of(log_p, mask)
+    expected = torch.quantile(log_p[mask].double().exp(), q).item()
+    assert abs(stats.quantile(q) - expected) <= BIN
+
+
+def test_median_of_a_point_mass_lies_in_its_bin():
+    p = torch.full((100,), 0.4321)
+    stats = TokenProbStats.of(p.log(), torch.ones_like(p, dtype=torch.bool))
+    assert abs(stats.median_p - 0.4321) <= BIN
+
+
+def test_no_tokens_gives_nan():
+    log_p = torch.zeros(2, 3)
+    stats = TokenProbStats.of(log_p, torch.zeros_like(log_p, dtype=torch.bool))
+    assert stats.num_tokens == 0
+    for value in (stats.mean_p, stats.median_p, stats.nll, stats.share_confident, stats.kept_fraction):
+        assert math.isnan(value)
+    assert math.isnan(TokenProbStats.zeros().mean_p)
+
+
+def test_all_reduce_without_process_group_is_a_no_op():
+    log_p, mask = _random_log_p(seed=4)
+    stats = TokenProbStats.of(log_p, mask)
+    before = stats.sums.clone()
+    assert stats.all_reduce() is stats
+    torch.testing.assert_close(stats.sums, before)
