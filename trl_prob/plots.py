@@ -20,7 +20,7 @@ TRAINING_PNG = "training.png"
 
 # One colour per quantity, shared by both figures.
 _COLORS = {
-    "mean": "#9ecae1",
+    "mean": "#6baed6",
     "ema": "#08519c",
     "eval": "#e6550d",
     "lambda": "#31a354",
@@ -109,8 +109,11 @@ def plot_training(run_dir_or_trainer_state_json: str, output_png: str | None = N
     _schedule_panel(axes[0, 1], history)
     _pair_panel(axes[1, 0], history, "loss", "Training loss (the objective trained)", "loss")
     _pair_panel(axes[1, 1], history, "nll", "Negative log-likelihood of the targets", "NLL (nats / token)")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes[1]:
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     run_name = os.path.basename(os.path.dirname(os.path.abspath(state_path)))
     last = state.get("global_step") or max((e.get("step", 0) for e in history), default=0)
     fig.suptitle(f"trl-prob run: {run_name}  ({last} steps)", fontsize=13, fontweight="bold")
@@ -141,10 +144,14 @@ def _schedule_panel(ax, history: list[dict]) -> None:
     steps, exponent = _series(history, "objective_exponent")
     if exponent:
         twin = ax.twinx()
-        twin.plot(steps, exponent, color=_COLORS["exponent"], lw=1.5, ls="--", label="exponent a of power:a")
+        twin.plot(steps, exponent, color=_COLORS["exponent"], lw=1.5, ls="--", drawstyle="steps-post",
+                  label="exponent a of power:a")
         twin.set_ylabel("exponent a", color=_COLORS["exponent"])
         twin.tick_params(axis="y", colors=_COLORS["exponent"])
-        twin.set_ylim(bottom=0)
+        # exponent = lambda * k: scale the right axis by k so the two curves coincide.
+        _, lambdas = _series(history, "objective_lambda")
+        scale = max(exponent) / max(lambdas) if lambdas and max(lambdas) > 0 else max(max(exponent), 1.0)
+        twin.set_ylim(-0.03 * scale, 1.03 * scale)
         lines = ax.get_lines() + twin.get_lines()
         ax.legend(lines, [line.get_label() for line in lines], loc="lower right", fontsize=8, frameon=False)
         plotted = True
@@ -204,9 +211,10 @@ def plot_probe_histogram(report: ProbeReport, output_png: str) -> str:
                hatch="//", label=f"adaptive ramp {report.schedule_p_low:.2f} to {report.schedule_p_high:.2f}")
     ax.bar(edges[:-1], shares, width=widths, align="edge", color="#3182bd", edgecolor="white", lw=0.4,
            label="target tokens", zorder=2)
-    ax.axvline(report.mean_p, color="#a50f15", lw=2, zorder=3, label=f"mean {report.mean_p:.3f}")
-    ax.axvline(report.median_p, color=_COLORS["median"], lw=1.5, ls="--", zorder=3,
-               label=f"median {report.median_p:.3f}")
+    if math.isfinite(report.mean_p):
+        ax.axvline(report.mean_p, color="#a50f15", lw=2, zorder=3, label=f"mean {report.mean_p:.3f}")
+        ax.axvline(report.median_p, color=_COLORS["median"], lw=1.5, ls="--", zorder=3,
+                   label=f"median {report.median_p:.3f}")
     ax.axvline(report.confident_p, color="black", lw=1, ls=":", zorder=3,
                label=f"p = {report.confident_p:.2f} ({report.share_confident:.0%} of tokens above)")
     ax.set_xlim(0, 1)

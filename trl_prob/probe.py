@@ -172,8 +172,10 @@ def place_on_continuum(mean_p: float, p_low: float = 0.30, p_high: float = 0.55)
     """``model-weak`` below ``p_low``, ``model-strong`` at or above ``p_high``, ``model-intermediate`` between.
 
     The cut-offs are the adaptive schedule's: 0.30 is about midway between the paper's weak (<= 0.07) and
-    intermediate (>= 0.50) bands, 0.55 is the paper's own confidence cut-off.
+    intermediate (>= 0.50) bands, 0.55 is the paper's own confidence cut-off. ``unknown`` without tokens (NaN).
     """
+    if math.isnan(mean_p):
+        return "unknown"
     if mean_p >= p_high:
         return "model-strong"
     return "model-intermediate" if mean_p >= p_low else "model-weak"
@@ -186,11 +188,15 @@ def nearest_reference(mean_p: float) -> str:
         low, high = band
         return max(low - mean_p, 0.0, mean_p - high)
 
+    if math.isnan(mean_p):
+        return "unknown"
     return min(REFERENCE_BANDS, key=lambda name: distance(REFERENCE_BANDS[name]))
 
 
 def describe_position(mean_p: float) -> str:
     """Where ``mean_p`` falls relative to the paper's bands, e.g. ``"inside the intermediate band (0.50-0.59)"``."""
+    if math.isnan(mean_p):
+        return "no target tokens measured"
     names = list(REFERENCE_BANDS)
     for name in names:
         low, high = REFERENCE_BANDS[name]
@@ -222,6 +228,8 @@ def recommend(
 
     target = get_objective(objective) if objective else None
     spec = target.spec if target is not None and target.family in _PRIOR_LEANING else "p"
+    if math.isnan(mean_p):
+        return "nll", "none", "no target tokens were measured: nothing to place on the continuum; NLL is the default."
     if mean_p < WEAK_END_P:
         return "nll", "none", (
             f"at the paper's weak end ({_band('model-weak')}), where NLL wins by far (figfont exact match 35.2 vs "
