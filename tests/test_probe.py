@@ -361,36 +361,33 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_script(tmp_path, num_processes: int, num_samples: int) -> dict:
+def _run_two_processes(tmp_path, num_samples: int) -> dict:
     script = tmp_path / "probe_script.py"
     script.write_text(DISTRIBUTED_SCRIPT)
-    out = tmp_path / f"report{num_processes}"
-    if num_processes == 1:
-        command = [sys.executable, str(script)]
-    else:
-        # accelerate 1.15 has no --use_cpu: --multi_gpu launches torchrun and the config's use_cpu picks gloo.
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no", "--main_process_port", "0", str(script)]
+    out = tmp_path / "report"
+    # accelerate 1.15 has no --use_cpu: --multi_gpu launches torchrun, and the config's use_cpu picks gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", str(script), str(out), str(num_samples)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
-        result = subprocess.run([*command, str(out), str(num_samples)], env=env, capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         failure = result.returncode != 0 and f"exit {result.returncode}:\n{result.stderr[-4000:]}"
     except subprocess.TimeoutExpired:
         failure = "timed out"  # the known gloo hang at exit: the results were written before it
-    reports = [tmp_path / f"{out.name}.rank{r}" for r in range(num_processes)]
+    reports = [tmp_path / f"{out.name}.rank{rank}" for rank in range(2)]
     if not all(r.exists() for r in reports):
-        pytest.fail(f"{num_processes}-process probe wrote no report ({failure})")
+        pytest.fail(f"2-process probe wrote no report ({failure})")
     results = [json.loads(r.read_text()) for r in reports]
-    assert all(r == results[0] for r in results), "ranks disagree"
+    assert results[0] == results[1], "ranks disagree"
     return results[0]
 
 
-def test_one_and_two_processes_agree(tmp_path):
+def test_one_and_two_processes_agree(tmp_path, trained_model, trained_tokenizer, shipped_train):
     # 37 samples with a per-device batch of 4: the last round is padded with repeats, which must not count.
-    single = _run_script(tmp_path, 1, num_samples=37)
-    double = _run_script(tmp_path, 2, num_samples=37)
+    trainer = make_trainer(tmp_path, trained_model, shipped_train, trained_tokenizer, per_device_eval_batch_size=4)
+    single = run_probe(trainer, num_samples=37, output_dir=None, progress=False).to_dict()
+    double = _run_two_processes(tmp_path, num_samples=37)
     assert single["num_samples"] == double["num_samples"] == 37
     assert single["num_tokens"] == double["num_tokens"]
     assert single["histogram_fine"] == double["histogram_fine"]

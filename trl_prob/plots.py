@@ -201,7 +201,7 @@ def plot_probe_histogram(report: ProbeReport, output_png: str) -> str:
     shares = [100.0 * c / total for c in counts]
     widths = [b - a for a, b in zip(edges, edges[1:])]
 
-    fig, ax = plt.subplots(figsize=(10, 5.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(12, 5.2), constrained_layout=True)
     top = max(shares + [1.0]) * 1.08
     for name, (low, high) in report.reference_bands.items():
         ax.axvspan(low, high, color=_BAND_COLORS.get(name, "#dddddd"), alpha=0.55, lw=0, zorder=0)
@@ -226,8 +226,8 @@ def plot_probe_histogram(report: ProbeReport, output_png: str) -> str:
         f"{report.num_samples:,} samples, {report.num_tokens:,} target tokens",
         fontsize=10, loc="left", pad=30,
     )
-    # Keep the legend off the bulk of the histogram.
-    ax.legend(loc="upper left" if report.mean_p > 0.5 else "upper right", fontsize=8, frameon=True, framealpha=0.9)
+    # Outside the axes: a histogram can have mass anywhere in [0, 1].
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(output_png, dpi=120)
     plt.close(fig)

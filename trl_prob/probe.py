@@ -548,7 +548,7 @@ def run_probe(
         max_length=max_length,
         num_samples_dropped=dropped,
     )
-    if measurement.num_samples_without_targets:
+    if measurement.num_samples_without_targets and trainer.is_world_process_zero():
         logger.warning(
             "%d of %d probed samples have no trainable token (all labels -100%s); they add nothing to the statistics.",
             measurement.num_samples_without_targets,
