@@ -299,7 +299,7 @@ def test_some_samples_dropped_by_truncation_are_reported(tmp_path):
     report = run_probe(trainer, num_samples=None, output_dir=str(tmp_path / "probe"), source_dataset=raw, progress=False)
     assert report.num_samples_dropped == len(raw) - kept
     assert report.num_samples == kept
-    assert f"max_length=7" in report.format_table()
+    assert "max_length=7" in report.format_table()
 
 
 def _pretokenized(rows_with_targets: int, rows_without: int) -> Dataset:
