@@ -217,13 +217,11 @@ def _looks_local(path: str) -> bool:
 
 
 def check_model(model_args, training_args) -> None:
-    """The model exists: a local directory, or a Hub id whose config can be resolved (from the cache when offline)."""
+    """The model exists: a local directory or a Hub id whose config loads (from the cache when offline)."""
     path = model_args.model_name_or_path
     if not path:
         raise CLIError("--model_name_or_path is required (a local directory or a Hugging Face Hub model id).")
-    if os.path.isdir(path):
-        return
-    if _looks_local(path):
+    if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
         raise CLIError(f"--model_name_or_path {path}: no such directory.")
     from transformers import AutoConfig
 
@@ -285,12 +283,29 @@ def _split(dataset, name: str, flag: str):
     return dataset[name]
 
 
-def build_trainer(script_args, training_args, model_args, dataset_args=None, callbacks=None):
+def load_splits(script_args, training_args, dataset_args=None):
+    """(train, eval) datasets as ``trl sft`` picks them; eval only when ``eval_strategy`` is not ``no``."""
+    dataset = load_datasets(script_args, dataset_args)
+    mixture = dataset_args is not None and bool(dataset_args.datasets)
+    # A mixture is split by `test_split_size` into TRL's own "train"/"test" names.
+    train_split = "train" if mixture else script_args.dataset_train_split
+    test_split = "test" if mixture else script_args.dataset_test_split
+    train_dataset = _split(dataset, train_split, "--dataset_train_split")
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = _split(dataset, test_split, "--dataset_test_split")
+    return train_dataset, eval_dataset
+
+
+def build_trainer(
+    script_args, training_args, model_args, dataset_args=None, callbacks=None, train_dataset=None, eval_dataset=None
+):
     """The [`ProbSFTTrainer`] that ``trl-prob sft`` trains and ``trl-prob probe`` measures.
 
     The same construction as ``trl sft`` (``trl/scripts/sft.py``): model init kwargs from ``ModelConfig``, the
     quantization config (QLoRA with ``--load_in_4bit --use_peft``) and LoRA config from TRL's helpers, the eval split
     only when ``eval_strategy`` is not ``no``. Device placement is TRL's: ``device_map=None`` on CPU and under DDP.
+    Pass ``train_dataset`` (and ``eval_dataset``) to skip loading them from ``script_args`` / ``dataset_args``.
     """
     from trl import get_peft_config, get_quantization_config
 
@@ -305,16 +320,12 @@ def build_trainer(script_args, training_args, model_args, dataset_args=None, cal
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
 
-    dataset = load_datasets(script_args, dataset_args)
-    train_split = script_args.dataset_train_split if not (dataset_args and dataset_args.datasets) else "train"
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        test_split = script_args.dataset_test_split if not (dataset_args and dataset_args.datasets) else "test"
-        eval_dataset = _split(dataset, test_split, "--dataset_test_split")
+    if train_dataset is None:
+        train_dataset, eval_dataset = load_splits(script_args, training_args, dataset_args)
     return ProbSFTTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
-        train_dataset=_split(dataset, train_split, "--dataset_train_split"),
+        train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
@@ -344,6 +355,7 @@ def train(trainer, script_args, training_args) -> None:
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.print("Training completed.")
+    trainer.save_state()  # trainer_state.json in output_dir: what `trl-prob plot` reads when no checkpoint was kept
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
@@ -351,11 +363,17 @@ def train(trainer, script_args, training_args) -> None:
         trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
 
 
-def probe(trainer, probe_args: ProbeArguments, output_dir: str):
+def probe(trainer, probe_args: ProbeArguments, output_dir: str, source_dataset=None):
     """Measure instead of training: ``trl_prob.probe.run_probe`` on the trainer ``sft`` would train."""
     from .probe import run_probe
 
-    return run_probe(trainer, num_samples=probe_args.num_samples, output_dir=output_dir)
+    return run_probe(
+        trainer,
+        num_samples=probe_args.num_samples,
+        output_dir=output_dir,
+        batch_size=probe_args.batch_size,
+        source_dataset=source_dataset,
+    )
 
 
 def shut_down(trainer) -> None:
@@ -376,16 +394,16 @@ def run_worker(command: str, argv: Sequence[str]) -> int:
     script_args, training_args, model_args, dataset_args, run_args, *rest = parse_worker_args(command, argv)
     if command == "sft":
         check_output_dir(training_args, run_args)
-    else:
-        (probe_args,) = rest
-        if probe_args.batch_size is not None:
-            training_args.per_device_eval_batch_size = probe_args.batch_size
     callbacks = [_rank_log_callback(run_args.rank_log_dir)] if run_args.rank_log_dir else None
-    trainer = build_trainer(script_args, training_args, model_args, dataset_args, callbacks=callbacks)
+    train_dataset, eval_dataset = load_splits(script_args, training_args, dataset_args)
+    trainer = build_trainer(
+        script_args, training_args, model_args, callbacks=callbacks, train_dataset=train_dataset, eval_dataset=eval_dataset
+    )
     if command == "sft":
         train(trainer, script_args, training_args)
     else:
-        probe(trainer, probe_args, training_args.output_dir)
+        (probe_args,) = rest
+        probe(trainer, probe_args, training_args.output_dir, source_dataset=train_dataset)
     shut_down(trainer)
     return 0
 
@@ -530,15 +548,20 @@ class PlotCommand(Command):
 
     def register(self, subparsers) -> None:
         parser = subparsers.add_parser(self.name, help=self.help_text, description=self.help_text)
-        parser.add_argument("run_dir", metavar="RUN_DIR", help="A run's --output_dir (or one of its checkpoints).")
+        parser.add_argument(
+            "run_dir", metavar="RUN_DIR", help="A run's --output_dir, one of its checkpoints, or a trainer_state.json."
+        )
         parser.add_argument("--output", metavar="PNG", help="Where to write the plot (default: inside RUN_DIR).")
 
     def run(self, args: argparse.Namespace, context: CommandContext) -> int:
         from .plots import plot_training
 
-        if not os.path.isdir(args.run_dir):
+        if not os.path.exists(args.run_dir):
             raise CLIError(f"{args.run_dir}: no such run directory.")
-        print(plot_training(args.run_dir, output_png=args.output))
+        try:
+            print(plot_training(args.run_dir, output_png=args.output))
+        except (OSError, ValueError) as exc:
+            raise CLIError(_one_line(exc)) from exc
         return 0
 
 
