@@ -1,0 +1,302 @@
+"""`trl-prob`: help, how flags are split between the trainer and accelerate, one-line errors for bad input, and end to
+end runs through the real console script (one process, and two CPU processes that must agree on the schedule).
+
+Multi-process and end-to-end runs are subprocesses under a timeout, so a hung rank fails the test instead of CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from trl_prob import cli  # noqa: E402
+from trl_prob.embedded import default_dataset_path, default_model_path  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "recipes", "quickstart.yaml")
+# Flags that keep a run on the embedded default tiny and quick.
+TINY = [
+    "--model_name_or_path", default_model_path(),
+    "--dataset_name", default_dataset_path(),
+    "--use_cpu", "true",
+    "--bf16", "false",
+    "--gradient_checkpointing", "false",
+    "--report_to", "none",
+    "--per_device_train_batch_size", "8",
+    "--schedule_warm_start_samples", "16",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+class FakeLaunch:
+    """Stands in for accelerate's `launch_command`: records what would have been launched."""
+
+    def __init__(self):
+        self.namespace = None
+
+    def __call__(self, namespace):
+        self.namespace = namespace
+
+
+def launched(argv, command="sft"):
+    fake = FakeLaunch()
+    assert cli.launch(command, argv, launch_command_fn=fake) == 0
+    return fake.namespace
+
+
+def fail(capsys, argv) -> tuple[int, str]:
+    """Run `trl-prob ARGV` in-process; return (exit status, stderr), asserting the error is one clean line."""
+    status = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert status != 0
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"trl-prob {argv[0]}: error: ")
+    return status, err
+
+
+# ----------------------------------------------------------------------------------------------------- help
+
+
+def test_top_level_help_lists_commands_and_our_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("sft", "probe", "plot", "--objective_schedule", "--schedule_p_high", "--overwrite_output_dir",
+                 "Per-token objective: nll, p, power:a", "--accelerate_config"):  # fmt: skip
+        assert text in out
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "usage: trl-prob" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["sft", "probe"])
+def test_command_help_has_trl_sft_flags_and_ours(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: trl-prob {command}" in out
+    # `trl sft`'s own flags (ScriptArguments, SFTConfig, ModelConfig) ...
+    for flag in ("--dataset_name", "--learning_rate", "--completion_only_loss", "--load_in_4bit", "--lora_r"):
+        assert flag in out
+    # ... ours, with their help text, and a word on the accelerate flags
+    assert "--objective" in out and "How training moves from NLL toward `objective`" in out
+    assert "--schedule_warm_start_samples" in out
+    assert "go to `accelerate launch`" in out
+    if command == "probe":
+        assert "--num_samples" in out and "--batch_size" in out
+
+
+# ----------------------------------------------------------------------------------------------------- launching
+
+
+def test_flags_are_split_between_accelerate_and_training(tmp_path):
+    argv = [*TINY, "--output_dir", str(tmp_path / "run"), "--objective", "power:10", "--objective_schedule",
+            "adaptive", "--num_processes", "2", "--multi_gpu", "--main_process_port", "29555"]  # fmt: skip
+    namespace = launched(argv)
+    assert namespace.multi_gpu is True and namespace.num_processes == 2 and namespace.main_process_port == 29555
+    assert namespace.module is True and namespace.training_script == "trl_prob.cli"
+    command, *script_args = namespace.training_script_args
+    assert command == "sft"
+    assert script_args == argv[: argv.index("--num_processes")]  # ours and TRL's, in order; accelerate's removed
+
+
+def test_accelerate_config_names_and_recipe_configs_resolve(tmp_path):
+    namespace = launched([*TINY, "--output_dir", str(tmp_path / "a"), "--accelerate_config", "multi_gpu"])
+    assert namespace.config_file.endswith(os.path.join("accelerate_configs", "multi_gpu.yaml"))
+    ours = os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml")
+    namespace = launched([*TINY, "--output_dir", str(tmp_path / "b"), "--accelerate_config", ours])
+    assert namespace.config_file == ours
+
+
+def test_config_file_is_forwarded_to_every_rank(tmp_path):
+    namespace = launched(["--config", QUICKSTART, *TINY, "--output_dir", str(tmp_path / "run")])
+    assert namespace.training_script_args[:3] == ["sft", "--config", QUICKSTART]
+
+
+def test_probe_is_launched_like_sft(tmp_path):
+    namespace = launched([*TINY, "--output_dir", str(tmp_path), "--num_samples", "64"], command="probe")
+    assert namespace.training_script_args[0] == "probe" and "--num_samples" in namespace.training_script_args
+
+
+# ----------------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_flag(capsys, tmp_path):
+    status, err = fail(capsys, ["sft", *TINY, "--output_dir", str(tmp_path / "run"), "--lerning_rate", "1e-4"])
+    assert status == 2 and "unrecognized arguments: --lerning_rate" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_objective(capsys, tmp_path):
+    _, err = fail(capsys, ["sft", *TINY, "--output_dir", str(tmp_path), "--objective", "power:-1"])
+    assert "objective" in err.lower()
+
+
+def test_bad_schedule_choice(capsys, tmp_path):
+    status, err = fail(capsys, ["sft", *TINY, "--output_dir", str(tmp_path), "--objective", "p",
+                                "--objective_schedule", "sometimes"])  # fmt: skip
+    assert status == 2 and "invalid choice: 'sometimes'" in err
+
+
+def test_bad_value_type(capsys, tmp_path):
+    status, err = fail(capsys, ["sft", *TINY, "--output_dir", str(tmp_path), "--max_steps", "many"])
+    assert status == 2 and "--max_steps" in err
+
+
+def test_missing_model_path(capsys, tmp_path):
+    _, err = fail(capsys, ["sft", *TINY, "--output_dir", str(tmp_path), "--model_name_or_path", str(tmp_path / "no")])
+    assert "--model_name_or_path" in err and "no such directory" in err
+
+
+def test_model_not_given(capsys, tmp_path):
+    _, err = fail(capsys, ["sft", "--dataset_name", default_dataset_path(), "--use_cpu", "true",
+                           "--output_dir", str(tmp_path)])  # fmt: skip
+    assert "--model_name_or_path is required" in err
+
+
+def test_hub_model_unreachable_offline(capsys, tmp_path):
+    _, err = fail(capsys, ["sft", *TINY, "--output_dir", str(tmp_path), "--model_name_or_path", "nobody/no-model"])
+    assert "nobody/no-model" in err
+
+
+def test_missing_dataset_path(capsys, tmp_path):
+    _, err = fail(capsys, ["sft", *TINY, "--output_dir", str(tmp_path), "--dataset_name", str(tmp_path / "nodata")])
+    assert "no such file or directory" in err
+
+
+def test_dataset_not_given(capsys, tmp_path):
+    _, err = fail(capsys, ["sft", "--model_name_or_path", default_model_path(), "--use_cpu", "true",
+                           "--output_dir", str(tmp_path)])  # fmt: skip
+    assert "Give a dataset" in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    _, err = fail(capsys, ["sft", "--config", str(tmp_path / "nope.yaml")])
+    assert "nope.yaml" in err
+
+
+def test_output_dir_with_a_run_is_refused_and_left_untouched(capsys, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoint-10").mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(b"weights of an earlier run")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+
+    _, err = fail(capsys, ["sft", *TINY, "--output_dir", str(run)])
+    assert "already holds a run" in err and "--overwrite_output_dir" in err
+
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert (run / "model.safetensors").read_bytes() == b"weights of an earlier run"
+    # what the user can do instead
+    assert launched([*TINY, "--output_dir", str(run), "--overwrite_output_dir"]) is not None
+    assert launched([*TINY, "--output_dir", str(run), "--resume_from_checkpoint", "true"]) is not None
+
+
+def test_output_dir_without_a_run_is_fine(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert launched([*TINY, "--output_dir", str(tmp_path)]) is not None
+
+
+def test_resume_without_checkpoint(capsys, tmp_path):
+    _, err = fail(capsys, ["sft", *TINY, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"])
+    assert "no checkpoint-* folder" in err
+
+
+def test_existing_run_is_refused_by_the_worker_too(capsys, tmp_path):
+    """`accelerate launch -m trl_prob.cli sft ...` skips the launcher: the worker checks before touching anything."""
+    (tmp_path / "trainer_state.json").write_text("{}")
+    assert cli.worker_main(["sft", *TINY, "--output_dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trl-prob sft: error:") and "already holds a run" in err
+    assert (tmp_path / "trainer_state.json").read_text() == "{}"
+
+
+def test_missing_split_is_one_line_from_the_worker(capsys, tmp_path):
+    status = cli.worker_main(["sft", *TINY, "--output_dir", str(tmp_path / "run"), "--dataset_train_split", "nosuch"])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and "Traceback" not in err
+    assert err == "trl-prob sft: error: --dataset_train_split nosuch: the dataset has no such split (it has: train, test)."
+
+
+def test_plot_missing_run(capsys, tmp_path):
+    _, err = fail(capsys, ["plot", str(tmp_path / "nothing")])
+    assert "no such run directory" in err
+
+
+# ----------------------------------------------------------------------------------------------------- running
+
+
+def test_probe_builds_the_sft_trainer_and_reports(tmp_path, capsys):
+    assert cli.run_worker("probe", [*TINY, "--output_dir", str(tmp_path), "--num_samples", "64", "--batch_size", "32"]) == 0
+    report = json.loads((tmp_path / "probe.json").read_text())
+    assert report["num_samples"] == 64 and report["continuum"] == "model-strong"  # the embedded model knows its task
+    assert (tmp_path / "probe_histogram.png").is_file()
+    assert not (tmp_path / "model.safetensors").exists()  # measured, not trained
+
+
+def run_cli(args, timeout, cwd=ROOT) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(args, cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # a hung rank must fail the test, not hang the suite
+        pytest.fail(f"{' '.join(args[:3])} ... did not exit within {timeout}s:\n{(exc.stderr or b'')[-3000:]}")
+
+
+def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
+    output_dir = tmp_path / "quickstart"
+    result = run_cli(
+        ["trl-prob", "sft", "--config", QUICKSTART, "--max_steps", "6", "--eval_strategy", "no", "--logging_steps", "2",
+         "--output_dir", str(output_dir)],  # fmt: skip
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output_dir / "model.safetensors").is_file()
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    lambdas = [entry["objective_lambda"] for entry in state["log_history"] if "objective_lambda" in entry]
+    assert lambdas and all(0.0 <= lam <= 1.0 for lam in lambdas)
+
+    # The same run again is refused, and leaves the run as it was.
+    result = run_cli(["trl-prob", "sft", "--config", QUICKSTART, "--output_dir", str(output_dir)], timeout=300)
+    assert result.returncode == 1 and "already holds a run" in result.stderr
+    assert json.loads((output_dir / "trainer_state.json").read_text()) == state
+
+    assert cli.main(["plot", str(output_dir), "--output", str(tmp_path / "plot.png")]) == 0
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_cpu_processes_agree_on_the_schedule(tmp_path):
+    """DDP on two CPU processes (gloo) through `python -m trl_prob`: each rank logs the same lambda every step."""
+    output_dir, rank_logs = tmp_path / "run", tmp_path / "ranks"
+    result = run_cli(
+        [sys.executable, "-m", "trl_prob", "sft", *TINY, "--output_dir", str(output_dir),
+         "--objective", "p", "--objective_schedule", "adaptive",
+         # a ramp around the tiny model's mean target probability, so lambda is strictly between 0 and 1 and moves
+         "--schedule_p_low", "0.6", "--schedule_p_high", "0.95", "--schedule_ema_decay", "0.5",
+         "--max_steps", "4", "--logging_steps", "1", "--save_strategy", "no", "--rank_log_dir", str(rank_logs),
+         "--multi_gpu", "--num_processes", "2", "--main_process_port", "29531"],  # fmt: skip
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output_dir / "model.safetensors").is_file()
+
+    per_rank = {}
+    for rank in (0, 1):
+        lines = (rank_logs / f"rank{rank}.jsonl").read_text().splitlines()
+        per_rank[rank] = [(e["step"], e["objective_lambda"], e["mean_token_prob"])
+                          for e in map(json.loads, lines) if "objective_lambda" in e]  # fmt: skip
+    assert [step for step, *_ in per_rank[0]] == [1, 2, 3, 4]
+    assert per_rank[0] == per_rank[1]
+    lambdas = [lam for _, lam, _ in per_rank[0]]
+    assert all(0.0 < lam < 1.0 for lam in lambdas), lambdas
+    assert len(set(lambdas)) > 1, lambdas
