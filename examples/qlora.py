@@ -50,6 +50,7 @@ def main(argv=None):
         learning_rate=2e-3,                # adapters on a 0.13M-parameter model; ~1e-4 for a 7B model
         max_steps=args.max_steps,
         per_device_train_batch_size=32,
+        per_device_eval_batch_size=128,    # the adaptive schedule's warm start measures 256 samples in eval batches
         logging_steps=10,
         save_strategy="no",
         report_to="none",

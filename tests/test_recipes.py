@@ -33,6 +33,7 @@ CPU_OVERRIDES = [
     "--per_device_train_batch_size", "4",
     "--gradient_accumulation_steps", "2",
     "--schedule_warm_start_samples", "16",
+    "--per_device_eval_batch_size", "16",
     "--eval_strategy", "no",
     "--save_strategy", "no",
     "--report_to", "none",
