@@ -230,7 +230,8 @@ def check_model(model_args, training_args) -> None:
             path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise CLIError(f"--model_name_or_path {path}: cannot load its config: {_one_line(exc)}") from exc
+        where = "" if os.path.exists(path) else "no such local directory, and as a Hub id: "
+        raise CLIError(f"--model_name_or_path {path}: {where}{_one_line(exc)}") from exc
 
 
 def check_dataset(script_args, dataset_args) -> None:
@@ -251,7 +252,7 @@ def check_dataset(script_args, dataset_args) -> None:
         try:
             load_dataset_builder(path, name=name, data_dir=data_dir, data_files=data_files)
         except Exception as exc:  # datasets raises a zoo of types (DatasetNotFoundError, ConnectionError, ValueError)
-            raise CLIError(f"dataset {path}: {_one_line(exc)}") from exc
+            raise CLIError(f"dataset {path}: no such local path, and as a Hub dataset: {_one_line(exc)}") from exc
 
 
 def _one_line(exc: BaseException) -> str:
@@ -389,8 +390,11 @@ def shut_down(trainer) -> None:
     trainer.end()  # accelerator.end_training(): trackers' finish() and destroy_process_group()
 
 
-def run_worker(command: str, argv: Sequence[str]) -> int:
-    """Run ``command`` on this process (what ``accelerate launch`` starts on every rank)."""
+def setup_worker(command: str, argv: Sequence[str]) -> Callable[[], None]:
+    """Parse, validate and build the trainer on this process; returns the job (train or probe, then shut down).
+
+    Bad input surfaces here, before anything is written; errors of the job itself keep their traceback.
+    """
     script_args, training_args, model_args, dataset_args, run_args, *rest = parse_worker_args(command, argv)
     if command == "sft":
         check_output_dir(training_args, run_args)
@@ -399,12 +403,21 @@ def run_worker(command: str, argv: Sequence[str]) -> int:
     trainer = build_trainer(
         script_args, training_args, model_args, callbacks=callbacks, train_dataset=train_dataset, eval_dataset=eval_dataset
     )
-    if command == "sft":
-        train(trainer, script_args, training_args)
-    else:
-        (probe_args,) = rest
-        probe(trainer, probe_args, training_args.output_dir, source_dataset=train_dataset)
-    shut_down(trainer)
+
+    def job() -> None:
+        if command == "sft":
+            train(trainer, script_args, training_args)
+        else:
+            (probe_args,) = rest
+            probe(trainer, probe_args, training_args.output_dir, source_dataset=train_dataset)
+        shut_down(trainer)
+
+    return job
+
+
+def run_worker(command: str, argv: Sequence[str]) -> int:
+    """Run ``command`` on this process (what ``accelerate launch`` starts on every rank)."""
+    setup_worker(command, argv)()
     return 0
 
 
@@ -418,14 +431,17 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         return 2
     command = argv[0]
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    status = 0
     try:
-        status = run_worker(command, argv[1:])
+        job = setup_worker(command, argv[1:])
     except (CLIError, ValueError, OSError) as exc:
         if os.environ.get("TRL_PROB_TRACEBACK") == "1":
             raise
         rank = f"[rank {os.environ['RANK']}] " if distributed and "RANK" in os.environ else ""
         print(f"{PROG} {command}: error: {rank}{_one_line(exc)}", file=sys.stderr)
         status = getattr(exc, "status", 1)
+    else:
+        job()
     if distributed:
         # The process group is gone; skip the interpreter's teardown, where gloo threads could still hang a rank.
         sys.stdout.flush()
