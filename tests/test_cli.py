@@ -226,7 +226,9 @@ def test_missing_split_is_one_line_from_the_worker(capsys, tmp_path):
     status = cli.worker_main(["sft", *TINY, "--output_dir", str(tmp_path / "run"), "--dataset_train_split", "nosuch"])
     err = capsys.readouterr().err.strip()
     assert status == 1 and "Traceback" not in err
-    assert err == "trl-prob sft: error: --dataset_train_split nosuch: the dataset has no such split (it has: train, test)."
+    assert err == (
+        "trl-prob sft: error: --dataset_train_split nosuch: the dataset has no such split (it has: train, test)."
+    )
 
 
 def test_plot_missing_run(capsys, tmp_path):
@@ -238,7 +240,8 @@ def test_plot_missing_run(capsys, tmp_path):
 
 
 def test_probe_builds_the_sft_trainer_and_reports(tmp_path, capsys):
-    assert cli.run_worker("probe", [*TINY, "--output_dir", str(tmp_path), "--num_samples", "64", "--batch_size", "32"]) == 0
+    argv = [*TINY, "--output_dir", str(tmp_path), "--num_samples", "64", "--batch_size", "32"]
+    assert cli.run_worker("probe", argv) == 0
     report = json.loads((tmp_path / "probe.json").read_text())
     assert report["num_samples"] == 64 and report["continuum"] == "model-strong"  # the embedded model knows its task
     assert (tmp_path / "probe_histogram.png").is_file()

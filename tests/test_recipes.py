@@ -143,8 +143,12 @@ def _reload_adapter(output_dir) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(default_model_path(), quantization_config=quantization, dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        default_model_path(), quantization_config=quantization, dtype=torch.float32
+    )
     model = PeftModel.from_pretrained(base, str(output_dir))
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 6]])).logits

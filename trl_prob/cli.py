@@ -134,7 +134,8 @@ def _flag_table(fields: Sequence[dataclasses.Field]) -> str:
 
 
 _ACCELERATE_EPILOG = """\
-Flags not listed above go to `accelerate launch`, as with `trl sft`: --num_processes N, --multi_gpu, --num_machines, --machine_rank, --main_process_ip, --main_process_port, --mixed_precision, --config_file PATH, and
+Flags not listed above go to `accelerate launch`, as with `trl sft`: --num_processes N, --multi_gpu, --num_machines,
+--machine_rank, --main_process_ip, --main_process_port, --mixed_precision, --config_file PATH, and
 --accelerate_config NAME|PATH (a file, or one of TRL's shipped configs: multi_gpu, fsdp2, zero3, ...).
 See `accelerate launch --help`. A recipe's YAML may also hold accelerate keys; unknown keys are an error."""
 
@@ -213,7 +214,11 @@ def check_output_dir(training_args, run_args: RunArguments) -> None:
 
 def _looks_local(path: str) -> bool:
     """A path rather than a Hub id (``org/name``) or a builder name (``json``)."""
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith((".json", ".jsonl", ".csv", ".parquet"))
+    return (
+        path.startswith(("/", ".", "~"))
+        or path.count("/") > 1
+        or path.endswith((".json", ".jsonl", ".csv", ".parquet"))
+    )
 
 
 def check_model(model_args, training_args) -> None:
@@ -401,7 +406,12 @@ def setup_worker(command: str, argv: Sequence[str]) -> Callable[[], None]:
     callbacks = [_rank_log_callback(run_args.rank_log_dir)] if run_args.rank_log_dir else None
     train_dataset, eval_dataset = load_splits(script_args, training_args, dataset_args)
     trainer = build_trainer(
-        script_args, training_args, model_args, callbacks=callbacks, train_dataset=train_dataset, eval_dataset=eval_dataset
+        script_args,
+        training_args,
+        model_args,
+        callbacks=callbacks,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
     )
 
     def job() -> None:
@@ -426,8 +436,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     _quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("sft", "probe"):
-        print(f"usage: python -m {WORKER_MODULE} {{sft,probe}} [flags]  (per-process entry; see `{PROG} --help`)",
-              file=sys.stderr)
+        usage = f"usage: python -m {WORKER_MODULE} {{sft,probe}} [flags]  (per-process entry; see `{PROG} --help`)"
+        print(usage, file=sys.stderr)
         return 2
     command = argv[0]
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -471,7 +481,7 @@ def _option_strings(parser) -> set[str]:
 
 
 def split_launch_args(
-    all_args: Sequence[str], config_remaining: Sequence[str], cli_remaining: Sequence[str]
+    command: str, all_args: Sequence[str], config_remaining: Sequence[str], cli_remaining: Sequence[str]
 ) -> tuple[list[str], list[str]]:
     """(accelerate launch flags, training flags), as ``trl sft`` splits them; anything neither knows is an error."""
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
@@ -482,11 +492,15 @@ def split_launch_args(
         key[2:] for key in config_remaining[::2] if key.startswith("--") and key not in accelerate_options
     ]
     if unknown_keys:
-        raise CLIError(f"unknown key(s) in --config: {', '.join(unknown_keys)} (neither a training nor an accelerate "
-                       "flag; check the spelling)", status=2)
-    unknown_flags = [a.split("=", 1)[0] for a in cli_remaining if a.startswith("-") and a.split("=", 1)[0] not in accelerate_options]
+        raise CLIError(
+            f"unknown key(s) in --config: {', '.join(unknown_keys)} (neither a training nor an accelerate flag; "
+            "check the spelling)",
+            status=2,
+        )
+    flags = [arg.split("=", 1)[0] for arg in cli_remaining if arg.startswith("-")]
+    unknown_flags = [flag for flag in flags if flag not in accelerate_options]
     if unknown_flags:
-        raise CLIError(f"unrecognized arguments: {' '.join(unknown_flags)} (see `{PROG} sft --help`)", status=2)
+        raise CLIError(f"unrecognized arguments: {' '.join(unknown_flags)} (see `{PROG} {command} --help`)", status=2)
     try:
         launch_args = resolve_accelerate_config_argument(list(config_remaining) + list(cli_remaining))
     except ValueError as exc:
@@ -504,7 +518,9 @@ def accelerate_namespace(command: str, launch_args: Sequence[str], training_args
     return namespace
 
 
-def launch(command: str, argv: Sequence[str], launch_command_fn: Callable[[argparse.Namespace], None] | None = None) -> int:
+def launch(
+    command: str, argv: Sequence[str], launch_command_fn: Callable[[argparse.Namespace], None] | None = None
+) -> int:
     """Parse and validate in this process, then start the run through ``accelerate launch`` (as ``trl sft`` does)."""
     parser = make_parser(command)
     try:
@@ -514,7 +530,7 @@ def launch(command: str, argv: Sequence[str], launch_command_fn: Callable[[argpa
     except (yaml_errors() + (ValueError, OSError)) as exc:
         raise CLIError(_one_line(exc)) from exc
     script_args, training_args, model_args, dataset_args, run_args, *_ = parsed
-    launch_args, training_flags = split_launch_args(argv, config_remaining, cli_remaining)
+    launch_args, training_flags = split_launch_args(command, argv, config_remaining, cli_remaining)
     namespace = accelerate_namespace(command, launch_args, training_flags)
     check_model(model_args, training_args)
     check_dataset(script_args, dataset_args)
@@ -603,7 +619,8 @@ def _top_level_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
         + "\n\n"
         + _ACCELERATE_EPILOG
         + f"\n\nExample:\n  {PROG} sft --config recipes/quickstart.yaml\n"
-        f"  {PROG} sft --config recipes/math/qwen2.5-math-1.5b-full.yaml --accelerate_config multi_gpu --num_processes 8",
+        f"  {PROG} sft --config recipes/math/qwen2.5-math-1.5b-full.yaml --accelerate_config multi_gpu "
+        "--num_processes 8",
     )
     subparsers = parser.add_subparsers(help="available commands", dest="command")
     for command in commands:
