@@ -72,7 +72,7 @@ DEFAULT_CASES = (
     + tuple(f"prob:{spec}" for spec in DEFAULT_OBJECTIVES)
     + ("prob:power:10+adaptive", "prob:power:10+adaptive-exp", "paper:nll", "paper:power:10")
 )
-DEFAULT_CONFIGS = ("32000x2048x256", "152064x3584x32")
+DEFAULT_CONFIGS = ("32000x2048x128", "152064x3584x16")
 # SFTTrainer patches its model with these outputs (trl/trainer/sft_trainer.py)
 SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")
 REFERENCE = "trl:nll"
@@ -202,6 +202,16 @@ def build_step(case: str, model: HeadOnlyLM, lam: float):
             loss.backward()
             return loss
 
+        def loss_only(log_probs, mask):
+            """The same step past the head: what the case adds on top of the kernel, forward and backward."""
+            if trainer is not None:
+                trainer._step_stats = None
+                log_probs = -trainer._per_token_objective(log_probs, mask, True)
+            loss = (-log_probs).sum() / mask.sum().clamp(min=1)
+            loss.backward()
+            return loss
+
+        step.loss_only = loss_only
         return step
 
     objective = get_objective(info["spec"])
@@ -297,6 +307,24 @@ def run(config: dict, cases: list[str], args) -> dict:
         for case in cases:
             steps[case](hidden_states, labels)
             _zero_grads(model, hidden_states)
+    # The per-token part alone, on the head's real log-probs (forward + backward back to log p), many times: the
+    # head kernel does the same work whatever gradient arrives, so this difference is all a case adds to the step
+    fused = [c for c in cases if hasattr(steps[c], "loss_only")]
+    loss_only_s = {}
+    if fused:
+        with torch.no_grad():
+            outputs = _fused_outputs(model, hidden_states, labels)
+        for case in fused:
+            times = []
+            for i in range(args.loss_reps + 5):
+                leaf = outputs.log_probs.detach().clone().requires_grad_(True)
+                _sync(args.device)
+                start = time.perf_counter()
+                steps[case].loss_only(leaf, outputs.label_mask)
+                _sync(args.device)
+                if i >= 5:
+                    times.append(time.perf_counter() - start)
+            loss_only_s[case] = times
     memory = PeakMemory(args.device)
     for rep in range(args.repeats):
         order = cases if rep % 2 == 0 else cases[::-1]  # alternate the order: no case always runs first
@@ -314,7 +342,20 @@ def run(config: dict, cases: list[str], args) -> dict:
             del loss
             _zero_grads(model, hidden_states)
             print(f"  [{rep + 1}/{args.repeats}] {case:28s} {1e3 * elapsed:9.1f} ms {peak:9.1f} MiB", flush=True)
+    for case, times in loss_only_s.items():
+        samples[case]["loss_only_s"] = times
     return samples
+
+
+def _fused_outputs(model: HeadOnlyLM, hidden_states, labels):
+    """TRL's fused head outputs for the batch, from a freshly patched model sharing ``model``'s weight."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    fresh = HeadOnlyLM.__new__(HeadOnlyLM)
+    torch.nn.Module.__init__(fresh)
+    fresh.config, fresh.model, fresh.lm_head = model.config, model.model, model.lm_head
+    add_fused_lm_head(fresh, outputs=SFT_OUTPUTS)
+    return fresh(inputs_embeds=hidden_states, labels=labels, fused_lm_head=True)
 
 
 # --------------------------------------------------------------------------------------------- reporting
@@ -333,6 +374,9 @@ def summarize(samples: dict) -> dict:
     ref_t = statistics.median(ref["time_s"]) if ref else None
     ref_m = statistics.median(ref["peak_mib"]) if ref else None
     ref_min = min(ref["time_s"]) if ref else None
+    # decomposed estimate: head time (trl:nll's step minus its own per-token part) + each case's per-token part
+    ref_loss = statistics.median(ref["loss_only_s"]) if ref and "loss_only_s" in ref else None
+    head = ref_t - ref_loss if ref_loss is not None else None
     out = {}
     for case, s in samples.items():
         t, m = statistics.median(s["time_s"]), statistics.median(s["peak_mib"])
@@ -347,17 +391,28 @@ def summarize(samples: dict) -> dict:
             "mem_ratio_vs_trl_nll": m / ref_m if ref_m else None,
             "loss": s["loss"],
         }
+        if "loss_only_s" in s and head is not None:
+            part = statistics.median(s["loss_only_s"])
+            out[case]["loss_only_s_median"] = part
+            out[case]["loss_only_extra_s_vs_trl_nll"] = part - ref_loss
+            out[case]["time_ratio_decomposed_vs_trl_nll"] = (head + part) / (head + ref_loss)
     return out
 
 
 def print_table(config: dict, summary: dict, target: float) -> None:
     print(f"\nV={config['vocab']} H={config['hidden']} N={config['tokens']}  (ratios vs {REFERENCE}; target <= {target}x)")
-    print(f"{'case':30s} {'time ms':>10s} {'x time':>7s} {'x min':>7s} {'peak MiB':>10s} {'x mem':>7s}  loss")
+    print(
+        f"{'case':30s} {'time ms':>10s} {'x time':>7s} {'x min':>7s} {'+loss us':>9s} {'x decomp':>8s} "
+        f"{'peak MiB':>10s} {'x mem':>7s}  loss"
+    )
     for case, r in summary.items():
+        extra = r.get("loss_only_extra_s_vs_trl_nll")
+        decomposed = r.get("time_ratio_decomposed_vs_trl_nll")
         print(
             f"{case:30s} {1e3 * r['time_s_median']:10.1f} {r['time_ratio_vs_trl_nll']:7.3f} "
             f"{r['time_ratio_min_vs_trl_nll']:7.3f} "
-            f"{r['peak_mib_median']:10.1f} {r['mem_ratio_vs_trl_nll']:7.3f}  {r['loss']:.4f}"
+            + (f"{1e6 * extra:9.1f} {decomposed:8.4f} " if extra is not None else f"{'-':>9s} {'-':>8s} ")
+            + f"{r['peak_mib_median']:10.1f} {r['mem_ratio_vs_trl_nll']:7.3f}  {r['loss']:.4f}"
         )
 
 
@@ -409,10 +464,13 @@ def main(argv=None) -> None:
     parser.add_argument("--frozen-head", action="store_true", help="LM head weight frozen (LoRA/QLoRA)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case (default 3 CPU / 10 GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds before timing (default 1 CPU / 2 GPU)")
+    parser.add_argument("--loss-reps", type=int, default=200, help="repetitions of the per-token part alone")
     parser.add_argument("--ignore-frac", type=float, default=0.25, help="share of labels that are -100")
     parser.add_argument("--lam", type=float, default=0.5, help="schedule lambda for the +adaptive cases")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads on CPU (default 1: see benchmarks/README.md; 0: torch's default)"
+    )
     parser.add_argument("--target", type=float, default=1.10)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/loss_memory_<device>.json)")
     parser.add_argument("--no-plot", action="store_true")
@@ -424,7 +482,7 @@ def main(argv=None) -> None:
         args.repeats = 10 if on_gpu else 3
     if args.warmup is None:
         args.warmup = 2 if on_gpu else 1
-    if args.threads:
+    if args.threads and not on_gpu:
         torch.set_num_threads(args.threads)
 
     if not on_gpu and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
@@ -451,6 +509,7 @@ def main(argv=None) -> None:
             "ignore_frac": args.ignore_frac,
             "lambda": args.lam,
             "repeats": args.repeats,
+            "cpu_threads": None if on_gpu else torch.get_num_threads(),
             "warmup": args.warmup,
             "torch": torch.__version__,
             "trl": trl.__version__,

@@ -6,8 +6,9 @@ same ``SFTConfig`` fields) for a few optimizer steps through the real ``Trainer.
 - ``trl:nll``: plain ``trl.SFTTrainer`` (loss_type ``nll``), the reference of every ratio;
 - ``prob:<spec>``: ``trl_prob.ProbSFTTrainer`` with ``objective=<spec>`` (``prob:nll`` is the plug-in's
   cost with the objective switched off: its statistics and per-step logging only);
-- ``prob:<spec>+adaptive``: the same with ``objective_schedule="adaptive"`` (warm-start probe included in
-  ``train()``, reported separately, not in the step time).
+- ``prob:<spec>+adaptive``: the same with ``objective_schedule="adaptive"`` (its warm-start probe runs in
+  ``train()`` before the first step: it shows in the whole ``train()`` call time, reported too, not in the step
+  time).
 
 Cases are interleaved: each round calls ``train()`` with ``--steps`` optimizer steps on every trainer in turn
 (order reversed every other round), ``--rounds`` times; a callback records, per optimizer step,
@@ -96,17 +97,36 @@ def build_model(args):
     return LlamaForCausalLM(config)
 
 
-def build_dataset(args):
-    """Pre-tokenised prompt-completion rows of exactly ``seq_len`` tokens (no padding), random ids >= 3."""
+def build_dataset(args, model):
+    """Pre-tokenised prompt-completion rows of exactly ``seq_len`` tokens (no padding), on which the model is confident.
+
+    A random-init model puts p ~ 1/V on every token, which would leave the thresholded objectives nothing to keep
+    and the adaptive schedule at lambda = 0. So the head is scaled by ``--head-scale`` (peakier predictions), each
+    completion is the model's own greedy continuation of a random prompt, and ``--label-noise`` of the completion
+    tokens are replaced by random ones: target probabilities then spread over (0, 1) (mean ~0.3-0.4), so every
+    path (kept tokens, the schedule's blend at 0 < lambda < 1) runs with realistic values.
+    """
     from datasets import Dataset
 
     g = torch.Generator().manual_seed(args.seed)
     n = args.batch_size * args.grad_accum * args.steps * 2
     prompt_len = args.seq_len // 4
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(3, args.vocab, (args.seq_len,), generator=g).tolist()
-        rows.append({"input_ids": ids, "completion_mask": [0] * prompt_len + [1] * (args.seq_len - prompt_len)})
+    prompts = torch.randint(3, args.vocab, (n, prompt_len), generator=g)
+    with torch.no_grad():
+        ids = model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=args.seq_len - prompt_len,
+            min_new_tokens=args.seq_len - prompt_len,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    noisy = torch.rand(ids.shape, generator=g) < args.label_noise
+    noisy[:, :prompt_len] = False
+    ids = torch.where(noisy, torch.randint(3, args.vocab, ids.shape, generator=g), ids)
+    rows = [
+        {"input_ids": row.tolist(), "completion_mask": [0] * prompt_len + [1] * (args.seq_len - prompt_len)} for row in ids
+    ]
     return Dataset.from_list(rows)
 
 
@@ -126,7 +146,7 @@ class StepRecorder:
             def __init__(self):
                 self.device = device
                 self.memory = PeakMemory(device)
-                self.periods, self.compute, self.peaks, self.train_begin_s = [], [], [], []
+                self.periods, self.compute, self.peaks, self.train_calls = [], [], [], []
                 self._last_end = None
                 self._begin = None
 
@@ -137,13 +157,8 @@ class StepRecorder:
 
             def on_train_begin(self, args, state, control, **kwargs):
                 self._last_end = None
-                self._train_begin = self._now()
 
             def on_step_begin(self, args, state, control, **kwargs):
-                now = self._now()
-                if self._last_end is None:
-                    # train() set-up + (adaptive) warm-start probe, until the first step
-                    self.train_begin_s.append(now - self._train_begin)
                 self.memory.start()
                 self._begin = self._now()
 
@@ -222,7 +237,7 @@ def hot_path(args) -> dict:
     from trl_prob.schedules import ScheduleState
 
     syncing = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item")
-    n = args.hot_path_tokens
+    n = args.hot_path_tokens or args.batch_size * (args.seq_len - 1)  # TRL's log_probs: [batch, seq_len - 1]
     g = torch.Generator().manual_seed(0)
     log_p = torch.rand(n, generator=g).clamp(min=1e-4).log().requires_grad_(True)
     mask = torch.rand(n, generator=g) < 0.9
@@ -265,18 +280,36 @@ def hot_path(args) -> dict:
             "us_per_call": 1e6 * statistics.median(times),
         }
 
-    results = {"tokens": n, "per_micro_batch": {}, "per_optimizer_step": {}}
+    results = {"tokens": n, "per_micro_batch": {}, "per_optimizer_step": {}, "stats_of": {}}
+
+    # TokenProbStats.of as it is vs a sync-free variant (masked sums, index_add_ histogram, one stack)
+    from trl_prob.stats import TokenProbStats
+
+    keep = log_p_masked.detach().exp() >= 0.2
+    current = TokenProbStats.of(log_p_masked, mask, keep).sums
+    proposed = sync_free_stats(log_p_masked, mask, keep)
+    results["stats_of"]["max_abs_diff_vs_current"] = (current - proposed).abs().max().item()
+    results["stats_of"]["current"] = measure(lambda: TokenProbStats.of(log_p_masked, mask, keep), args.hot_path_reps)
+    results["stats_of"]["sync_free"] = measure(lambda: sync_free_stats(log_p_masked, mask, keep), args.hot_path_reps)
+
+    count = mask.sum().clamp(min=1)
 
     def trl_nll():
-        return -log_p_masked
+        # SFTTrainer.compute_loss past the head: -log_probs summed over the step's tokens, then backward
+        log_p_masked.grad = None
+        ((-log_p_masked).sum() / count).backward()
 
-    results["per_micro_batch"]["trl:nll (-log_probs)"] = measure(trl_nll, args.hot_path_reps)
+    results["per_micro_batch"]["trl:nll"] = measure(trl_nll, args.hot_path_reps)
     for case in DEFAULT_CASES[1:]:
         info = parse_case(case)
         trainer = stand_in(info["objective"], info["schedule"])
 
         def micro(trainer=trainer):
-            return trainer._per_token_objective(log_p_masked, mask, True)
+            # the same with trl-prob's wrapper in between: log_probs -> -f(p) (+ statistics), then backward
+            log_p_masked.grad = None
+            trainer._step_stats = None
+            per_token = trainer._per_token_objective(log_p_masked, mask, True)
+            (per_token.sum() / count).backward()
 
         results["per_micro_batch"][case] = measure(micro, args.hot_path_reps)
 
@@ -309,6 +342,21 @@ def hot_path(args) -> dict:
     return results
 
 
+def sync_free_stats(log_p: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``TokenProbStats.of`` computes, without boolean indexing (no ``nonzero``, so no device-to-host sync)
+    and as one ``stack`` instead of six indexed writes. Proposed replacement, measured by ``--hot-path``."""
+    from trl_prob.stats import CONFIDENT_P, HISTOGRAM_BINS
+
+    w = mask.to(torch.float64)
+    log_p = log_p.detach().to(torch.float64) * w  # 0 where masked: exp() = 1 there, weighted out below
+    p = log_p.exp()
+    kept = w if keep is None else keep.detach().to(torch.float64) * w
+    bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1)
+    hist = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64, device=p.device).index_add_(0, bins.flatten(), w.flatten())
+    head = torch.stack([w.sum(), (p * w).sum(), -log_p.sum(), ((p > CONFIDENT_P) * w).sum(), kept.sum()])
+    return torch.cat([head, hist])
+
+
 class _DefaultList(dict):
     def __missing__(self, key):
         self[key] = []
@@ -331,16 +379,23 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=0, help="MLP width (default 2.6875 x hidden)")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per train() call")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of train() calls per case")
     parser.add_argument("--warm-start-samples", type=int, default=16, help="adaptive warm-start probe size")
+    parser.add_argument("--head-scale", type=float, default=32.0, help="LM head weight multiplier (confident model)")
+    parser.add_argument("--label-noise", type=float, default=0.2, help="share of completion tokens made random")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads on CPU (default 1: see benchmarks/README.md, 0: torch's default)"
+    )
     parser.add_argument("--hot-path", action="store_true", help="also profile trl-prob's per-micro-batch code")
-    parser.add_argument("--hot-path-tokens", type=int, default=4096)
+    parser.add_argument(
+        "--hot-path-tokens", type=int, default=0, help="log-probs per micro-batch for --hot-path (default batch x (seq_len - 1))"
+    )
     parser.add_argument("--hot-path-reps", type=int, default=50)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<device>.json)")
     args = parser.parse_args(argv)
@@ -348,6 +403,8 @@ def main(argv=None) -> None:
     if not on_gpu and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)], env)
+    if not on_gpu and args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import logging
 
@@ -364,7 +421,9 @@ def main(argv=None) -> None:
         cases.insert(0, REFERENCE)
 
     base = build_model(args)
-    dataset = build_dataset(args)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(args.head_scale)
+    dataset = build_dataset(args, base)
     tokenizer = build_tokenizer()
     workdir = tempfile.mkdtemp(prefix="trl-prob-train-step-")
     trainers = {}
@@ -383,7 +442,10 @@ def main(argv=None) -> None:
         order = cases if rnd % 2 == 0 else cases[::-1]
         for case in order:
             trainer, recorder = trainers[case]
+            start = time.perf_counter()
             trainer.train()
+            # the whole call: set-up, the adaptive warm-start probe, the steps
+            recorder.train_calls.append(time.perf_counter() - start)
             print(
                 f"  round {rnd + 1}/{args.rounds} {case:26s} step periods (ms): "
                 + " ".join(f"{1e3 * t:.0f}" for t in recorder.periods[-(args.steps - 1) :]),
@@ -397,12 +459,17 @@ def main(argv=None) -> None:
             "step_s": recorder.periods,
             "compute_s": recorder.compute,
             "peak_mib": recorder.peaks,
-            "train_begin_s": recorder.train_begin_s,
+            "train_call_s": recorder.train_calls,
             "step_s_median": statistics.median(recorder.periods),
             "compute_s_median": statistics.median(recorder.compute),
             "peak_mib_median": statistics.median(recorder.peaks),
-            "train_begin_s_median": statistics.median(recorder.train_begin_s),
+            "train_call_s_median": statistics.median(recorder.train_calls),
         }
+        logged = [h for h in trainers[case][0].state.log_history if "loss" in h and "train_runtime" not in h]
+        for key in ("mean_token_prob", "objective_lambda", "kept_token_fraction"):
+            values = [h[key] for h in logged if key in h]
+            if values:
+                summary[case][f"last_{key}"] = values[-1]
     ref = summary[REFERENCE]
     for case, r in summary.items():
         r["time_ratio_vs_trl_nll"] = r["step_s_median"] / ref["step_s_median"]
@@ -410,12 +477,12 @@ def main(argv=None) -> None:
         r["mem_ratio_vs_trl_nll"] = r["peak_mib_median"] / ref["peak_mib_median"]
 
     print(f"\n(ratios vs {REFERENCE}; targets: time <= 1.05x, memory <= 1.02x)")
-    print(f"{'case':26s} {'step ms':>9s} {'x time':>7s} {'x compute':>9s} {'peak MiB':>9s} {'x mem':>7s} {'train() setup s':>15s}")
+    print(f"{'case':26s} {'step ms':>9s} {'x time':>7s} {'x compute':>9s} {'peak MiB':>9s} {'x mem':>7s} {'train() call s':>14s}")
     for case, r in summary.items():
         print(
             f"{case:26s} {1e3 * r['step_s_median']:9.1f} {r['time_ratio_vs_trl_nll']:7.3f} "
             f"{r['compute_ratio_vs_trl_nll']:9.3f} {r['peak_mib_median']:9.1f} {r['mem_ratio_vs_trl_nll']:7.3f} "
-            f"{r['train_begin_s_median']:15.2f}"
+            f"{r['train_call_s_median']:14.2f}"
         )
 
     results = {
@@ -428,14 +495,16 @@ def main(argv=None) -> None:
             "transformers": transformers.__version__,
             "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
             "model": {
-                "arch": "LlamaForCausalLM (random init)",
+                "arch": "LlamaForCausalLM (random init, LM head scaled)",
                 "layers": args.layers,
                 "hidden": args.hidden,
                 "vocab": args.vocab,
                 "params": n_params,
             },
             "batch": {"per_device": args.batch_size, "seq_len": args.seq_len, "grad_accum": args.grad_accum},
+            "data": f"greedy continuations of the model (head x{args.head_scale}), {args.label_noise:.0%} random tokens",
             "precision": "bf16 autocast" if on_gpu else "fp32",
+            "cpu_threads": None if on_gpu else torch.get_num_threads(),
             "steps_per_train_call": args.steps,
             "rounds": args.rounds,
             "time": "period between consecutive on_step_end events (first step of each train() call dropped)",
@@ -452,12 +521,32 @@ def main(argv=None) -> None:
         print("\nhot path (CPU):")
         hp = hot_path(args)
         results["hot_path"] = hp
-        print(f"per micro-batch, {hp['tokens']} target log-probs:")
+        # decomposed step-time estimate: the reference step + what trl-prob adds per micro-batch (x accumulation)
+        # and per optimizer step, each measured alone with many repetitions (robust to a noisy shared CPU)
+        ref_step = summary[REFERENCE]["step_s_median"]
+        ref_micro = hp["per_micro_batch"][REFERENCE]["us_per_call"] * 1e-6
+        for case, r in summary.items():
+            if case in hp["per_micro_batch"] and case != REFERENCE:
+                extra = args.grad_accum * (hp["per_micro_batch"][case]["us_per_call"] * 1e-6 - ref_micro)
+                extra += hp["per_optimizer_step"][case]["us_per_call"] * 1e-6
+                r["extra_s_per_step_decomposed"] = extra
+                r["time_ratio_decomposed_vs_trl_nll"] = (ref_step + extra) / ref_step
+        summary[REFERENCE]["time_ratio_decomposed_vs_trl_nll"] = 1.0
+        print(f"per micro-batch, {hp['tokens']} log-probs, forward + backward past the head:")
         for case, r in hp["per_micro_batch"].items():
             print(f"  {case:26s} {r['top_level_aten_ops']:4d} ops  syncs {r['syncing_ops']}  {r['us_per_call']:8.1f} us")
+        st = hp["stats_of"]
+        print(f"TokenProbStats.of ({hp['tokens']} tokens, with keep), max |diff| of the proposed variant: {st['max_abs_diff_vs_current']:.3g}")
+        for key in ("current", "sync_free"):
+            r = st[key]
+            print(f"  {key:26s} {r['top_level_aten_ops']:4d} ops  syncs {r['syncing_ops']}  {r['us_per_call']:8.1f} us")
         print("per optimizer step (_end_optimizer_step):")
         for case, r in hp["per_optimizer_step"].items():
             print(f"  {case:26s} {r['top_level_aten_ops']:4d} ops  syncs {r['syncing_ops']}  {r['us_per_call']:8.1f} us")
+        print(f"decomposed step time vs {REFERENCE} (reference step {1e3 * ref_step:.1f} ms):")
+        for case, r in summary.items():
+            if "extra_s_per_step_decomposed" in r:
+                print(f"  {case:26s} +{1e3 * r['extra_s_per_step_decomposed']:.3f} ms/step  x{r['time_ratio_decomposed_vs_trl_nll']:.4f}")
 
     out = args.out or os.path.join(RESULTS, f"train_step_{'gpu' if on_gpu else 'cpu'}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
