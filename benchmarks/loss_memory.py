@@ -35,7 +35,15 @@ How memory is measured (peak of the step above what is live before it: activatio
 How time is measured: wall time of forward + backward (``torch.cuda.synchronize()`` before reading the clock on
 GPU), median over ``--repeats`` repetitions after ``--warmup`` untimed rounds. All cases share one process, one
 weight and one batch, and run interleaved round-robin (order reversed every other round), so drift on a shared
-machine hits every case alike. Memory is deterministic; its median is reported too.
+machine hits every case alike. Memory is deterministic; its median is reported too. The minimum is reported as
+well (``x min``).
+
+On a shared CPU, whole-step times drift by more than an objective adds, so each fused case's per-token part is
+also timed alone (``--loss-reps`` times, on the head's real log-probs: the wrapper's ``_per_token_objective``
+plus TRL's loss, forward and backward back to log p). The head kernel's backward does the same work whatever
+gradient reaches it, so ``x decomp`` = (trl:nll's step - its per-token part + the case's per-token part) /
+trl:nll's step is what the case costs relative to TRL, free of drift (``+loss us``: the per-token part's extra
+time over trl:nll's).
 
 Usage (CPU, the committed results)::
 
@@ -145,7 +153,7 @@ class _TrainerStandIn:
         class StandIn(ProbObjectiveMixin):
             def __init__(self):  # no super().__init__: there is no Trainer around it
                 self.args = ProbSFTConfig(
-                    output_dir=tempfile.mkdtemp(prefix="trl-prob-bench-"),
+                    output_dir=os.path.join(tempfile.gettempdir(), "trl-prob-bench"),  # never written
                     objective=spec,
                     objective_schedule=schedule,
                     schedule_mode=mode,

@@ -247,7 +247,7 @@ def hot_path(args) -> dict:
         class StandIn(ProbObjectiveMixin):
             def __init__(self):
                 self.args = ProbSFTConfig(
-                    output_dir=tempfile.mkdtemp(prefix="trl-prob-bench-"),
+                    output_dir=os.path.join(tempfile.gettempdir(), "trl-prob-bench"),  # never written
                     objective=spec,
                     objective_schedule=schedule,
                     report_to="none",
