@@ -89,8 +89,10 @@ class Objective:
         """Boolean mask of the tokens this objective trains on (all True for non-thresholded families)."""
         if not self.is_thresholded:
             return torch.ones_like(log_p, dtype=torch.bool)
-        p = log_p.detach().float().exp()
-        return p >= self.param if self.family.startswith("top") else p <= self.param
+        # Compared in log space: exp(log q) can round below q in fp32, dropping a token sitting at p = q.
+        log_q = math.log(self.param) if self.param > 0 else -math.inf
+        log_p = log_p.detach().float()
+        return log_p >= log_q if self.family.startswith("top") else log_p <= log_q
 
     def __call__(self, log_p: torch.Tensor) -> torch.Tensor:
         """Per-token loss f(p), fp32, same shape as ``log_p``, differentiable w.r.t. ``log_p``.
@@ -105,11 +107,11 @@ class Objective:
         if family == "dft":
             return -log_p * log_p.detach().exp()
         if family == "p":
-            return -torch.expm1(log_p)
+            return one_minus_exp(log_p)
         if family == "power":
             return power_loss(log_p, self.param)
         if family in ("top_p", "bottom_p"):
-            return -torch.expm1(log_p) * self.keep(log_p)
+            return one_minus_exp(log_p) * self.keep(log_p)
         return -log_p * self.keep(log_p)  # top_logp, bottom_logp
 
     def weight(self, p: torch.Tensor) -> torch.Tensor:
@@ -122,16 +124,26 @@ class Objective:
             return p.clone()
         if family == "power":
             return p.pow(self.param)
-        keep = (p >= self.param) if family.startswith("top") else (p <= self.param)
+        keep = self.keep(p.log())
         base = p if family.endswith("_p") else torch.ones_like(p)
         return base * keep
 
 
+def one_minus_exp(x: torch.Tensor) -> torch.Tensor:
+    """1 - e^x with an accurate value (-expm1 x, no cancellation near x = 0) and an accurate gradient (-e^x).
+
+    Autograd's expm1 backward computes (expm1(x) + 1), which rounds to 0 in fp32 once e^x < 6e-8: power:10 on
+    a token with p = 0.06 would get no gradient at all.
+    """
+    e = torch.exp(x)
+    return -torch.expm1(x).detach() - (e - e.detach())
+
+
 def power_loss(log_p: torch.Tensor, a: float) -> torch.Tensor:
-    """(1 - p^a) / a written as -expm1(a log p) / a: exact for small a, and -log p at a = 0 (its limit)."""
+    """(1 - p^a) / a = (1 - e^(a log p)) / a; -log p at a = 0 (its limit)."""
     if a == 0:
         return -log_p
-    return -torch.expm1(a * log_p) / a
+    return one_minus_exp(a * log_p) / a
 
 
 def _format_number(x: float) -> str:
