@@ -88,6 +88,7 @@ class ProbObjectiveMixin:
         self._step_stats: TokenProbStats | None = None
         self._eval_stats: TokenProbStats | None = None
         self._in_compute_loss = False
+        self._uses_objective = config.uses_objective
 
         super().__init__(*args, **kwargs)
 
@@ -140,7 +141,7 @@ class ProbObjectiveMixin:
             self._eval_stats = stats if self._eval_stats is None else self._eval_stats + stats
 
         log_p = log_p.float()
-        if not args.uses_objective:
+        if not self._uses_objective:
             return -log_p
         lam = self.objective_lambda
         if args.schedule_mode == "exponent":
@@ -160,11 +161,11 @@ class ProbObjectiveMixin:
         the kept tokens, the paper's normaliser. With one micro-batch per step it is exact; with gradient
         accumulation each micro-batch uses its own kept share, as the paper's (verl) trainer does.
         """
-        counts = torch.stack([stats.sums[0], stats.sums[4]]).to(self.args.device)
+        counts = torch.stack([stats.sums[0], stats.sums[4]])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
-        valid, kept = counts.tolist()
-        return torch.tensor(valid / kept if kept > 0 else 0.0, dtype=torch.float32)
+        valid, kept = counts
+        return torch.where(kept > 0, valid / kept.clamp(min=1), 0.0).float()
 
     # ------------------------------------------------------------------------------------- the schedule
 
