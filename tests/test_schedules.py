@@ -1,0 +1,365 @@
+"""Schedules as pure functions against hand-computed values, and ProbSFTConfig's validation of the schedule fields.
+
+No model, no training: every expected number below is worked out by hand in the test itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from trl_prob import ProbSFTConfig
+from trl_prob.schedules import (
+    MODES,
+    SCHEDULES,
+    STATISTICS,
+    ScheduleState,
+    adaptive_lambda,
+    ema_update,
+    next_lambda,
+    ramp,
+    warmup_lambda,
+)
+
+NAN = float("nan")
+
+
+# --------------------------------------------------------------------------------------------------------- ramp
+
+
+@pytest.mark.parametrize(
+    "x, expected",
+    [(-5.0, 0.0), (-1e-12, 0.0), (0.0, 0.0), (0.25, 0.25), (0.5, 0.5), (1.0, 1.0), (1.0 + 1e-12, 1.0), (7.0, 1.0)],
+)
+def test_ramp_clips_to_unit_interval(x, expected):
+    assert ramp(x) == expected
+
+
+# ------------------------------------------------------------------------------------------------------ warm-up
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, 0.0),  # start
+        (5, 0.5),  # mid: warm-up spans 0.1 * 100 = 10 steps
+        (3, 0.3),
+        (10, 1.0),  # end
+        (11, 1.0),  # beyond
+        (100, 1.0),
+        (1000, 1.0),
+    ],
+)
+def test_linear_warmup(step, expected):
+    assert warmup_lambda(step, 100, 0.1, "linear") == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, 0.0),
+        (5, 0.5),  # 0.5 * (1 - cos(pi / 2)) = 0.5
+        (10, 1.0),  # 0.5 * (1 - cos(pi)) = 1
+        (20, 1.0),
+        # a quarter of the way: 0.5 * (1 - cos(pi / 4)) = 0.5 - sqrt(2) / 4
+        (2.5, 0.5 - math.sqrt(2) / 4),
+    ],
+)
+def test_cosine_warmup(step, expected):
+    assert warmup_lambda(step, 100, 0.1, "cosine") == pytest.approx(expected, abs=1e-12)
+
+
+def test_cosine_warmup_is_below_linear_in_the_first_half_and_above_in_the_second():
+    for step in range(1, 5):
+        assert warmup_lambda(step, 100, 0.1, "cosine") < warmup_lambda(step, 100, 0.1, "linear")
+    for step in range(6, 10):
+        assert warmup_lambda(step, 100, 0.1, "cosine") > warmup_lambda(step, 100, 0.1, "linear")
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_warmup_with_no_warmup_steps_is_the_target_at_once(shape):
+    assert warmup_lambda(0, 100, 0.0, shape) == 1.0
+    assert warmup_lambda(0, 0, 0.5, shape) == 1.0
+
+
+def test_warmup_ratio_one_spans_all_steps():
+    assert [warmup_lambda(s, 4, 1.0) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_unknown_warmup_shape_is_named():
+    with pytest.raises(ValueError, match="'exp'"):
+        warmup_lambda(1, 10, 0.5, "exp")
+
+
+# ----------------------------------------------------------------------------------------------------- adaptive
+
+
+@pytest.mark.parametrize(
+    "p, expected",
+    [
+        (0.0, 0.0),  # outside, below
+        (0.10, 0.0),
+        (0.30, 0.0),  # p_low
+        (0.35, 0.2),  # (0.35 - 0.30) / 0.25
+        (0.425, 0.5),  # midpoint
+        (0.50, 0.8),
+        (0.55, 1.0),  # p_high
+        (0.77, 1.0),  # outside, above
+        (1.0, 1.0),
+    ],
+)
+def test_adaptive_lambda_default_band(p, expected):
+    assert adaptive_lambda(p, 0.30, 0.55) == pytest.approx(expected, abs=1e-12)
+
+
+def test_adaptive_lambda_other_band():
+    assert adaptive_lambda(0.6, 0.5, 0.9) == pytest.approx(0.25)
+    assert adaptive_lambda(0.7, 0.5, 0.9) == pytest.approx(0.5)
+    assert adaptive_lambda(0.49, 0.5, 0.9) == 0.0
+    assert adaptive_lambda(0.91, 0.5, 0.9) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------- EMA
+
+
+def test_ema_first_value_is_taken_as_is():
+    assert ema_update(None, 0.42, 0.9) == 0.42
+    assert ema_update(NAN, 0.42, 0.9) == 0.42
+
+
+def test_ema_nan_value_keeps_previous():
+    assert ema_update(0.5, NAN, 0.9) == 0.5
+    assert math.isnan(ema_update(None, NAN, 0.9))  # nothing seen yet: stays undefined
+
+
+def test_ema_decay_math():
+    assert ema_update(0.5, 1.0, 0.9) == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)  # 0.55
+    assert ema_update(0.5, 1.0, 0.9) == pytest.approx(0.55)
+    assert ema_update(0.2, 0.8, 0.0) == pytest.approx(0.8)  # decay 0: the last value
+    assert ema_update(0.2, 0.8, 0.5) == pytest.approx(0.5)
+    # three steps of decay 0.5 from 0 toward 1: 0.5, 0.75, 0.875
+    value = 0.0
+    for expected in (0.5, 0.75, 0.875):
+        value = ema_update(value, 1.0, 0.5)
+        assert value == pytest.approx(expected)
+
+
+def test_ema_sequence_with_a_gap():
+    # None -> 0.4 (first) -> NaN (step without tokens, kept) -> 0.8: 0.9 * 0.4 + 0.1 * 0.8 = 0.44
+    value = None
+    for v in (0.4, NAN, 0.8):
+        value = ema_update(value, v, 0.9)
+    assert value == pytest.approx(0.44)
+
+
+# --------------------------------------------------------------------------------------------------- next_lambda
+
+
+def test_next_lambda_none_is_the_target_alone():
+    assert next_lambda("none", step=0, total_steps=10, p_ema=None, previous_lambda=0.0) == 1.0
+    assert next_lambda("none", step=7, total_steps=10, p_ema=0.01, previous_lambda=0.3) == 1.0
+
+
+def test_next_lambda_constant():
+    kw = dict(total_steps=10, p_ema=0.9, previous_lambda=0.0)
+    assert next_lambda("constant", step=0, objective_lambda=0.3, **kw) == 0.3
+    assert next_lambda("constant", step=9, objective_lambda=0.3, **kw) == 0.3
+    assert next_lambda("constant", step=3, **kw) == 1.0  # default objective_lambda
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_next_lambda_warmup_matches_warmup_lambda(schedule):
+    for step in range(0, 25):
+        got = next_lambda(schedule, step=step, total_steps=20, p_ema=None, previous_lambda=0.0, warmup_ratio=0.5)
+        assert got == warmup_lambda(step, 20, 0.5, schedule)
+    # hand values: 10 warm-up steps
+    linear = next_lambda("linear", step=4, total_steps=20, p_ema=None, previous_lambda=0.0, warmup_ratio=0.5)
+    assert linear == pytest.approx(0.4)
+
+
+def test_next_lambda_adaptive():
+    kw = dict(step=3, total_steps=10, previous_lambda=0.0, p_low=0.2, p_high=0.6)
+    assert next_lambda("adaptive", p_ema=None, **kw) == 0.0  # nothing measured yet: NLL
+    assert next_lambda("adaptive", p_ema=NAN, **kw) == 0.0
+    assert next_lambda("adaptive", p_ema=0.1, **kw) == 0.0
+    assert next_lambda("adaptive", p_ema=0.3, **kw) == pytest.approx(0.25)
+    assert next_lambda("adaptive", p_ema=0.4, **kw) == pytest.approx(0.5)
+    assert next_lambda("adaptive", p_ema=0.9, **kw) == 1.0
+    # defaults 0.30 -> 0.55
+    assert next_lambda("adaptive", step=0, total_steps=1, p_ema=0.425, previous_lambda=0.0) == pytest.approx(0.5)
+
+
+def test_next_lambda_monotone_never_decreases():
+    kw = dict(step=3, total_steps=10, p_low=0.2, p_high=0.6)
+    # falling statistic: the free schedule drops, the monotone one holds
+    assert next_lambda("adaptive", p_ema=0.3, previous_lambda=0.75, **kw) == pytest.approx(0.25)
+    assert next_lambda("adaptive", p_ema=0.3, previous_lambda=0.75, monotone=True, **kw) == 0.75
+    # rising statistic: monotone follows
+    assert next_lambda("adaptive", p_ema=0.5, previous_lambda=0.25, monotone=True, **kw) == pytest.approx(0.75)
+    # p_ema lost (NaN / None): still holds
+    assert next_lambda("adaptive", p_ema=None, previous_lambda=0.6, monotone=True, **kw) == 0.6
+
+    # along a noisy trajectory the monotone sequence is the running max of the free one and never decreases
+    trajectory = [0.25, 0.45, 0.35, 0.55, 0.2, 0.4, 0.65, 0.1]
+    free, held = [], []
+    previous_free = previous_held = 0.0
+    for step, p in enumerate(trajectory):
+        previous_free = next_lambda("adaptive", step=step, total_steps=8, p_ema=p, previous_lambda=previous_free,
+                                    p_low=0.2, p_high=0.6)
+        previous_held = next_lambda("adaptive", step=step, total_steps=8, p_ema=p, previous_lambda=previous_held,
+                                    p_low=0.2, p_high=0.6, monotone=True)
+        free.append(previous_free)
+        held.append(previous_held)
+    assert any(b < a for a, b in zip(free, free[1:]))  # the free one does decrease
+    assert all(b >= a for a, b in zip(held, held[1:]))
+    assert held == pytest.approx([max(free[: i + 1]) for i in range(len(free))])
+
+
+def test_next_lambda_monotone_constant_keeps_the_larger():
+    assert next_lambda("constant", step=0, total_steps=1, p_ema=None, previous_lambda=0.8, objective_lambda=0.3,
+                       monotone=True) == 0.8
+
+
+def test_next_lambda_unknown_schedule_is_named():
+    with pytest.raises(ValueError, match="'warmup'"):
+        next_lambda("warmup", step=0, total_steps=10, p_ema=None, previous_lambda=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ ScheduleState
+
+
+def test_schedule_state_round_trip_through_json():
+    state = ScheduleState(step=12, p_ema=0.6234567890123, objective_lambda=0.37, warm_started=True)
+    data = json.loads(json.dumps(state.to_dict()))
+    assert data == {"step": 12, "p_ema": 0.6234567890123, "objective_lambda": 0.37, "warm_started": True}
+    assert ScheduleState.from_dict(data) == state
+
+
+def test_schedule_state_defaults_and_partial_and_extra_keys():
+    assert ScheduleState() == ScheduleState(step=0, p_ema=None, objective_lambda=0.0, warm_started=False)
+    assert ScheduleState.from_dict(ScheduleState().to_dict()) == ScheduleState()
+    # an older / partial file fills the rest with defaults; unknown keys are ignored
+    assert ScheduleState.from_dict({"step": 3, "future_field": 1}) == ScheduleState(step=3)
+
+
+# ------------------------------------------------------------------------------------------------------- config
+
+
+def config(tmp_path, **kwargs) -> ProbSFTConfig:
+    return ProbSFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, **kwargs)
+
+
+def raises_naming(value):
+    """ValueError whose message contains ``value`` (the bad value) verbatim."""
+    return pytest.raises(ValueError, match=re.escape(str(value)))
+
+
+def test_valid_config_defaults(tmp_path):
+    args = config(tmp_path)
+    assert args.objective == "nll"
+    assert args.objective_schedule == "none"
+    assert args.schedule_mode == "blend"
+    assert args.schedule_p_low == 0.30 and args.schedule_p_high == 0.55
+    assert args.schedule_ema_decay == 0.9
+    assert args.schedule_warm_start is False
+    assert not args.uses_objective
+    assert set(SCHEDULES) == {"none", "constant", "linear", "cosine", "adaptive"}
+    assert set(MODES) == {"blend", "exponent"}
+    assert set(STATISTICS) == {"mean", "median", "share_confident"}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("objective_schedule", "warmup"), ("schedule_mode", "multiply"), ("schedule_statistic", "mode")],
+)
+def test_unknown_choice_is_named(tmp_path, field, value):
+    with raises_naming(value):
+        config(tmp_path, objective="p", **{field: value})
+    with pytest.raises(ValueError, match=field):
+        config(tmp_path, objective="p", **{field: value})
+
+
+@pytest.mark.parametrize("low, high", [(0.5, 0.5), (0.6, 0.4)])
+def test_p_low_must_be_below_p_high(tmp_path, low, high):
+    with pytest.raises(ValueError) as info:
+        config(tmp_path, objective="p", objective_schedule="adaptive", schedule_p_low=low, schedule_p_high=high)
+    assert str(low) in str(info.value) and str(high) in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["objective_lambda", "schedule_warmup_ratio", "schedule_p_low", "schedule_p_high"])
+@pytest.mark.parametrize("value", [-0.1, 1.5, NAN, float("inf")])
+def test_unit_interval_fields(tmp_path, field, value):
+    with pytest.raises(ValueError) as info:
+        config(tmp_path, objective="p", objective_schedule="constant", **{field: value})
+    message = str(info.value)
+    assert field in message and repr(value) in message
+
+
+@pytest.mark.parametrize("field, value", [("objective_lambda", 0.0), ("objective_lambda", 1.0),
+                                          ("schedule_warmup_ratio", 0.0), ("schedule_warmup_ratio", 1.0)])
+def test_unit_interval_ends_are_allowed(tmp_path, field, value):
+    assert getattr(config(tmp_path, objective="p", objective_schedule="constant", **{field: value}), field) == value
+
+
+@pytest.mark.parametrize("decay", [1.0, 1.5, -0.1, NAN])
+def test_ema_decay_outside_half_open_interval(tmp_path, decay):
+    with pytest.raises(ValueError) as info:
+        config(tmp_path, objective="p", objective_schedule="adaptive", schedule_ema_decay=decay)
+    assert "schedule_ema_decay" in str(info.value) and repr(decay) in str(info.value)
+
+
+def test_ema_decay_zero_is_allowed(tmp_path):
+    assert config(tmp_path, objective="p", objective_schedule="adaptive", schedule_ema_decay=0.0).schedule_ema_decay == 0
+
+
+@pytest.mark.parametrize("objective", ["p", "top_p:0.2", "dft"])
+def test_exponent_mode_needs_a_power_target(tmp_path, objective):
+    with pytest.raises(ValueError) as info:
+        config(tmp_path, objective=objective, objective_schedule="linear", schedule_mode="exponent")
+    assert objective in str(info.value) and "exponent" in str(info.value)
+
+
+def test_exponent_mode_with_power_target_is_valid(tmp_path):
+    args = config(tmp_path, objective="GeneralFamily-8", objective_schedule="linear", schedule_mode="exponent")
+    assert args.objective == "power:8"
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "adaptive"])
+@pytest.mark.parametrize("objective", ["nll", "original"])
+def test_schedule_with_nll_target(tmp_path, schedule, objective):
+    with raises_naming(repr(schedule)):
+        config(tmp_path, objective=objective, objective_schedule=schedule)
+
+
+def test_trl_dft_loss_with_non_nll_objective(tmp_path):
+    with pytest.raises(ValueError) as info:
+        config(tmp_path, objective="power:4", loss_type="dft")
+    assert "dft" in str(info.value) and "power:4" in str(info.value)
+    config(tmp_path, objective="nll", loss_type="dft")  # TRL's DFT alone is fine
+
+
+def test_label_smoothing_with_non_nll_objective(tmp_path):
+    with pytest.raises(ValueError) as info:
+        config(tmp_path, objective="p", objective_schedule="adaptive", label_smoothing_factor=0.1)
+    assert "label_smoothing_factor" in str(info.value) and "0.1" in str(info.value) and "'p'" in str(info.value)
+    config(tmp_path, objective="nll", label_smoothing_factor=0.1)
+
+
+@pytest.mark.parametrize(
+    "schedule, expected", [("none", False), ("constant", False), ("linear", False), ("cosine", False), ("adaptive", True)]
+)
+def test_warm_start_defaults_on_for_adaptive_only(tmp_path, schedule, expected):
+    assert config(tmp_path, objective="p", objective_schedule=schedule).schedule_warm_start is expected
+
+
+def test_warm_start_explicit_setting_is_kept(tmp_path):
+    assert config(tmp_path, objective="p", objective_schedule="adaptive", schedule_warm_start=False).schedule_warm_start is False
+    assert config(tmp_path, objective="p", objective_schedule="linear", schedule_warm_start=True).schedule_warm_start is True
+
+
+def test_warm_start_samples_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="schedule_warm_start_samples must be >= 1, got 0"):
+        config(tmp_path, objective="p", objective_schedule="adaptive", schedule_warm_start_samples=0)
