@@ -291,7 +291,10 @@ def _split(dataset, name: str, flag: str):
 
 def load_splits(script_args, training_args, dataset_args=None):
     """(train, eval) datasets as ``trl sft`` picks them; eval only when ``eval_strategy`` is not ``no``."""
-    dataset = load_datasets(script_args, dataset_args)
+    try:
+        dataset = load_datasets(script_args, dataset_args)
+    except StopIteration:  # datasets' json builder on a file without a single row
+        raise CLIError(f"The dataset {script_args.dataset_name!r} has no rows: there is nothing to train on.") from None
     mixture = dataset_args is not None and bool(dataset_args.datasets)
     # A mixture is split by `test_split_size` into TRL's own "train"/"test" names.
     train_split = "train" if mixture else script_args.dataset_train_split
@@ -328,6 +331,7 @@ def build_trainer(
 
     if train_dataset is None:
         train_dataset, eval_dataset = load_splits(script_args, training_args, dataset_args)
+    _check_inputs(train_dataset, model_args, training_args)
     return ProbSFTTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -337,6 +341,23 @@ def build_trainer(
         peft_config=get_peft_config(model_args),
         callbacks=callbacks,
     )
+
+
+def _check_inputs(train_dataset, model_args, training_args) -> None:
+    """Empty data, or conversations without a chat template: a clear error before the model is loaded."""
+    from transformers import AutoTokenizer
+
+    from .probe import check_probe_inputs
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+        )
+    except Exception:  # a processor-only model: TRL loads its processor and checks the template itself
+        tokenizer = None
+    check_probe_inputs(train_dataset, tokenizer, training_args)
 
 
 def _rank_log_callback(directory: str):
