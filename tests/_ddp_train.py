@@ -1,0 +1,100 @@
+"""Short ProbSFTTrainer run for tests/test_training.py: one process, or one rank of a CPU (gloo) DDP launch.
+
+Usage: python tests/_ddp_train.py OUT.json OBJECTIVE SCHEDULE PER_DEVICE_BATCH [MAX_STEPS]
+
+Rank 0 writes JSON: the per-step log history, the final and initial weights flattened, the world size, and the
+token ids of the first global batch (every rank's first micro-batch, gathered).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import addition_dataset  # noqa: E402
+
+from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
+from trl_prob.embedded import build_tokenizer, default_model_path  # noqa: E402
+
+
+class FirstBatchTrainer(ProbSFTTrainer):
+    first_batch = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.first_batch is None and model.training:
+            ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
+            self.first_batch = [row[m].tolist() for row, m in zip(ids, mask)]
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+def flat(model):
+    return torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
+
+
+def main():
+    out, objective, schedule, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    max_steps = int(sys.argv[5]) if len(sys.argv) > 5 else 3
+    torch.set_num_threads(1)
+    extra = dict(schedule_p_low=0.2, schedule_p_high=0.95) if schedule == "adaptive" else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ProbSFTConfig(
+            output_dir=tmp,
+            objective=objective,
+            objective_schedule=schedule,
+            per_device_train_batch_size=batch,
+            per_device_eval_batch_size=batch,
+            max_steps=max_steps,
+            learning_rate=1e-3,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            data_seed=0,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+            bf16=False,  # SFTConfig's default bf16 autocast would blur the 1-vs-2-process comparison
+            **extra,
+        )
+        model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
+        initial = flat(model)
+        trainer = FirstBatchTrainer(
+            model=model, args=args, train_dataset=addition_dataset(32), processing_class=build_tokenizer()
+        )
+        trainer.train()
+
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if distributed else 1
+        batches = [trainer.first_batch]
+        if distributed:
+            batches = [None] * world_size
+            dist.all_gather_object(batches, trainer.first_batch)
+        if trainer.accelerator.is_main_process:
+            result = dict(
+                world_size=world_size,
+                max_steps=max_steps,
+                logs=[entry for entry in trainer.state.log_history if "loss" in entry],
+                first_batch_ids=[ids for rank_batch in batches for ids in rank_batch],
+                weights=flat(trainer.accelerator.unwrap_model(trainer.model)).tolist(),
+                initial_weights=initial.tolist(),
+            )
+            with open(out, "w") as f:
+                json.dump(result, f)
+        if distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
