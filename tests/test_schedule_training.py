@@ -1,0 +1,318 @@
+"""Schedules inside real (tiny, CPU) training runs: resume reproduces the trajectory, lambda is fixed within an
+optimizer step under gradient accumulation, adaptive follows the model's capability, the warm start measures the
+base model, and warm-up schedules log the expected lambda / exponent.
+
+Expected values are computed independently from each run's own logs or a full-logits probe; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections import defaultdict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import addition_dataset, base_args  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+
+from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
+from trl_prob.embedded import default_model_path, mean_target_probability, random_tiny_llama  # noqa: E402
+from trl_prob.schedules import warmup_lambda  # noqa: E402
+from trl_prob.trainer import SCHEDULE_STATE_FILE  # noqa: E402
+
+SCHEDULE_KEYS = ("objective_lambda", "ema_token_prob", "mean_token_prob", "loss")
+
+
+@pytest.fixture(scope="module")
+def shipped_tokenizer():
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+def shipped_model():
+    return AutoModelForCausalLM.from_pretrained(default_model_path())
+
+
+def make_trainer(tmp_path, model, tokenizer, dataset=None, trainer_class=ProbSFTTrainer, **overrides):
+    args = base_args(tmp_path, **overrides)
+    return trainer_class(
+        model=model,
+        args=ProbSFTConfig(**args),
+        train_dataset=dataset if dataset is not None else addition_dataset(),
+        processing_class=tokenizer,
+    )
+
+
+def step_logs(trainer) -> dict[int, dict]:
+    return {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
+
+
+class _RecordBegin(TrainerCallback):
+    """Added after the trainer's own callback, so it sees the schedule state right after the warm start."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.p_ema = None
+        self.objective_lambda = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.p_ema = self.trainer._schedule_state.p_ema
+        self.objective_lambda = self.trainer.objective_lambda
+
+
+# ----------------------------------------------------------------------------------------------------------- resume
+
+# A band around the shipped model's ~0.7 statistic, so lambda sits strictly inside (0, 1) and moves step to step.
+RESUME = dict(
+    objective="p",
+    objective_schedule="adaptive",
+    schedule_p_low=0.55,
+    schedule_p_high=0.85,
+    schedule_ema_decay=0.5,
+    schedule_warm_start_samples=16,
+    max_steps=8,
+    save_strategy="steps",
+    save_steps=4,
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shipped_tokenizer):
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    trainer = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, **RESUME)
+    trainer.train()
+    return trainer
+
+
+def test_resume_reproduces_the_schedule_step_for_step(tmp_path, uninterrupted, shipped_tokenizer):
+    full = step_logs(uninterrupted)
+    assert sorted(full) == list(range(1, 9))
+    lambdas = [full[s]["objective_lambda"] for s in full]
+    # The comparison means something only if lambda is neither pinned at an end nor constant.
+    assert all(0.0 < lam < 1.0 for lam in lambdas), lambdas
+    assert max(lambdas) - min(lambdas) > 1e-3, lambdas
+
+    checkpoint = os.path.join(uninterrupted.args.output_dir, "checkpoint-4")
+    # The saved state is the one after step 4: its EMA as logged at step 4, the lambda step 5 then used.
+    with open(os.path.join(checkpoint, SCHEDULE_STATE_FILE)) as f:
+        saved = json.load(f)
+    assert saved["step"] == 4
+    assert saved["warm_started"] is True
+    assert saved["p_ema"] == pytest.approx(full[4]["ema_token_prob"], rel=1e-9)
+    assert saved["objective_lambda"] == pytest.approx(full[5]["objective_lambda"], rel=1e-9)
+
+    resumed = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, **RESUME)
+    begin = _RecordBegin(resumed)
+    resumed.add_callback(begin)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert begin.p_ema == saved["p_ema"]  # restored, not re-measured by a second warm start
+    logged = step_logs(resumed)
+    assert sorted(logged) == list(range(1, 9))  # steps 1-4 come back from the checkpoint's trainer_state.json
+    again = {step: entry for step, entry in logged.items() if step > 4}
+    for step in again:
+        for key in SCHEDULE_KEYS:
+            assert again[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_resume_without_the_state_file_warns_and_restarts_the_schedule(tmp_path, uninterrupted, shipped_tokenizer, caplog):
+    full = step_logs(uninterrupted)
+    checkpoint = str(tmp_path / "checkpoint-4")
+    shutil.copytree(os.path.join(uninterrupted.args.output_dir, "checkpoint-4"), checkpoint)
+    os.remove(os.path.join(checkpoint, SCHEDULE_STATE_FILE))
+
+    resumed = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, **RESUME)
+    with caplog.at_level(logging.WARNING, logger="trl_prob.trainer"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+    assert any(SCHEDULE_STATE_FILE in record.getMessage() for record in caplog.records)
+
+    again = step_logs(resumed)
+    # The model, data order and step-5 statistic are the checkpoint's; only the schedule state was lost: the EMA
+    # restarts from a fresh warm start instead of continuing, so the trajectory departs from the uninterrupted one.
+    assert again[5]["mean_token_prob"] == pytest.approx(full[5]["mean_token_prob"], rel=1e-5)
+    assert again[5]["ema_token_prob"] != pytest.approx(full[5]["ema_token_prob"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ gradient accumulation
+
+
+class RecordingTrainer(ProbSFTTrainer):
+    """Records (completed optimizer steps, lambda) at every training compute_loss call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[int, float]] = []
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training:
+            self.calls.append((self.state.global_step, self.objective_lambda))
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "adaptive"])
+def test_lambda_is_constant_within_an_optimizer_step_under_accumulation(tmp_path, shipped_tokenizer, schedule):
+    accumulation, steps = 3, 4
+    extra = (
+        dict(schedule_warmup_ratio=1.0)
+        if schedule == "linear"
+        else dict(schedule_p_low=0.55, schedule_p_high=0.85, schedule_ema_decay=0.5, schedule_warm_start_samples=16)
+    )
+    trainer = make_trainer(
+        tmp_path,
+        shipped_model(),
+        shipped_tokenizer,
+        trainer_class=RecordingTrainer,
+        objective="p",
+        objective_schedule=schedule,
+        gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        **extra,
+    )
+    trainer.train()
+
+    by_step = defaultdict(list)
+    for step, lam in trainer.calls:
+        by_step[step].append(lam)
+    assert sorted(by_step) == list(range(steps))
+    assert all(len(values) == accumulation for values in by_step.values()), dict(by_step)
+    for values in by_step.values():
+        assert len(set(values)) == 1, values  # never updated inside a step
+    per_step = [by_step[s][0] for s in range(steps)]
+    assert all(a != b for a, b in zip(per_step, per_step[1:])), per_step  # updated between steps
+
+    # The value used in step s + 1 is the one logged for it (one log entry and one EMA update per optimizer step).
+    logs = step_logs(trainer)
+    assert [logs[s + 1]["objective_lambda"] for s in range(steps)] == pytest.approx(per_step, abs=1e-12)
+    if schedule == "linear":
+        assert per_step == pytest.approx([s / steps for s in range(steps)])
+    else:
+        # lambda(s + 1) from the EMA logged at step s, through the configured band
+        expected = [min(1.0, max(0.0, (logs[s]["ema_token_prob"] - 0.55) / 0.30)) for s in range(1, steps)]
+        assert per_step[1:] == pytest.approx(expected, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------- adaptive
+
+
+def test_adaptive_follows_capability(tmp_path, shipped_tokenizer, tokenizer):
+    common = dict(objective="p", objective_schedule="adaptive", max_steps=6, schedule_warm_start_samples=32)
+
+    strong = make_trainer(tmp_path / "strong", shipped_model(), shipped_tokenizer, **common)
+    strong.train()
+    strong_logs = step_logs(strong).values()
+    strong_lambdas = [e["objective_lambda"] for e in strong_logs]
+    assert sum(strong_lambdas) / len(strong_lambdas) > 0.9, strong_lambdas
+    assert all(e["ema_token_prob"] > strong.args.schedule_p_low for e in strong_logs)
+
+    weak = make_trainer(tmp_path / "weak", random_tiny_llama(seed=0), tokenizer, **common)
+    weak.train()
+    weak_logs = step_logs(weak).values()
+    weak_lambdas = [e["objective_lambda"] for e in weak_logs]
+    assert sum(weak_lambdas) / len(weak_lambdas) < 0.05, weak_lambdas
+    assert all(e["ema_token_prob"] < weak.args.schedule_p_low for e in weak_logs)
+
+
+def full_logits_mean_p(trainer, num_samples: int) -> float:
+    """Mean target-token p from full logits (log_softmax + gather) on TRL's own batches and labels."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader(trainer.train_dataset.select(range(num_samples))):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            log_p = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+            total += log_p[mask].exp().sum().item()
+            count += int(mask.sum())
+    model.train(was_training)
+    return total / count
+
+
+def test_warm_start_measures_the_base_model(tmp_path, shipped_tokenizer):
+    n, decay = 24, 0.8
+    dataset = addition_dataset(64, noise=0.2, seed=5)
+    trainer = make_trainer(
+        tmp_path,
+        shipped_model(),
+        shipped_tokenizer,
+        dataset=dataset,
+        objective="power:4",
+        objective_schedule="adaptive",
+        schedule_warm_start_samples=n,
+        schedule_ema_decay=decay,
+        max_steps=2,
+        # SFTConfig defaults to bf16=True: on CPU, once train() has prepared the model, its forward (the warm start
+        # included) runs under bf16 autocast, which moves p by ~1e-4 against these fp32 references.
+        bf16=False,
+    )
+    # Probes of the base model, before any step: fused head, full logits on TRL's batches, and the embedded
+    # module's own tokenisation of the raw rows.
+    probe = trainer.measure_token_probs(num_samples=n, progress=False).mean_p
+    reference = full_logits_mean_p(trainer, n)
+    independent = mean_target_probability(trainer.model, shipped_tokenizer, dataset.select(range(n)))
+    assert probe == pytest.approx(reference, abs=1e-4)
+    assert independent == pytest.approx(reference, abs=1e-4)
+
+    begin = _RecordBegin(trainer)
+    trainer.add_callback(begin)
+    trainer.train()
+    assert begin.p_ema == pytest.approx(reference, abs=1e-4)
+    assert begin.objective_lambda == pytest.approx(
+        min(1.0, max(0.0, (reference - 0.30) / 0.25)), abs=1e-3
+    )  # the step-1 lambda already uses the warm start
+    logs = step_logs(trainer)
+    assert logs[1]["objective_lambda"] == begin.objective_lambda
+    # the first logged EMA continues from the warm start rather than replacing it
+    assert logs[1]["ema_token_prob"] == pytest.approx(
+        decay * begin.p_ema + (1 - decay) * logs[1]["mean_token_prob"], rel=1e-9
+    )
+
+
+# ------------------------------------------------------------------------------------------ warm-up / exponent
+
+
+@pytest.mark.parametrize(
+    "schedule, mode, objective, ratio",
+    [("linear", "blend", "p", 0.5), ("cosine", "blend", "p", 0.5), ("linear", "exponent", "power:4", 0.5)],
+)
+def test_warmup_schedule_logs(tmp_path, tokenizer, schedule, mode, objective, ratio):
+    steps = 6
+    trainer = make_trainer(
+        tmp_path,
+        random_tiny_llama(seed=0),
+        tokenizer,
+        objective=objective,
+        objective_schedule=schedule,
+        schedule_mode=mode,
+        schedule_warmup_ratio=ratio,
+        max_steps=steps,
+    )
+    trainer.train()
+    logs = step_logs(trainer)
+    assert sorted(logs) == list(range(1, steps + 1))
+    warmup_steps = ratio * steps
+    for step, entry in logs.items():
+        # the lambda used in step s was set after s - 1 completed steps
+        progress = min(1.0, (step - 1) / warmup_steps)
+        expected = progress if schedule == "linear" else 0.5 * (1 - math.cos(math.pi * progress))
+        assert entry["objective_lambda"] == pytest.approx(expected, abs=1e-12), step
+        assert entry["objective_lambda"] == pytest.approx(warmup_lambda(step - 1, steps, ratio, schedule))
+        if mode == "exponent":
+            assert entry["objective_exponent"] == pytest.approx(entry["objective_lambda"] * 4, abs=1e-12)
+        else:
+            assert "objective_exponent" not in entry
+            # the loss TRL reports is the blend with that same lambda: (1 - lam) NLL + lam (1 - p), token means
+            lam = entry["objective_lambda"]
+            blend = (1 - lam) * entry["nll"] + lam * (1 - entry["mean_token_prob"])
+            assert entry["loss"] == pytest.approx(blend, rel=1e-4)
+    # lambda = 0 at step 1: pure NLL whatever the mode
+    assert logs[1]["loss"] == pytest.approx(logs[1]["nll"], rel=1e-4)
+    assert logs[steps]["objective_lambda"] == 1.0
