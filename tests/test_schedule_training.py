@@ -316,3 +316,67 @@ def test_warmup_schedule_logs(tmp_path, tokenizer, schedule, mode, objective, ra
     # lambda = 0 at step 1: pure NLL whatever the mode
     assert logs[1]["loss"] == pytest.approx(logs[1]["nll"], rel=1e-4)
     assert logs[steps]["objective_lambda"] == 1.0
+
+
+# ------------------------------------------------------------------------------- resume=True, monotone, statistic
+
+
+def test_resume_from_last_checkpoint_with_true(tmp_path, uninterrupted, shipped_tokenizer):
+    full = step_logs(uninterrupted)
+    output_dir = tmp_path / "run"
+    shutil.copytree(os.path.join(uninterrupted.args.output_dir, "checkpoint-4"), output_dir / "checkpoint-4")
+    resumed = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, **RESUME)
+    assert resumed.args.output_dir == str(output_dir)
+    resumed.train(resume_from_checkpoint=True)
+    again = step_logs(resumed)
+    for step in range(5, 9):
+        for key in SCHEDULE_KEYS:
+            assert again[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_monotone_lambda_never_decreases_in_training(tmp_path, uninterrupted, shipped_tokenizer):
+    free = [entry["objective_lambda"] for _, entry in sorted(step_logs(uninterrupted).items())]
+    assert any(b < a for a, b in zip(free, free[1:])), free  # the free schedule does fall on this run
+    overrides = {**RESUME, "save_strategy": "no", "schedule_monotone": True}
+    trainer = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, **overrides)
+    trainer.train()
+    logs = [entry for _, entry in sorted(step_logs(trainer).items())]
+    held = [entry["objective_lambda"] for entry in logs]
+    assert all(b >= a for a, b in zip(held, held[1:])), held
+    # each step's lambda is the max of the previous one and what the EMA logged one step earlier asks for
+    held_back = 0
+    for previous, entry in zip(logs, logs[1:]):
+        band = min(1.0, max(0.0, (previous["ema_token_prob"] - 0.55) / 0.30))
+        assert entry["objective_lambda"] == pytest.approx(max(previous["objective_lambda"], band), abs=1e-9)
+        held_back += band < previous["objective_lambda"] - 1e-6
+    assert held_back > 0  # the monotone rule did act on this run
+
+
+@pytest.mark.parametrize(
+    "statistic, key", [("mean", "mean_token_prob"), ("median", "median_token_prob"), ("share_confident", "confident_token_share")]
+)
+def test_ema_follows_the_configured_statistic(tmp_path, shipped_tokenizer, statistic, key):
+    decay = 0.6
+    trainer = make_trainer(
+        tmp_path,
+        shipped_model(),
+        shipped_tokenizer,
+        objective="p",
+        objective_schedule="adaptive",
+        schedule_statistic=statistic,
+        schedule_ema_decay=decay,
+        schedule_warm_start_samples=16,
+        max_steps=4,
+    )
+    begin = _RecordBegin(trainer)
+    trainer.add_callback(begin)
+    trainer.train()
+    logs = [entry for _, entry in sorted(step_logs(trainer).items())]
+    assert all(key in entry for entry in logs)
+    for other in {"median_token_prob", "confident_token_share"} - {key}:
+        assert all(other not in entry for entry in logs)
+    ema = begin.p_ema
+    assert ema is not None and 0.0 <= ema <= 1.0
+    for entry in logs:
+        ema = decay * ema + (1 - decay) * entry[key]
+        assert entry["ema_token_prob"] == pytest.approx(ema, rel=1e-9, abs=1e-12)
