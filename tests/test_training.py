@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from conftest import addition_dataset, base_args
-from test_gradients import completion_mask
+from test_gradients import completion_mask, reference_loss
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
 from trl_prob.embedded import default_model_path, random_tiny_llama
 
@@ -110,6 +110,10 @@ def test_training_run_logs_metrics_that_match_the_model(tmp_path, tokenizer, spe
     p = log_p.exp()
     assert logs[0]["mean_token_prob"] == pytest.approx(p.mean().item(), rel=1e-5)
     assert logs[0]["nll"] == pytest.approx((-log_p).mean().item(), rel=1e-5)
+    # The logged step-1 loss is the objective of that batch, with the paper's normaliser (kept tokens if thresholded).
+    with torch.no_grad():
+        want_loss, _, _ = reference_loss(before, batch, spec, tokenizer)
+    assert logs[0]["loss"] == pytest.approx(want_loss.item(), rel=1e-5, abs=1e-7)
     # The shipped model is good at the task: p is far from tiny, so p-based objectives have a real gradient.
     assert p.mean().item() > 0.3
     if thresholded:
@@ -284,20 +288,33 @@ def launch(out, objective, schedule, per_device_batch, num_processes):
         return json.load(f)
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
-    one = launch(tmp_path / "one.json", "p", "adaptive", 4, num_processes=1)
-    two = launch(tmp_path / "two.json", "p", "adaptive", 2, num_processes=2)
+@pytest.mark.parametrize(
+    "objective, schedule",
+    # adaptive p: the step statistics and lambda are all-reduced; top_p: the kept-token normaliser is all-reduced.
+    [("p", "adaptive"), ("top_p:0.6", "none")],
+    ids=["adaptive-p", "top_p"],
+)
+def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule):
+    one = launch(tmp_path / "one.json", objective, schedule, 4, num_processes=1)
+    two = launch(tmp_path / "two.json", objective, schedule, 2, num_processes=2)
     assert one["world_size"] == 1 and two["world_size"] == 2
 
-    # Same global batch: the same samples in the same order, split across the two ranks.
-    assert sorted(two["first_batch_ids"]) == sorted(one["first_batch_ids"])
+    # Same global batch: the same samples, split across the two ranks (rank 0 then rank 1).
+    assert two["first_batch_ids"] == one["first_batch_ids"]
 
     one_logs, two_logs = one["logs"], two["logs"]
     assert len(one_logs) == len(two_logs) == one["max_steps"]
-    lambdas = [entry["objective_lambda"] for entry in one_logs]
-    assert any(0.0 < lam < 1.0 for lam in lambdas), f"lambda should be strictly inside (0, 1): {lambdas}"
+    keys = ["loss", "mean_token_prob", "nll", "grad_norm"]
+    if schedule == "adaptive":
+        keys += ["objective_lambda", "ema_token_prob"]
+        lambdas = [entry["objective_lambda"] for entry in one_logs]
+        assert any(0.0 < lam < 1.0 for lam in lambdas), f"lambda should be strictly inside (0, 1): {lambdas}"
+    else:
+        keys += ["kept_token_fraction"]
+        fractions = [entry["kept_token_fraction"] for entry in one_logs]
+        assert all(0.0 < f < 1.0 for f in fractions), f"threshold should keep some tokens and drop others: {fractions}"
     for a, b in zip(one_logs, two_logs):
-        for key in ("loss", "mean_token_prob", "nll", "objective_lambda", "ema_token_prob", "grad_norm"):
+        for key in keys:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
     w1, w2 = torch.tensor(one["weights"]), torch.tensor(two["weights"])
     torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-5)
