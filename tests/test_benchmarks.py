@@ -1,0 +1,80 @@
+"""benchmarks/continuum.py: model selection on validation only, the verdicts, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def continuum():
+    # Imported by name from sys.path (not from a file spec): the benchmark's spawned workers re-import it by name.
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        yield importlib.import_module("continuum")
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+
+def _run(obj, lr, seed, val, test, base="strong", noise=0.2):
+    return dict(base=base, noise=noise, objective=obj, lr=lr, seed=seed, val_acc=val, test_acc=test,
+                lambda_path=[0.0, 0.5, 1.0] if obj == "adaptive" else None)
+
+
+def test_learning_rate_is_chosen_on_validation_never_on_test(continuum):
+    # lr 1e-3 wins on validation but loses on test: the row must report lr 1e-3 and its own test scores.
+    runs = [_run("nll", 1e-3, s, val=0.6, test=t) for s, t in [(0, 0.30), (1, 0.40)]]
+    runs += [_run("nll", 3e-4, s, val=0.5, test=0.9) for s in (0, 1)]
+    runs += [_run("adaptive", lr, s, val=0.5, test=0.5) for lr in (1e-3, 3e-4) for s in (0, 1)]
+    args = argparse.Namespace(objectives=["nll", "adaptive"], lrs=[1e-3, 3e-4])
+    info = {("strong", 0.2): dict(probe_mean_p=0.8, base_test_acc=0.7)}
+    rows, verdicts = continuum.summarise(runs, [("strong", 0.2)], args, info)
+    nll = next(r for r in rows if r["objective"] == "nll")
+    assert nll["lr"] == 1e-3
+    assert nll["test_acc_mean"] == pytest.approx(0.35)
+    assert nll["test_acc_se"] == pytest.approx(0.1 / math.sqrt(2) / math.sqrt(2))  # stdev / sqrt(n seeds)
+    ada = next(r for r in rows if r["objective"] == "adaptive")
+    assert ada["lambda_path_mean"] == [0.0, 0.5, 1.0]
+    (v,) = verdicts
+    # adaptive 0.50 vs best fixed nll 0.35: ahead of it, so within one s.e. and beating every fixed objective.
+    assert v["best_fixed"] == "nll" and v["adaptive_within_1se_of_best"] and v["adaptive_beats_every_fixed"]
+
+
+def test_verdict_flags_an_adaptive_row_behind_the_best_by_more_than_one_se(continuum):
+    runs = [_run("p", 1e-3, s, val=0.9, test=t) for s, t in [(0, 0.80), (1, 0.82)]]
+    runs += [_run("nll", 1e-3, s, val=0.5, test=t) for s, t in [(0, 0.40), (1, 0.42)]]
+    runs += [_run("adaptive", 1e-3, s, val=0.7, test=t) for s, t in [(0, 0.60), (1, 0.62)]]
+    args = argparse.Namespace(objectives=["nll", "p", "adaptive"], lrs=[1e-3])
+    info = {("strong", 0.2): dict(probe_mean_p=0.8, base_test_acc=0.7)}
+    _, (v,) = continuum.summarise(runs, [("strong", 0.2)], args, info)
+    assert v["best_fixed"] == "p" and v["worst_fixed"] == "nll"
+    assert not v["adaptive_within_1se_of_best"]
+    assert v["adaptive_ahead_of_worst"]
+    assert not v["adaptive_beats_every_fixed"]
+
+
+@pytest.mark.timeout(600)
+def test_tiny_end_to_end_run_writes_table_json_and_plot(continuum, tmp_path):
+    out = tmp_path / "continuum.json"
+    continuum.main([
+        "--bases", "none", "--objectives", "nll", "adaptive", "--lrs", "1e-3", "--seeds", "0", "--noise", "0.2",
+        "--n-train", "64", "--n-val", "16", "--n-test", "16", "--batch-size", "16", "--epochs", "1",
+        "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+    ])
+    result = json.loads(out.read_text())
+    assert {r["objective"] for r in result["summary"]} == {"nll", "adaptive"}
+    assert len(result["runs"]) == 2 and all(r["steps"] == 4 for r in result["runs"])
+    (row,) = [r for r in result["summary"] if r["objective"] == "adaptive"]
+    # A random init puts its probe far below schedule_p_low: the adaptive schedule must start at pure NLL.
+    assert row["probe_mean_p"] < 0.3
+    assert row["lambda_path_mean"][0] == 0.0
+    assert (tmp_path / "continuum.png").stat().st_size > 0
+    assert "adaptive" in result["table"]
