@@ -254,6 +254,7 @@ def hot_path(args) -> dict:
                     use_cpu=True,
                 )
                 self._objective = get_objective(self.args.objective)
+                self._uses_objective = self.args.uses_objective
                 self._schedule_state = ScheduleState(objective_lambda=0.5 if schedule != "none" else 1.0)
                 self._step_stats = None
                 self._eval_stats = None
@@ -397,6 +398,8 @@ def main(argv=None) -> None:
         "--hot-path-tokens", type=int, default=0, help="log-probs per micro-batch for --hot-path (default batch x (seq_len - 1))"
     )
     parser.add_argument("--hot-path-reps", type=int, default=50)
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True) (CPU): subnormal floats are computed as 0")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<device>.json)")
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
@@ -405,6 +408,8 @@ def main(argv=None) -> None:
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)], env)
     if not on_gpu and args.threads:
         torch.set_num_threads(args.threads)
+    if not on_gpu and args.flush_denormal:
+        torch.set_flush_denormal(True)
     warnings.filterwarnings("ignore")
     import logging
 
@@ -505,6 +510,7 @@ def main(argv=None) -> None:
             "data": f"greedy continuations of the model (head x{args.head_scale}), {args.label_noise:.0%} random tokens",
             "precision": "bf16 autocast" if on_gpu else "fp32",
             "cpu_threads": None if on_gpu else torch.get_num_threads(),
+            "flush_denormal": bool(args.flush_denormal) and not on_gpu,
             "steps_per_train_call": args.steps,
             "rounds": args.rounds,
             "time": "period between consecutive on_step_end events (first step of each train() call dropped)",
