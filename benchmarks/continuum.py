@@ -198,7 +198,9 @@ def summarise(runs, cells, args, base_info):
         for obj in args.objectives:
             by_lr = {lr: [r for r in runs if (r["base"], r["noise"], r["objective"], r["lr"]) == (b, nz, obj, lr)]
                      for lr in args.lrs}
-            best_lr = max(args.lrs, key=lambda lr: statistics.fmean(r["val_acc"] for r in by_lr[lr]))
+            # Only learning rates run with every seed compete (the finalists of successive halving).
+            complete = [lr for lr in args.lrs if len(by_lr[lr]) == len(args.seeds)]
+            best_lr = max(complete, key=lambda lr: (statistics.fmean(r["val_acc"] for r in by_lr[lr]), -lr))
             chosen = by_lr[best_lr]
             m, se = mean_se([r["test_acc"] for r in chosen])
             row = dict(base=b, noise=nz, objective=obj, lr=best_lr, test_acc_mean=m, test_acc_se=se,
@@ -334,6 +336,9 @@ def main(argv=None):
     ap.add_argument("--base-seed", type=int, default=0)
     ap.add_argument("--pretrain-steps", type=int, default=3000)
     ap.add_argument("--check-every", type=int, default=25)
+    ap.add_argument("--finalists", type=int, default=2,
+                    help="learning rates per (base, noise, objective) that get the remaining seeds after a first "
+                         "round with one seed (0: every learning rate with every seed)")
     ap.add_argument("--workers", type=int, default=2, help="SFT runs in parallel (one CPU thread each)")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "trl_prob_continuum"))
     ap.add_argument("--out", default=None, help="JSON path (PNG beside it)")
@@ -345,7 +350,7 @@ def main(argv=None):
         return
     args.noise = args.noise or ([0.2] if args.quick else [0.2, 0.0, 0.4])
     args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
-    args.lrs = args.lrs or ([3e-4, 1e-3] if args.quick else [3e-4, 1e-3, 3e-3])
+    args.lrs = args.lrs or ([3e-4, 1e-3] if args.quick else [1e-4, 3e-4, 1e-3, 3e-3])
     args.out = args.out or os.path.join(HERE, "results", "continuum_quick.json" if args.quick else "continuum.json")
     unknown = [b for b in args.bases if b not in BASE_TARGETS]
     if unknown:
@@ -381,19 +386,37 @@ def main(argv=None):
               f"test acc {base_info[(b, nz)]['base_test_acc']:.3f}", flush=True)
         for obj in args.objectives:
             for lr in args.lrs:
-                for seed in args.seeds:
-                    jobs.append(dict(base=b, noise=nz, objective=obj, lr=lr, seed=seed, data=path,
-                                     base_dir=os.path.join(cache, b), batch_size=args.batch_size, epochs=args.epochs))
+                jobs.append(dict(base=b, noise=nz, objective=obj, lr=lr, data=path, base_dir=os.path.join(cache, b),
+                                 batch_size=args.batch_size, epochs=args.epochs))
 
+    # Successive halving: every learning rate with the first seed, then the other seeds for the `--finalists`
+    # learning rates with the best validation accuracy in each (base, noise, objective). The winner among the
+    # finalists is then chosen on validation accuracy averaged over all seeds.
+    finalists = args.finalists or len(args.lrs)
+    rounds = [[dict(job, seed=args.seeds[0]) for job in jobs]]
     runs = []
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers, initializer=_init_worker, initargs=(1, val, test)) as pool:
-        for r in pool.imap_unordered(run_one, jobs):
-            runs.append(r)
-            lam = f" lambda {r['lambda_path'][0]:.2f}->{r['lambda_path'][-1]:.2f}" if r["lambda_path"] else ""
-            print(f"  [{len(runs):3d}/{len(jobs)}] {r['base']:8s} nz={r['noise']:.1f} {r['objective']:10s} "
-                  f"lr={r['lr']:.0e} seed={r['seed']}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} "
-                  f"({r['seconds']:.1f}s){lam}", flush=True)
+        for round_index in range(2):
+            if round_index == 1:
+                if len(args.seeds) == 1:
+                    break
+                chosen = set()
+                for b, nz in cells:
+                    for obj in args.objectives:
+                        first = [r for r in runs if (r["base"], r["noise"], r["objective"]) == (b, nz, obj)]
+                        first.sort(key=lambda r: (-r["val_acc"], r["lr"]))
+                        chosen |= {(b, nz, obj, r["lr"]) for r in first[:finalists]}
+                rounds.append([dict(job, seed=seed) for job in jobs for seed in args.seeds[1:]
+                               if (job["base"], job["noise"], job["objective"], job["lr"]) in chosen])
+            total = sum(len(r) for r in rounds) if round_index == 1 else len(rounds[0]) + (
+                len(cells) * len(args.objectives) * min(finalists, len(args.lrs)) * (len(args.seeds) - 1))
+            for r in pool.imap_unordered(run_one, rounds[round_index]):
+                runs.append(r)
+                lam = f" lambda {r['lambda_path'][0]:.2f}->{r['lambda_path'][-1]:.2f}" if r["lambda_path"] else ""
+                print(f"  [{len(runs):3d}/{total}] {r['base']:8s} nz={r['noise']:.1f} {r['objective']:10s} "
+                      f"lr={r['lr']:.0e} seed={r['seed']}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} "
+                      f"({r['seconds']:.1f}s){lam}", flush=True)
 
     rows, verdicts = summarise(runs, cells, args, base_info)
     total = time.time() - t_start

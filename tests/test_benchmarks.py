@@ -34,7 +34,7 @@ def test_learning_rate_is_chosen_on_validation_never_on_test(continuum):
     runs = [_run("nll", 1e-3, s, val=0.6, test=t) for s, t in [(0, 0.30), (1, 0.40)]]
     runs += [_run("nll", 3e-4, s, val=0.5, test=0.9) for s in (0, 1)]
     runs += [_run("adaptive", lr, s, val=0.5, test=0.5) for lr in (1e-3, 3e-4) for s in (0, 1)]
-    args = argparse.Namespace(objectives=["nll", "adaptive"], lrs=[1e-3, 3e-4])
+    args = argparse.Namespace(objectives=["nll", "adaptive"], lrs=[1e-3, 3e-4], seeds=[0, 1])
     info = {("strong", 0.2): dict(probe_mean_p=0.8, base_test_acc=0.7)}
     rows, verdicts = continuum.summarise(runs, [("strong", 0.2)], args, info)
     nll = next(r for r in rows if r["objective"] == "nll")
@@ -48,11 +48,21 @@ def test_learning_rate_is_chosen_on_validation_never_on_test(continuum):
     assert v["best_fixed"] == "nll" and v["adaptive_within_1se_of_best"] and v["adaptive_beats_every_fixed"]
 
 
+def test_a_learning_rate_run_with_the_first_seed_only_cannot_win(continuum):
+    # Successive halving: lr 3e-3 was dropped after the first seed (no seed 1), however good that one run was.
+    runs = [_run("nll", 3e-3, 0, val=0.99, test=0.99)]
+    runs += [_run("nll", lr, s, val=v, test=v) for lr, v in [(1e-3, 0.5), (3e-4, 0.6)] for s in (0, 1)]
+    args = argparse.Namespace(objectives=["nll"], lrs=[3e-3, 1e-3, 3e-4], seeds=[0, 1])
+    info = {("strong", 0.2): dict(probe_mean_p=0.8, base_test_acc=0.7)}
+    (row,), _ = continuum.summarise(runs, [("strong", 0.2)], args, info)
+    assert row["lr"] == 3e-4 and row["test_acc_mean"] == pytest.approx(0.6)
+
+
 def test_verdict_flags_an_adaptive_row_behind_the_best_by_more_than_one_se(continuum):
     runs = [_run("p", 1e-3, s, val=0.9, test=t) for s, t in [(0, 0.80), (1, 0.82)]]
     runs += [_run("nll", 1e-3, s, val=0.5, test=t) for s, t in [(0, 0.40), (1, 0.42)]]
     runs += [_run("adaptive", 1e-3, s, val=0.7, test=t) for s, t in [(0, 0.60), (1, 0.62)]]
-    args = argparse.Namespace(objectives=["nll", "p", "adaptive"], lrs=[1e-3])
+    args = argparse.Namespace(objectives=["nll", "p", "adaptive"], lrs=[1e-3], seeds=[0, 1])
     info = {("strong", 0.2): dict(probe_mean_p=0.8, base_test_acc=0.7)}
     _, (v,) = continuum.summarise(runs, [("strong", 0.2)], args, info)
     assert v["best_fixed"] == "p" and v["worst_fixed"] == "nll"
@@ -65,14 +75,24 @@ def test_verdict_flags_an_adaptive_row_behind_the_best_by_more_than_one_se(conti
 def test_tiny_end_to_end_run_writes_table_json_and_plot(continuum, tmp_path):
     out = tmp_path / "continuum.json"
     continuum.main([
-        "--bases", "none", "--objectives", "nll", "adaptive", "--lrs", "1e-3", "--seeds", "0", "--noise", "0.2",
+        "--bases", "none", "--objectives", "nll", "adaptive", "--lrs", "1e-3", "3e-3", "--seeds", "0", "1",
+        "--finalists", "1", "--noise", "0.2",
         "--n-train", "64", "--n-val", "16", "--n-test", "16", "--batch-size", "16", "--epochs", "1",
         "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
     ])
     result = json.loads(out.read_text())
     assert {r["objective"] for r in result["summary"]} == {"nll", "adaptive"}
-    assert len(result["runs"]) == 2 and all(r["steps"] == 4 for r in result["runs"])
-    (row,) = [r for r in result["summary"] if r["objective"] == "adaptive"]
+    # Successive halving: 2 objectives x 2 learning rates with seed 0, then seed 1 for 1 finalist each.
+    assert len(result["runs"]) == 6 and all(r["steps"] == 4 for r in result["runs"])
+    for obj in ("nll", "adaptive"):
+        seeds_by_lr = {}
+        for r in result["runs"]:
+            if r["objective"] == obj:
+                seeds_by_lr.setdefault(r["lr"], []).append(r["seed"])
+        assert sorted(sorted(v) for v in seeds_by_lr.values()) == [[0], [0, 1]]
+        (row,) = [r for r in result["summary"] if r["objective"] == obj]
+        assert sorted(seeds_by_lr[row["lr"]]) == [0, 1]
+    row = next(r for r in result["summary"] if r["objective"] == "adaptive")
     # A random init puts its probe far below schedule_p_low: the adaptive schedule must start at pure NLL.
     assert row["probe_mean_p"] < 0.3
     assert row["lambda_path_mean"][0] == 0.0
