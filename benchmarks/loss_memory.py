@@ -160,10 +160,8 @@ class _TrainerStandIn:
                     report_to="none",
                     use_cpu=not torch.cuda.is_available(),
                 )
-                self._objective = get_objective(self.args.objective)
+                self._init_objective_state(self.args)
                 self._schedule_state = ScheduleState(objective_lambda=lam)
-                self._step_stats = None
-                self._eval_stats = None
                 self._in_compute_loss = True
 
         return StandIn()
@@ -482,6 +480,8 @@ def main(argv=None) -> None:
     parser.add_argument("--target", type=float, default=1.10)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/loss_memory_<device>.json)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True) (CPU): subnormal floats are computed as 0")
     args = parser.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
@@ -492,6 +492,8 @@ def main(argv=None) -> None:
         args.warmup = 2 if on_gpu else 1
     if args.threads and not on_gpu:
         torch.set_num_threads(args.threads)
+    if args.flush_denormal and not on_gpu:
+        torch.set_flush_denormal(True)
 
     if not on_gpu and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
         # glibc reads it at start-up only: re-execute with it (see "How memory is measured")
@@ -518,6 +520,7 @@ def main(argv=None) -> None:
             "lambda": args.lam,
             "repeats": args.repeats,
             "cpu_threads": None if on_gpu else torch.get_num_threads(),
+            "flush_denormal": bool(args.flush_denormal) and not on_gpu,
             "warmup": args.warmup,
             "torch": torch.__version__,
             "trl": trl.__version__,

@@ -253,11 +253,8 @@ def hot_path(args) -> dict:
                     report_to="none",
                     use_cpu=True,
                 )
-                self._objective = get_objective(self.args.objective)
-                self._uses_objective = self.args.uses_objective
+                self._init_objective_state(self.args)
                 self._schedule_state = ScheduleState(objective_lambda=0.5 if schedule != "none" else 1.0)
-                self._step_stats = None
-                self._eval_stats = None
                 self._metrics = {"train": _DefaultList(), "eval": _DefaultList()}
                 self.state = _State()
 

@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -98,3 +99,37 @@ def test_tiny_end_to_end_run_writes_table_json_and_plot(continuum, tmp_path):
     assert row["lambda_path_mean"][0] == 0.0
     assert (tmp_path / "continuum.png").stat().st_size > 0
     assert "adaptive" in result["table"]
+
+
+# The cost benchmarks re-execute themselves (glibc reads MALLOC_MMAP_THRESHOLD_ at start-up only), so they run as
+# subprocesses here, at toy sizes: these tests check that they still drive trl-prob's current code (a stand-in that
+# drifted from the mixin once broke both), not their numbers.
+def _run_script(args, tmp_path, timeout=300):
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_loss_memory_benchmark_runs_every_case_kind(tmp_path):
+    result = _run_script([
+        "benchmarks/loss_memory.py", "--config", "512x32x64", "--case", "trl:nll", "--case", "prob:p",
+        "--case", "prob:top_p:0.2", "--case", "prob:power:10+adaptive", "--case", "paper:p", "--repeats", "1",
+        "--warmup", "0", "--loss-reps", "2", "--no-plot", "--flush-denormal",
+    ], tmp_path)
+    assert result["meta"]["flush_denormal"] is True
+    text = json.dumps(result)
+    for case in ("trl:nll", "prob:p", "prob:top_p:0.2", "prob:power:10+adaptive", "paper:p"):
+        assert case in text
+
+
+def test_train_step_benchmark_runs_with_hot_path(tmp_path):
+    result = _run_script([
+        "benchmarks/train_step.py", "--vocab", "256", "--hidden", "32", "--layers", "1", "--seq-len", "16",
+        "--batch-size", "2", "--grad-accum", "1", "--steps", "2", "--rounds", "1", "--warm-start-samples", "2",
+        "--case", "trl:nll", "--case", "prob:top_p:0.2", "--case", "prob:power:10+adaptive",
+        "--hot-path", "--hot-path-reps", "2",
+    ], tmp_path)
+    assert {"meta", "cases", "hot_path"} <= set(result)
+    assert "prob:top_p:0.2" in json.dumps(result["hot_path"])

@@ -82,14 +82,7 @@ class ProbObjectiveMixin:
                 "the other."
             )
 
-        self._objective = get_objective(config.objective)
-        self._schedule_state = ScheduleState(objective_lambda=1.0 if config.objective_schedule == "none" else 0.0)
-        self._restored_schedule = False
-        self._step_stats: TokenProbStats | None = None
-        self._eval_stats: TokenProbStats | None = None
-        self._in_compute_loss = False
-        self._uses_objective = config.uses_objective
-
+        self._init_objective_state(config)
         super().__init__(*args, **kwargs)
 
         parallelism = self.accelerator.parallelism_config
@@ -100,6 +93,16 @@ class ProbObjectiveMixin:
             )
         self._wrap_fused_forward(_unwrap_peft(self.model))
         self.add_callback(_StepBoundary(self))
+
+    def _init_objective_state(self, config: ProbSFTConfig) -> None:
+        """The mixin's own state; also used by the benchmarks' trainer-less stand-ins, so they cannot drift."""
+        self._objective = get_objective(config.objective)
+        self._schedule_state = ScheduleState(objective_lambda=1.0 if config.objective_schedule == "none" else 0.0)
+        self._restored_schedule = False
+        self._step_stats: TokenProbStats | None = None
+        self._eval_stats: TokenProbStats | None = None
+        self._in_compute_loss = False
+        self._uses_objective = config.uses_objective
 
     # ----------------------------------------------------------------------------------------- the loss
 
