@@ -80,3 +80,21 @@ def test_all_reduce_without_process_group_is_a_no_op():
     before = stats.sums.clone()
     assert stats.all_reduce() is stats
     torch.testing.assert_close(stats.sums, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the transfer only exists with a device (CPU: same tensor)")
+def test_to_host_moves_the_sums_off_the_device():
+    log_p, mask = _random_log_p(seed=5)
+    stats = TokenProbStats.of(log_p.cuda(), mask.cuda())
+    host = stats.to_host()
+    assert host.sums.device.type == "cpu"
+    torch.testing.assert_close(host.sums, stats.sums.cpu())
+
+
+def test_statistics_read_from_the_host_equal_those_read_in_place():
+    log_p, mask = _random_log_p(seed=5)
+    stats = TokenProbStats.of(log_p, mask, keep=log_p > math.log(0.2))
+    host = stats.to_host()
+    assert host.sums.device.type == "cpu"
+    for name in ("num_tokens", "mean_p", "nll", "share_confident", "kept_fraction", "median_p"):
+        assert getattr(host, name) == getattr(stats, name)

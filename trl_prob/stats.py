@@ -53,6 +53,10 @@ class TokenProbStats:
             torch.distributed.all_reduce(self.sums, op=torch.distributed.ReduceOp.SUM)
         return self
 
+    def to_host(self) -> TokenProbStats:
+        """The sums on the host: one device-to-host transfer (none on CPU), after which no statistic syncs."""
+        return TokenProbStats(self.sums.detach().cpu())
+
     @property
     def num_tokens(self) -> int:
         return int(self.sums[_COUNT].item())

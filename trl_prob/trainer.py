@@ -210,7 +210,7 @@ class ProbObjectiveMixin:
         args, state = self.args, self._schedule_state
         stats = self._step_stats if self._step_stats is not None else TokenProbStats.zeros(args.device)
         self._step_stats = None
-        stats.all_reduce()
+        stats = stats.all_reduce().to_host()  # one sync per optimizer step, however many statistics are read
 
         metrics = self._metrics["train"]
         metrics["mean_token_prob"].append(stats.mean_p)
