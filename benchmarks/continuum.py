@@ -53,6 +53,19 @@ def _quiet():
     datasets.utils.logging.set_verbosity_error()
 
 
+def _config_option(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` for ProbSFTConfig; the value is read as JSON when it parses (numbers, true/false)."""
+    from trl_prob import ProbSFTConfig
+
+    field, sep, value = text.partition("=")
+    if not sep or field not in ProbSFTConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a ProbSFTConfig field, got {text!r}")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
+
+
 def make_splits(args):
     from trl_prob.embedded import make_addition_examples
 
@@ -129,7 +142,10 @@ def run_one(job):
     tok, val, test = _WORKER["tok"], _WORKER["val"], _WORKER["test"]
     t0 = time.time()
     objective = job["objective"]
-    kwargs = dict(objective="p", objective_schedule="adaptive") if objective == "adaptive" else dict(objective=objective)
+    if objective == "adaptive":
+        kwargs = dict(objective="p", objective_schedule="adaptive", **job["adaptive_options"])
+    else:
+        kwargs = dict(objective=objective)
     with tempfile.TemporaryDirectory() as out:
         config = ProbSFTConfig(
             output_dir=out,
@@ -339,11 +355,15 @@ def main(argv=None):
     ap.add_argument("--finalists", type=int, default=2,
                     help="learning rates per (base, noise, objective) that get the remaining seeds after a first "
                          "round with one seed (0: every learning rate with every seed)")
+    ap.add_argument("--adaptive-option", type=_config_option, action="append", default=[], metavar="FIELD=VALUE",
+                    help="a ProbSFTConfig field for the adaptive runs, e.g. schedule_statistic=median (repeatable; "
+                         "the table's adaptive uses the defaults)")
     ap.add_argument("--workers", type=int, default=2, help="SFT runs in parallel (one CPU thread each)")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "trl_prob_continuum"))
     ap.add_argument("--out", default=None, help="JSON path (PNG beside it)")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
+    args.adaptive_option = dict(args.adaptive_option)
     if args.plot_only:
         with open(args.plot_only) as f:
             plot(json.load(f)["summary"], args.plot_only[: -len(".json")] + ".png")
@@ -387,7 +407,8 @@ def main(argv=None):
         for obj in args.objectives:
             for lr in args.lrs:
                 jobs.append(dict(base=b, noise=nz, objective=obj, lr=lr, data=path, base_dir=os.path.join(cache, b),
-                                 batch_size=args.batch_size, epochs=args.epochs))
+                                 batch_size=args.batch_size, epochs=args.epochs,
+                                 adaptive_options=args.adaptive_option))
 
     # Successive halving: every learning rate with the first seed, then the other seeds for the `--finalists`
     # learning rates with the best validation accuracy in each (base, noise, objective). The winner among the
