@@ -77,7 +77,7 @@ def test_tiny_end_to_end_run_writes_table_json_and_plot(continuum, tmp_path):
     out = tmp_path / "continuum.json"
     continuum.main([
         "--bases", "none", "--objectives", "nll", "adaptive", "--lrs", "1e-3", "3e-3", "--seeds", "0", "1",
-        "--finalists", "1", "--noise", "0.2",
+        "--finalists", "1", "--noise", "0.2", "--adaptive-option", "schedule_ema_decay=0.5",
         "--n-train", "64", "--n-val", "16", "--n-test", "16", "--batch-size", "16", "--epochs", "1",
         "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
     ])
@@ -97,6 +97,7 @@ def test_tiny_end_to_end_run_writes_table_json_and_plot(continuum, tmp_path):
     # A random init puts its probe far below schedule_p_low: the adaptive schedule must start at pure NLL.
     assert row["probe_mean_p"] < 0.3
     assert row["lambda_path_mean"][0] == 0.0
+    assert result["setup"]["adaptive_option"] == {"schedule_ema_decay": 0.5}
     assert (tmp_path / "continuum.png").stat().st_size > 0
     assert "adaptive" in result["table"]
 
@@ -133,3 +134,10 @@ def test_train_step_benchmark_runs_with_hot_path(tmp_path):
     ], tmp_path)
     assert {"meta", "cases", "hot_path"} <= set(result)
     assert "prob:top_p:0.2" in json.dumps(result["hot_path"])
+
+
+def test_an_unknown_adaptive_option_is_refused_before_anything_runs(continuum, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        continuum.main(["--adaptive-option", "schedule_statistc=median", "--cache-dir", str(tmp_path)])
+    assert "schedule_statistc=median" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
