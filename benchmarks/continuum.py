@@ -78,8 +78,6 @@ def make_splits(args):
 
 def build_bases(tok, val, pretrain, args) -> tuple[str, dict]:
     """Pretrain once on clean data, snapshot each base the first time it reaches its target; returns (dir, info)."""
-    from transformers import LlamaForCausalLM  # noqa: F401  (save/load format)
-
     from trl_prob.embedded import exact_match_accuracy, pretrain_on_task, random_tiny_llama
 
     targets = {b: BASE_TARGETS[b] for b in args.bases}
@@ -199,6 +197,15 @@ def run_one(job):
 # ------------------------------------------------------------------------------------------------------------------
 # Summary
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def best_learning_rates(first_runs, k):
+    """{(base, noise, objective, lr)} of the k learning rates with the best validation accuracy per group."""
+    groups = {}
+    for r in first_runs:
+        groups.setdefault((r["base"], r["noise"], r["objective"]), []).append(r)
+    return {key + (r["lr"],) for key, group in groups.items()
+            for r in sorted(group, key=lambda r: (-r["val_acc"], r["lr"]))[:k]}
 
 
 def mean_se(xs):
@@ -372,9 +379,6 @@ def main(argv=None):
     args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     args.lrs = args.lrs or ([3e-4, 1e-3] if args.quick else [1e-4, 3e-4, 1e-3, 3e-3])
     args.out = args.out or os.path.join(HERE, "results", "continuum_quick.json" if args.quick else "continuum.json")
-    unknown = [b for b in args.bases if b not in BASE_TARGETS]
-    if unknown:
-        ap.error(f"unknown bases {unknown}; choose from {list(BASE_TARGETS)}")
 
     torch.set_num_threads(1)
     _quiet()
@@ -392,16 +396,17 @@ def main(argv=None):
     if "strong" in args.bases:
         cells += [("strong", nz) for nz in args.noise[1:]]
     data_dir = tempfile.mkdtemp(prefix="continuum_data_")
-    base_info, jobs = {}, []
+    base_info, base_models, base_scores, jobs = {}, {}, {}, []
     for b, nz in cells:
         rows = make_addition_examples(args.n_train, noise=nz, seed=2000 + round(nz * 100), exclude=held)
         path = os.path.join(data_dir, f"train_noise{nz}.json")
         with open(path, "w") as f:
             json.dump(rows, f)
-        base = LlamaForCausalLM.from_pretrained(os.path.join(cache, b)).eval()
-        base_info[(b, nz)] = dict(probe_mean_p=mean_target_probability(base, tok, rows),
-                                  base_val_acc=exact_match_accuracy(base, tok, val),
-                                  base_test_acc=exact_match_accuracy(base, tok, test), **pretrain_info[b])
+        if b not in base_models:  # the strong base serves several noise levels: load and score it once
+            base_models[b] = LlamaForCausalLM.from_pretrained(os.path.join(cache, b)).eval()
+            base_scores[b] = dict(base_val_acc=exact_match_accuracy(base_models[b], tok, val),
+                                  base_test_acc=exact_match_accuracy(base_models[b], tok, test), **pretrain_info[b])
+        base_info[(b, nz)] = dict(probe_mean_p=mean_target_probability(base_models[b], tok, rows), **base_scores[b])
         print(f"base {b:8s} noise {nz:.1f}: probe mean p {base_info[(b, nz)]['probe_mean_p']:.3f}, "
               f"test acc {base_info[(b, nz)]['base_test_acc']:.3f}", flush=True)
         for obj in args.objectives:
@@ -414,30 +419,23 @@ def main(argv=None):
     # learning rates with the best validation accuracy in each (base, noise, objective). The winner among the
     # finalists is then chosen on validation accuracy averaged over all seeds.
     finalists = args.finalists or len(args.lrs)
-    rounds = [[dict(job, seed=args.seeds[0]) for job in jobs]]
+    planned = len(jobs) + len(jobs) // len(args.lrs) * min(finalists, len(args.lrs)) * (len(args.seeds) - 1)
     runs = []
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(args.workers, initializer=_init_worker, initargs=(1, val, test)) as pool:
-        for round_index in range(2):
-            if round_index == 1:
-                if len(args.seeds) == 1:
-                    break
-                chosen = set()
-                for b, nz in cells:
-                    for obj in args.objectives:
-                        first = [r for r in runs if (r["base"], r["noise"], r["objective"]) == (b, nz, obj)]
-                        first.sort(key=lambda r: (-r["val_acc"], r["lr"]))
-                        chosen |= {(b, nz, obj, r["lr"]) for r in first[:finalists]}
-                rounds.append([dict(job, seed=seed) for job in jobs for seed in args.seeds[1:]
-                               if (job["base"], job["noise"], job["objective"], job["lr"]) in chosen])
-            total = sum(len(r) for r in rounds) if round_index == 1 else len(rounds[0]) + (
-                len(cells) * len(args.objectives) * min(finalists, len(args.lrs)) * (len(args.seeds) - 1))
-            for r in pool.imap_unordered(run_one, rounds[round_index]):
-                runs.append(r)
-                lam = f" lambda {r['lambda_path'][0]:.2f}->{r['lambda_path'][-1]:.2f}" if r["lambda_path"] else ""
-                print(f"  [{len(runs):3d}/{total}] {r['base']:8s} nz={r['noise']:.1f} {r['objective']:10s} "
-                      f"lr={r['lr']:.0e} seed={r['seed']}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} "
-                      f"({r['seconds']:.1f}s){lam}", flush=True)
+
+    def run_round(pool, batch):
+        for r in pool.imap_unordered(run_one, batch):
+            runs.append(r)
+            lam = f" lambda {r['lambda_path'][0]:.2f}->{r['lambda_path'][-1]:.2f}" if r["lambda_path"] else ""
+            print(f"  [{len(runs):3d}/{planned}] {r['base']:8s} nz={r['noise']:.1f} {r['objective']:10s} "
+                  f"lr={r['lr']:.0e} seed={r['seed']}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} "
+                  f"({r['seconds']:.1f}s){lam}", flush=True)
+
+    with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(1, val, test)) as pool:
+        run_round(pool, [dict(job, seed=args.seeds[0]) for job in jobs])
+        if len(args.seeds) > 1:
+            chosen = best_learning_rates(runs, finalists)
+            run_round(pool, [dict(job, seed=seed) for job in jobs for seed in args.seeds[1:]
+                             if (job["base"], job["noise"], job["objective"], job["lr"]) in chosen])
 
     rows, verdicts = summarise(runs, cells, args, base_info)
     total = time.time() - t_start

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sys
 import tempfile
 
@@ -21,7 +22,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import addition_dataset  # noqa: E402
+from conftest import addition_dataset, base_args  # noqa: E402
 
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 from trl_prob.embedded import build_tokenizer, default_model_path  # noqa: E402
@@ -48,24 +49,17 @@ def main():
     extra = dict(schedule_p_low=0.2, schedule_p_high=0.95) if schedule == "adaptive" else {}
     with tempfile.TemporaryDirectory() as tmp:
         args = ProbSFTConfig(
-            output_dir=tmp,
-            objective=objective,
-            objective_schedule=schedule,
-            per_device_train_batch_size=batch,
-            per_device_eval_batch_size=batch,
-            max_steps=max_steps,
-            learning_rate=1e-3,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            seed=0,
-            data_seed=0,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-            bf16=False,  # SFTConfig's default bf16 autocast would blur the 1-vs-2-process comparison
-            **extra,
+            **base_args(
+                pathlib.Path(tmp),
+                objective=objective,
+                objective_schedule=schedule,
+                per_device_train_batch_size=batch,
+                per_device_eval_batch_size=batch,
+                max_steps=max_steps,
+                ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+                bf16=False,  # SFTConfig's default bf16 autocast would blur the 1-vs-2-process comparison
+                **extra,
+            )
         )
         model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
         initial = flat(model)
