@@ -25,16 +25,14 @@ from trl_prob.embedded import (  # noqa: E402
     make_addition_examples,
     random_tiny_llama,
 )
+from trl_prob.measure import Measurement, measure, sample_index  # noqa: E402
 from trl_prob.probe import (  # noqa: E402
     PROBE_HISTOGRAM_PNG,
     PROBE_JSON,
-    Measurement,
     ProbeInputError,
     ProbeReport,
-    _sample_index,
     check_probe_inputs,
     describe_position,
-    measure,
     place_on_continuum,
     recommend,
     run_probe,
@@ -135,7 +133,7 @@ def test_measure_token_probs_restores_training_mode(tmp_path):
 def test_sample_index_of_a_padding_free_batch():
     # Three samples of 3, 2 and 4 tokens flattened into one row; log-prob position j predicts token j + 1.
     batch = {"input_ids": torch.zeros(1, 9, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 3, 5, 9])}
-    index = _sample_index(batch, torch.ones(1, 8, dtype=torch.bool))
+    index = sample_index(batch, torch.ones(1, 8, dtype=torch.bool))
     assert index.tolist() == [[0, 0, 1, 1, 2, 2, 2, 2]]
 
 

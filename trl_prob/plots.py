@@ -10,10 +10,6 @@ import json
 import math
 import os
 import re
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .probe import ProbeReport
 
 TRAINER_STATE = "trainer_state.json"
 TRAINING_PNG = "training.png"
@@ -192,8 +188,8 @@ def _finish(ax, title: str, ylabel: str, plotted: bool) -> None:
 # ----------------------------------------------------------------------------------------- probe histogram
 
 
-def plot_probe_histogram(report: ProbeReport, output_png: str) -> str:
-    """Histogram of target-token probabilities with the paper's continuum bands, the mean and the median marked."""
+def plot_probe_histogram(report, output_png: str) -> str:
+    """``report``: a ``trl_prob.probe.ProbeReport`` (or anything with its fields). Histogram of target-token probabilities with the paper's continuum bands, the mean and the median marked."""
     plt = _pyplot()
     histogram = report.histogram_fine
     counts, edges = histogram["token_counts"], histogram["bin_edges"]

@@ -1,9 +1,7 @@
 """Measure where a model stands on the paper's capability continuum: target-token probability statistics.
 
-One implementation serves ``trl-prob probe``, the adaptive schedule's warm start and the benchmarks.
+The measurement itself is :func:`trl_prob.measure.measure`; this module places it and reports it.
 
-- :func:`measure_token_probs`: the statistics of p(target token) over collated SFT batches, through TRL's fused
-  log-prob head (no [tokens x vocab] logits), reduced over processes.
 - :func:`check_probe_inputs`: clear errors for inputs TRL would reject obscurely; call it before building the trainer.
 - :func:`run_probe`: measure a built ``ProbSFTTrainer``'s training data, place the model on the continuum, recommend
   ``--objective`` / ``--objective_schedule`` and write ``probe.json`` and ``probe_histogram.png``.
@@ -15,11 +13,11 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .measure import Measurement, measure
 from .stats import CONFIDENT_P, HISTOGRAM_BINS, TokenProbStats
 
 logger = logging.getLogger(__name__)
@@ -50,119 +48,6 @@ NOISE_NOTE = (
 _PRIOR_LEANING = ("p", "power", "top_p", "top_logp")
 TABLE_BINS = 10  # histogram in the printed table and in probe.json
 PLOT_BINS = 50  # histogram in probe_histogram.png (also in probe.json)
-
-
-# --------------------------------------------------------------------------------------------------- measurement
-
-
-@dataclass
-class Measurement:
-    """What one pass over the batches saw: token statistics, and how many samples (and how many had no target)."""
-
-    stats: TokenProbStats
-    num_samples: int
-    num_samples_without_targets: int
-
-
-def measure_token_probs(
-    model: torch.nn.Module,
-    batches: Iterable[dict],
-    prepare: Callable[[dict], dict] | None = None,
-    progress: bool = True,
-) -> TokenProbStats:
-    """Statistics of p(target token) over ``batches`` (collated SFT batches with ``labels``), reduced over processes.
-
-    ``model`` must carry TRL's fused log-prob head (``SFTTrainer`` adds it): no [tokens x vocab] logits are
-    built. Runs in eval mode under ``torch.no_grad`` and restores the training mode afterwards. With an accelerate
-    eval dataloader sharded over several processes, the samples repeated to even out the last batch are left out,
-    as ``gather_for_metrics`` does, so every sample counts once.
-    """
-    return measure(model, batches, prepare, progress).stats
-
-
-def measure(
-    model: torch.nn.Module,
-    batches: Iterable[dict],
-    prepare: Callable[[dict], dict] | None = None,
-    progress: bool = True,
-) -> Measurement:
-    """:func:`measure_token_probs` plus the number of samples seen and of samples without any target token."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    stats = TokenProbStats.zeros(device)
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # samples, samples without targets
-    try:
-        iterator = batches
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(batches, desc="probe", unit="batch", disable=not _is_main_process())
-        with torch.no_grad():
-            for batch in iterator:
-                batch = prepare(batch) if prepare is not None else batch
-                outputs = model(**batch, fused_lm_head=True, use_cache=False)
-                sample = _sample_index(batch, outputs.label_mask)
-                num_samples = _num_samples(batch)
-                real = _real_samples(batches, num_samples, device)
-                mask = outputs.label_mask & (sample < real)
-                stats = stats + TokenProbStats.of(outputs.log_probs, mask)
-                targets = torch.bincount(sample[mask], minlength=num_samples)[:real]
-                counts += torch.tensor([real, int((targets == 0).sum())], dtype=torch.float64, device=device)
-    finally:
-        model.train(was_training)
-    stats.all_reduce()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-    num_samples, without_targets = (int(c) for c in counts.tolist())
-    return Measurement(stats, num_samples, without_targets)
-
-
-def _num_samples(batch: dict) -> int:
-    # Padding-free batches flatten every sample into one row; `cu_seq_lens_q` holds the boundaries.
-    if "cu_seq_lens_q" in batch:
-        return batch["cu_seq_lens_q"].numel() - 1
-    return batch["input_ids"].shape[0]
-
-
-def _sample_index(batch: dict, label_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the sample each position of ``label_mask`` (shifted: position j predicts token j + 1) belongs to."""
-    if "cu_seq_lens_q" in batch:
-        boundaries = batch["cu_seq_lens_q"].to(label_mask.device, torch.long)
-        predicted = torch.arange(1, label_mask.shape[-1] + 1, device=label_mask.device)
-        if label_mask.shape[-1] == batch["input_ids"].shape[-1]:  # `shift_labels` given: not shifted
-            predicted = predicted - 1
-        index = torch.searchsorted(boundaries[1:], predicted, right=True)
-        return index.expand_as(label_mask)
-    rows = torch.arange(label_mask.shape[0], device=label_mask.device)
-    return rows[:, None].expand_as(label_mask)
-
-
-def _real_samples(batches: Iterable[dict], num_samples: int, device: torch.device) -> int:
-    """How many samples of this batch are real, not repeats that accelerate adds to even out the last batch.
-
-    With ``even_batches`` (the default), accelerate fills the last round of a sharded dataloader with samples from
-    the start of the dataset; ``gather_for_metrics`` keeps the first ``remainder`` samples of the process-ordered
-    concatenation. We keep the same ones. Every process reaches its last batch together (even batches), so the
-    all-gather below is collective-safe.
-    """
-    if not getattr(batches, "end_of_dataloader", False):
-        return num_samples
-    remainder = getattr(batches, "remainder", -1)
-    even = getattr(getattr(batches, "batch_sampler", None), "even_batches", True)
-    if remainder is None or remainder <= 0 or not even:
-        return num_samples
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return min(num_samples, remainder)
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-    torch.distributed.all_gather(sizes, torch.tensor([num_samples], dtype=torch.long, device=device))
-    before = sum(int(s.item()) for s in sizes[:rank])
-    return max(0, min(num_samples, remainder - before))
-
-
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
 # ------------------------------------------------------------------------------------------ the continuum
@@ -492,7 +377,7 @@ def _check_measured(measurement: Measurement, max_length: int | None, dataset_na
         truncation = f" after truncation to max_length={max_length}" if max_length is not None else ""
         raise ProbeInputError(
             f"None of the {measurement.num_samples:,} probed samples has a trainable token{truncation}: every label "
-            "is -100. Raise --max_length, use --truncation_mode keep_end, or check the completion / assistant "
+            "is -100. Raise --max_length (or shorten the prompts), or check the completion / assistant "
             "masks (completion_only_loss, assistant_only_loss)."
         )
 
@@ -570,7 +455,13 @@ def _measure_with_batch_size(trainer, dataset, batch_size: int | None, progress:
         args.per_device_eval_batch_size = batch_size
     try:
         dataloader = trainer.get_eval_dataloader(dataset)
-        return measure(trainer.model_wrapped, dataloader, prepare=trainer._prepare_inputs, progress=progress)
+        return measure(
+            trainer.model_wrapped,
+            dataloader,
+            prepare=trainer._prepare_inputs,
+            gather=trainer.accelerator.gather_for_metrics,
+            progress=progress,
+        )
     finally:
         args.per_device_eval_batch_size = previous
 
@@ -588,7 +479,8 @@ def _raise_empty(source_dataset, dropped: int | None, max_length: int | None) ->
     if dropped:
         raise ProbeInputError(
             f"All {dropped:,} samples have no trainable token after truncation to max_length={max_length} (TRL drops "
-            "such samples): the prompt fills max_length. Raise --max_length or use --truncation_mode keep_end."
+            "such samples): the prompt fills max_length. Raise --max_length or shorten the prompts (TRL keeps the start "
+            "of each sample: keep_end truncation is deprecated)."
         )
     if source_dataset is not None and hasattr(source_dataset, "__len__") and len(source_dataset) == 0:
         raise ProbeInputError("The train dataset is empty: there are no samples to probe.")

@@ -44,6 +44,34 @@ class TokenProbStats:
         head = torch.stack([w.sum(), (p * w).sum(), -log_p.sum(), ((p > CONFIDENT_P) * w).sum(), kept.sum()])
         return cls(torch.cat([head, hist]))
 
+    @classmethod
+    def per_sample(
+        cls,
+        log_p: torch.Tensor,
+        mask: torch.Tensor,
+        sample_index: torch.Tensor,
+        num_samples: int,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The same sums, one row per sample (``[num_samples, width]``): what ``gather_for_metrics`` needs to drop the
+        samples accelerate repeats to even out the last batch, so every sample counts once."""
+        w = mask.to(torch.float64)
+        log_p = log_p.detach().to(torch.float64) * w
+        p = log_p.exp()
+        width = _HIST + HISTOGRAM_BINS
+        kept = w if keep is None else keep.detach().to(torch.float64) * w
+        head = torch.stack([w, p * w, -log_p, (p > CONFIDENT_P) * w, kept], dim=-1).reshape(-1, _HIST)
+        bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1).flatten()
+        rows = sample_index.flatten()
+        out = torch.zeros(num_samples, width, dtype=torch.float64, device=p.device)
+        out[:, :_HIST].index_add_(0, rows, head)
+        out.view(-1).index_add_(0, rows * width + _HIST + bins, w.flatten())
+        return out
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> TokenProbStats:
+        return cls(rows.sum(0))
+
     def __add__(self, other: TokenProbStats) -> TokenProbStats:
         return TokenProbStats(self.sums + other.sums.to(self.sums.device))
 
@@ -56,6 +84,16 @@ class TokenProbStats:
     def to_host(self) -> TokenProbStats:
         """The sums on the host: one device-to-host transfer (none on CPU), after which no statistic syncs."""
         return TokenProbStats(self.sums.detach().cpu())
+
+    @property
+    def token_count(self) -> torch.Tensor:
+        """Target tokens, as a tensor on the statistics' device (no sync)."""
+        return self.sums[_COUNT]
+
+    @property
+    def kept_count(self) -> torch.Tensor:
+        """Tokens a thresholded objective keeps, as a tensor on the statistics' device (no sync)."""
+        return self.sums[_KEPT]
 
     @property
     def num_tokens(self) -> int:

@@ -241,7 +241,7 @@ class ProbObjectiveMixin:
         The tokens are exactly those training uses: TRL's prepared dataset, collator and masks, through the
         fused log-prob head (no full logits), batched, ``torch.no_grad``, split across processes and reduced.
         """
-        from .probe import measure_token_probs
+        from .measure import measure
 
         dataset = self.train_dataset if dataset is None else dataset
         if dataset is None:
@@ -252,7 +252,13 @@ class ProbObjectiveMixin:
             else:
                 dataset = dataset.take(num_samples)
         dataloader = self.get_eval_dataloader(dataset)
-        return measure_token_probs(self.model_wrapped, dataloader, prepare=self._prepare_inputs, progress=progress)
+        return measure(
+            self.model_wrapped,
+            dataloader,
+            prepare=self._prepare_inputs,
+            gather=self.accelerator.gather_for_metrics,
+            progress=progress,
+        ).stats
 
     # ------------------------------------------------------------------------------------- logging
 
