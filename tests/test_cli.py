@@ -249,6 +249,22 @@ def test_probe_builds_the_sft_trainer_and_reports(tmp_path, capsys):
     assert not (tmp_path / "model.safetensors").exists()  # measured, not trained
 
 
+def test_run_ends_without_trainer_end(monkeypatch, tmp_path, tiny_model, tokenizer, train_dataset):
+    """transformers < 5.18 has no `Trainer.end`: the run still finishes its trackers and destroys the process group."""
+    import transformers
+
+    from conftest import base_args
+    from trl_prob import ProbSFTConfig, ProbSFTTrainer
+
+    args = ProbSFTConfig(**base_args(tmp_path, bf16=False))
+    trainer = ProbSFTTrainer(model=tiny_model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
+    monkeypatch.delattr(transformers.Trainer, "end")
+    ended = []
+    monkeypatch.setattr(trainer.accelerator, "end_training", lambda: ended.append(True))
+    cli.shut_down(trainer)
+    assert ended == [True]
+
+
 def run_cli(args, timeout, cwd=ROOT) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(args, cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout)
@@ -277,6 +293,18 @@ def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
 
     assert cli.main(["plot", str(output_dir), "--output", str(tmp_path / "plot.png")]) == 0
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_probe_runs_with_no_device_flags(tmp_path):
+    """The probe trains nothing: it runs wherever the model loads, with no --use_cpu / --bf16 (SFTConfig defaults bf16
+    to True, which TrainingArguments refuses on a machine without a bf16 GPU)."""
+    result = run_cli(
+        ["trl-prob", "probe", "--model_name_or_path", default_model_path(), "--dataset_name", default_dataset_path(),
+         "--output_dir", str(tmp_path), "--num_samples", "32"],  # fmt: skip
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "probe.json").read_text())["num_samples"] == 32
 
 
 def test_two_cpu_processes_agree_on_the_schedule(tmp_path):

@@ -154,7 +154,7 @@ def make_parser(command: str = "sft", prog: str | None = None):
         "probe": "Measure the model's target-token probabilities on the training data (where it stands on the "
         "capability continuum) with the trainer `sft` would build; writes probe.json and a plot to --output_dir.",
     }[command]
-    return Parser(
+    parser = Parser(
         _dataclass_types(command),
         prog=prog or f"{PROG} {command}",
         description=description,
@@ -162,6 +162,14 @@ def make_parser(command: str = "sft", prog: str | None = None):
         formatter_class=_Formatter,
         allow_abbrev=False,
     )
+    if command == "probe":
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+        # The probe trains nothing: without a bf16 device it measures in float32 on what there is (SFTConfig's bf16
+        # default would be refused there). An explicit --bf16 (flag or YAML) still wins.
+        if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+            parser.set_defaults(bf16=False)
+    return parser
 
 
 def parse_worker_args(command: str, argv: Sequence[str]) -> tuple[Any, ...]:
@@ -414,7 +422,8 @@ def shut_down(trainer) -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         trainer.accelerator.wait_for_everyone()
-    trainer.end()  # accelerator.end_training(): trackers' finish() and destroy_process_group()
+    # `Trainer.end` (transformers >= 5.18) is accelerator.end_training(): trackers' finish(), destroy_process_group()
+    getattr(trainer, "end", trainer.accelerator.end_training)()
 
 
 def setup_worker(command: str, argv: Sequence[str]) -> Callable[[], None]:
