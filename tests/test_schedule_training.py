@@ -25,7 +25,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  #
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 from trl_prob.embedded import default_model_path, mean_target_probability, random_tiny_llama  # noqa: E402
 from trl_prob.schedules import warmup_lambda  # noqa: E402
-from trl_prob.trainer import SCHEDULE_STATE_FILE  # noqa: E402
+from trl_prob.trainer import (  # noqa: E402
+    LEGACY_SCHEDULE_STATE_FILE,
+    SCHEDULE_CALLBACK,
+    TRAINER_STATE_FILE,
+    CheckpointError,
+)
 
 SCHEDULE_KEYS = ("objective_lambda", "ema_token_prob", "mean_token_prob", "loss")
 
@@ -62,7 +67,7 @@ class _RecordBegin(TrainerCallback):
         self.objective_lambda = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.p_ema = self.trainer._schedule_state.p_ema
+        self.p_ema = self.trainer.schedule.p_ema
         self.objective_lambda = self.trainer.objective_lambda
 
 
@@ -99,9 +104,10 @@ def test_resume_reproduces_the_schedule_step_for_step(tmp_path, uninterrupted, s
     assert max(lambdas) - min(lambdas) > 1e-3, lambdas
 
     checkpoint = os.path.join(uninterrupted.args.output_dir, "checkpoint-4")
-    # The saved state is the one after step 4: its EMA as logged at step 4, the lambda step 5 then used.
-    with open(os.path.join(checkpoint, SCHEDULE_STATE_FILE)) as f:
-        saved = json.load(f)
+    # The saved state is the one after step 4: its EMA as logged at step 4, the lambda step 5 then used. It lives in
+    # trainer_state.json (transformers' stateful callbacks), written with the rest of the trainer state.
+    assert not os.path.exists(os.path.join(checkpoint, LEGACY_SCHEDULE_STATE_FILE))
+    saved = saved_schedule(checkpoint)
     assert saved["step"] == 4
     assert saved["warm_started"] is True
     assert saved["p_ema"] == pytest.approx(full[4]["ema_token_prob"], rel=1e-9)
@@ -120,22 +126,92 @@ def test_resume_reproduces_the_schedule_step_for_step(tmp_path, uninterrupted, s
             assert again[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
-def test_resume_without_the_state_file_warns_and_restarts_the_schedule(tmp_path, uninterrupted, shipped_tokenizer, caplog):
-    full = step_logs(uninterrupted)
+def saved_schedule(checkpoint: str) -> dict:
+    with open(os.path.join(checkpoint, TRAINER_STATE_FILE)) as f:
+        return json.load(f)["stateful_callbacks"][SCHEDULE_CALLBACK]["attributes"]["schedule"]
+
+
+def edit_schedule_state(checkpoint: str, edit) -> None:
+    """Rewrite the checkpoint's trainer_state.json with ``edit(stateful_callbacks)`` applied."""
+    path = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    with open(path) as f:
+        state = json.load(f)
+    edit(state["stateful_callbacks"])
+    with open(path, "w") as f:
+        json.dump(state, f)
+
+
+def copy_checkpoint(uninterrupted, tmp_path) -> str:
     checkpoint = str(tmp_path / "checkpoint-4")
     shutil.copytree(os.path.join(uninterrupted.args.output_dir, "checkpoint-4"), checkpoint)
-    os.remove(os.path.join(checkpoint, SCHEDULE_STATE_FILE))
+    return checkpoint
+
+
+def test_resume_without_schedule_state_is_refused_unless_reset_is_asked(tmp_path, uninterrupted, shipped_tokenizer, caplog):
+    full = step_logs(uninterrupted)
+    checkpoint = copy_checkpoint(uninterrupted, tmp_path)
+    edit_schedule_state(checkpoint, lambda callbacks: callbacks.pop(SCHEDULE_CALLBACK))
 
     resumed = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, **RESUME)
+    with pytest.raises(CheckpointError, match=r"checkpoint-4 has no schedule state.*--schedule_reset_on_resume"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.state.global_step == 0  # refused before any step
+
+    resumed = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, schedule_reset_on_resume=True, **RESUME)
     with caplog.at_level(logging.WARNING, logger="trl_prob.trainer"):
         resumed.train(resume_from_checkpoint=checkpoint)
-    assert any(SCHEDULE_STATE_FILE in record.getMessage() for record in caplog.records)
-
+    assert any("schedule restarts" in record.getMessage() for record in caplog.records)
     again = step_logs(resumed)
     # The model, data order and step-5 statistic are the checkpoint's; only the schedule state was lost: the EMA
     # restarts from a fresh warm start instead of continuing, so the trajectory departs from the uninterrupted one.
     assert again[5]["mean_token_prob"] == pytest.approx(full[5]["mean_token_prob"], rel=1e-5)
     assert again[5]["ema_token_prob"] != pytest.approx(full[5]["ema_token_prob"], rel=1e-6)
+
+
+def test_legacy_checkpoint_with_a_schedule_file_resumes_the_same_trajectory(tmp_path, uninterrupted, shipped_tokenizer):
+    full = step_logs(uninterrupted)
+    checkpoint = copy_checkpoint(uninterrupted, tmp_path)
+    state = saved_schedule(checkpoint)
+    edit_schedule_state(checkpoint, lambda callbacks: callbacks.pop(SCHEDULE_CALLBACK))
+    with open(os.path.join(checkpoint, LEGACY_SCHEDULE_STATE_FILE), "w") as f:
+        json.dump(state, f)  # what trl-prob 0.1 wrote beside the checkpoint
+
+    resumed = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, **RESUME)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    again = step_logs(resumed)
+    for step in (5, 8):
+        for key in SCHEDULE_KEYS:
+            assert again[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
+    # ... and its next checkpoints carry the state the new way
+    assert saved_schedule(os.path.join(resumed.args.output_dir, "checkpoint-8"))["step"] == 8
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda c: c.__setitem__(SCHEDULE_CALLBACK, {"args": {}, "attributes": {"schedule": {"step": "four", "objective_lambda": 0.5}}}),
+         "step must be an integer >= 0, got 'four'"),
+        (lambda c: c[SCHEDULE_CALLBACK]["attributes"]["schedule"].__setitem__("objective_lambda", None),
+         "objective_lambda must be a number in [0, 1], got None"),
+    ],
+)
+def test_ill_typed_schedule_state_is_one_clear_error_before_any_step(tmp_path, uninterrupted, shipped_tokenizer, corrupt, message):
+    checkpoint = copy_checkpoint(uninterrupted, tmp_path)
+    edit_schedule_state(checkpoint, corrupt)
+    resumed = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, **RESUME)
+    with pytest.raises(CheckpointError) as info:
+        resumed.train(resume_from_checkpoint=checkpoint)
+    assert "checkpoint-4" in str(info.value) and message in str(info.value)
+    assert resumed.state.global_step == 0
+
+
+def test_corrupt_trainer_state_json_is_one_clear_error(tmp_path, uninterrupted, shipped_tokenizer):
+    checkpoint = copy_checkpoint(uninterrupted, tmp_path)
+    with open(os.path.join(checkpoint, TRAINER_STATE_FILE), "w") as f:
+        f.write('{"stateful_callbacks": {"ProbObjectiveSch')
+    resumed = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, **RESUME)
+    with pytest.raises(CheckpointError, match="checkpoint-4: cannot read its schedule state"):
+        resumed.train(resume_from_checkpoint=checkpoint)
 
 
 # ------------------------------------------------------------------------------------------ gradient accumulation

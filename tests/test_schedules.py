@@ -16,10 +16,15 @@ from trl_prob.schedules import (
     MODES,
     SCHEDULES,
     STATISTICS,
-    ScheduleState,
+    AdaptiveSchedule,
+    ConstantSchedule,
+    CosineSchedule,
+    NoSchedule,
+    ScheduleStateError,
+    WarmupSchedule,
     adaptive_lambda,
+    build_schedule,
     ema_update,
-    next_lambda,
     ramp,
     warmup_lambda,
 )
@@ -155,94 +160,133 @@ def test_ema_sequence_with_a_gap():
     assert value == pytest.approx(0.44)
 
 
-# --------------------------------------------------------------------------------------------------- next_lambda
+# ----------------------------------------------------------------------------------------- Schedule objects
 
 
-def test_next_lambda_none_is_the_target_alone():
-    assert next_lambda("none", step=0, total_steps=10, p_ema=None, previous_lambda=0.0) == 1.0
-    assert next_lambda("none", step=7, total_steps=10, p_ema=0.01, previous_lambda=0.3) == 1.0
+class Stats:
+    """Stand-in for TokenProbStats: the statistic a step measured."""
+
+    def __init__(self, mean_p: float):
+        self.mean_p = self.median_p = self.share_confident = mean_p
 
 
-def test_next_lambda_constant():
-    kw = dict(total_steps=10, p_ema=0.9, previous_lambda=0.0)
-    assert next_lambda("constant", step=0, objective_lambda=0.3, **kw) == 0.3
-    assert next_lambda("constant", step=9, objective_lambda=0.3, **kw) == 0.3
-    assert next_lambda("constant", step=3, **kw) == 1.0  # default objective_lambda
+def run(schedule, statistics, total_steps=None):
+    """begin(), then step() through ``statistics``: the lambdas the steps 1, 2, ... trained with."""
+    used = [schedule.begin(total_steps or len(statistics))]
+    for value in statistics:
+        used.append(schedule.step(Stats(value)))
+    return used[:-1]
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_next_lambda_warmup_matches_warmup_lambda(schedule):
-    for step in range(0, 25):
-        got = next_lambda(schedule, step=step, total_steps=20, p_ema=None, previous_lambda=0.0, warmup_ratio=0.5)
-        assert got == warmup_lambda(step, 20, 0.5, schedule)
-    # hand values: 10 warm-up steps
-    linear = next_lambda("linear", step=4, total_steps=20, p_ema=None, previous_lambda=0.0, warmup_ratio=0.5)
-    assert linear == pytest.approx(0.4)
+def test_none_is_the_target_alone():
+    schedule = NoSchedule()
+    assert schedule.value == 1.0  # before training too
+    assert run(schedule, [0.01, 0.9, 0.3]) == [1.0, 1.0, 1.0]
 
 
-def test_next_lambda_adaptive():
-    kw = dict(step=3, total_steps=10, previous_lambda=0.0, p_low=0.2, p_high=0.6)
-    assert next_lambda("adaptive", p_ema=None, **kw) == 0.0  # nothing measured yet: NLL
-    assert next_lambda("adaptive", p_ema=NAN, **kw) == 0.0
-    assert next_lambda("adaptive", p_ema=0.1, **kw) == 0.0
-    assert next_lambda("adaptive", p_ema=0.3, **kw) == pytest.approx(0.25)
-    assert next_lambda("adaptive", p_ema=0.4, **kw) == pytest.approx(0.5)
-    assert next_lambda("adaptive", p_ema=0.9, **kw) == 1.0
-    # defaults 0.30 -> 0.55
-    assert next_lambda("adaptive", step=0, total_steps=1, p_ema=0.425, previous_lambda=0.0) == pytest.approx(0.5)
+def test_constant():
+    assert run(ConstantSchedule(objective_lambda=0.3), [0.9] * 10) == [0.3] * 10
+    assert run(ConstantSchedule(), [0.9] * 4) == [1.0] * 4  # default objective_lambda
 
 
-def test_next_lambda_monotone_never_decreases():
-    kw = dict(step=3, total_steps=10, p_low=0.2, p_high=0.6)
-    # falling statistic: the free schedule drops, the monotone one holds
-    assert next_lambda("adaptive", p_ema=0.3, previous_lambda=0.75, **kw) == pytest.approx(0.25)
-    assert next_lambda("adaptive", p_ema=0.3, previous_lambda=0.75, monotone=True, **kw) == 0.75
-    # rising statistic: monotone follows
-    assert next_lambda("adaptive", p_ema=0.5, previous_lambda=0.25, monotone=True, **kw) == pytest.approx(0.75)
-    # p_ema lost (NaN / None): still holds
-    assert next_lambda("adaptive", p_ema=None, previous_lambda=0.6, monotone=True, **kw) == 0.6
+@pytest.mark.parametrize("cls, shape", [(WarmupSchedule, "linear"), (CosineSchedule, "cosine")])
+def test_warmup_matches_warmup_lambda(cls, shape):
+    used = run(cls(warmup_ratio=0.5), [0.5] * 25, total_steps=20)
+    assert used == [warmup_lambda(step, 20, 0.5, shape) for step in range(25)]
+    # hand values: 10 warm-up steps, after 4 of them
+    assert used[4] == pytest.approx(0.4 if shape == "linear" else 0.5 * (1 - math.cos(0.4 * math.pi)))
 
-    # along a noisy trajectory the monotone sequence is the running max of the free one and never decreases
+
+def test_adaptive_follows_the_ema_through_the_ramp():
+    schedule = AdaptiveSchedule(p_low=0.2, p_high=0.6, ema_decay=0.0)  # decay 0: p_ema is the last statistic
+    assert schedule.begin(10) == 0.0  # nothing measured yet: NLL
+    for p, expected in [(NAN, 0.0), (0.1, 0.0), (0.3, 0.25), (0.4, 0.5), (0.9, 1.0)]:
+        assert schedule.step(Stats(p)) == pytest.approx(expected), p
+    defaults = AdaptiveSchedule()  # 0.30 -> 0.55
+    defaults.warm_start(Stats(0.425))
+    assert defaults.warm_started and defaults.begin(1) == pytest.approx(0.5)
+
+
+def test_adaptive_ema_is_the_moving_average_of_the_statistic():
+    schedule = AdaptiveSchedule(p_low=0.0, p_high=1.0, ema_decay=0.9)
+    schedule.begin(3)
+    # None -> 0.4 (first) -> NaN (kept) -> 0.8: 0.9 * 0.4 + 0.1 * 0.8 = 0.44, and lambda = p_ema on a 0 -> 1 ramp
+    assert [schedule.step(Stats(p)) for p in (0.4, NAN, 0.8)] == pytest.approx([0.4, 0.4, 0.44])
+
+
+def test_statistic_is_chosen_by_name():
+    stats = Stats(0.0)
+    stats.mean_p, stats.median_p, stats.share_confident = 0.1, 0.2, 0.3
+    for name, value in (("mean", 0.1), ("median", 0.2), ("share_confident", 0.3)):
+        assert AdaptiveSchedule(statistic=name).signal(stats) == value
+
+
+def test_monotone_never_decreases():
     trajectory = [0.25, 0.45, 0.35, 0.55, 0.2, 0.4, 0.65, 0.1]
-    free, held = [], []
-    previous_free = previous_held = 0.0
-    for step, p in enumerate(trajectory):
-        previous_free = next_lambda("adaptive", step=step, total_steps=8, p_ema=p, previous_lambda=previous_free,
-                                    p_low=0.2, p_high=0.6)
-        previous_held = next_lambda("adaptive", step=step, total_steps=8, p_ema=p, previous_lambda=previous_held,
-                                    p_low=0.2, p_high=0.6, monotone=True)
-        free.append(previous_free)
-        held.append(previous_held)
+    free = run(AdaptiveSchedule(p_low=0.2, p_high=0.6, ema_decay=0.0), trajectory)
+    held = run(AdaptiveSchedule(p_low=0.2, p_high=0.6, ema_decay=0.0, monotone=True), trajectory)
     assert any(b < a for a, b in zip(free, free[1:]))  # the free one does decrease
     assert all(b >= a for a, b in zip(held, held[1:]))
     assert held == pytest.approx([max(free[: i + 1]) for i in range(len(free))])
+    # a lost statistic (NaN) holds too
+    schedule = AdaptiveSchedule(p_low=0.2, p_high=0.6, ema_decay=0.0, monotone=True)
+    schedule.begin(3)
+    assert schedule.step(Stats(0.44)) == pytest.approx(0.6)
+    assert schedule.step(Stats(NAN)) == pytest.approx(0.6)
 
 
-def test_next_lambda_monotone_constant_keeps_the_larger():
-    assert next_lambda("constant", step=0, total_steps=1, p_ema=None, previous_lambda=0.8, objective_lambda=0.3,
-                       monotone=True) == 0.8
+def test_monotone_constant_keeps_the_larger_restored_value():
+    schedule = ConstantSchedule(objective_lambda=0.3, monotone=True)
+    schedule.load_state_dict({"step": 2, "p_ema": None, "objective_lambda": 0.8, "warm_started": False})
+    assert schedule.step(Stats(0.5)) == 0.8
 
 
-def test_next_lambda_unknown_schedule_is_named():
+def test_build_schedule_names_an_unknown_kind():
+    class Args:
+        objective_schedule, schedule_statistic, schedule_ema_decay, schedule_monotone = "warmup", "mean", 0.9, False
+
     with pytest.raises(ValueError, match="'warmup'"):
-        next_lambda("warmup", step=0, total_steps=10, p_ema=None, previous_lambda=0.0)
+        build_schedule(Args())
 
 
-# ------------------------------------------------------------------------------------------------ ScheduleState
+# ------------------------------------------------------------------------------------------------ state_dict
 
 
-def test_schedule_state_round_trip_through_json():
-    state = ScheduleState(step=12, p_ema=0.6234567890123, objective_lambda=0.37, warm_started=True)
-    data = json.loads(json.dumps(state.to_dict()))
-    assert data == {"step": 12, "p_ema": 0.6234567890123, "objective_lambda": 0.37, "warm_started": True}
-    assert ScheduleState.from_dict(data) == state
+def test_state_dict_round_trip_through_json_continues_the_same_trajectory():
+    trajectory = [0.3, 0.5, 0.45, 0.7, 0.6, 0.65]
+    full = AdaptiveSchedule(ema_decay=0.5)
+    full.warm_start(Stats(0.4))
+    expected = run(full, trajectory)
+
+    first = AdaptiveSchedule(ema_decay=0.5)
+    first.warm_start(Stats(0.4))
+    first.begin(len(trajectory))
+    for p in trajectory[:3]:
+        first.step(Stats(p))
+    data = json.loads(json.dumps(first.state_dict()))
+    assert set(data) == {"step", "p_ema", "objective_lambda", "warm_started"} and data["step"] == 3
+    second = AdaptiveSchedule(ema_decay=0.5)
+    second.load_state_dict(data)
+    assert [second.value] + [second.step(Stats(p)) for p in trajectory[3:-1]] == pytest.approx(expected[3:])
 
 
-def test_schedule_state_defaults_and_partial_and_extra_keys():
-    assert ScheduleState() == ScheduleState(step=0, p_ema=None, objective_lambda=0.0, warm_started=False)
-    assert ScheduleState.from_dict(ScheduleState().to_dict()) == ScheduleState()
-    # an older / partial file fills the rest with defaults; unknown keys are ignored
-    assert ScheduleState.from_dict({"step": 3, "future_field": 1}) == ScheduleState(step=3)
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ([1, 2], "JSON object"),
+        ({"p_ema": 0.5}, "missing step, objective_lambda"),
+        ({"step": "4", "objective_lambda": 0.5}, "step must be an integer >= 0, got '4'"),
+        ({"step": -1, "objective_lambda": 0.5}, "got -1"),
+        ({"step": 4, "objective_lambda": 1.5}, "objective_lambda must be a number in [0, 1], got 1.5"),
+        ({"step": 4, "objective_lambda": "high"}, "got 'high'"),
+        ({"step": 4, "objective_lambda": 0.5, "p_ema": "x"}, "p_ema must be null or a number in [0, 1], got 'x'"),
+        ({"step": 4, "objective_lambda": 0.5, "warm_started": "yes"}, "warm_started must be true or false"),
+    ],
+)
+def test_load_state_dict_names_what_is_wrong(state, message):
+    with pytest.raises(ScheduleStateError) as info:
+        AdaptiveSchedule().load_state_dict(state)
+    assert message in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------------- config

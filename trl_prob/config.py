@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .objectives import get_objective
+from .objectives import get_objective, objective_help
 from .schedules import MODES, SCHEDULES, STATISTICS
 
 
@@ -63,15 +63,20 @@ class ProbSFTConfig(SFTConfig):
             training samples before step 1, rather than from the first noisy step. Defaults to on for `adaptive`.
         schedule_warm_start_samples (`int`, *optional*, defaults to `256`):
             Number of training samples the warm start measures.
+        schedule_reset_on_resume (`bool`, *optional*, defaults to `False`):
+            Resume from a checkpoint that holds no schedule state by starting the schedule afresh. Without it such
+            a checkpoint is refused: the resumed run would follow a different trajectory.
+
+        > Speed
+
+        flush_denormal (`bool`, *optional*, defaults to `True`):
+            On CPU, flush subnormal floats to zero for the training process (`torch.set_flush_denormal(True)`).
+            Objectives that weight a token by p (`p`, `power:k`, `dft`) make the LM head's backward compute on
+            subnormals, which x86 CPUs do in slow microcode: 2x the step time (benchmarks/README.md). No effect
+            on GPUs, which handle subnormals in hardware.
     """
 
-    objective: str = field(
-        default="nll",
-        metadata={
-            "help": "Per-token objective: nll, p, power:a, top_p:q, bottom_p:q, top_logp:q, bottom_logp:q, dft, or "
-            "a paper-repo key (GeneralFamily-8, OnlyTopP-0.2, ...). The target of the schedule."
-        },
-    )
+    objective: str = field(default="nll", metadata={"help": objective_help()})
     objective_schedule: str = field(
         default="none",
         metadata={
@@ -119,6 +124,19 @@ class ProbSFTConfig(SFTConfig):
     schedule_warm_start_samples: int = field(
         default=256, metadata={"help": "Number of training samples the warm start measures."}
     )
+    schedule_reset_on_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint without schedule state by restarting the schedule (otherwise refused)."
+        },
+    )
+    flush_denormal: bool = field(
+        default=True,
+        metadata={
+            "help": "On CPU, flush subnormal floats to zero while training (2x faster for p-weighted objectives). "
+            "No effect on GPU."
+        },
+    )
 
     def __post_init__(self):
         self._validate_objective_fields()
@@ -133,9 +151,9 @@ class ProbSFTConfig(SFTConfig):
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}; allowed: {', '.join(allowed)}.")
 
-        choice("objective_schedule", SCHEDULES)
+        choice("objective_schedule", tuple(SCHEDULES))
         choice("schedule_mode", MODES)
-        choice("schedule_statistic", STATISTICS)
+        choice("schedule_statistic", tuple(STATISTICS))
 
         def unit_interval(name: str) -> None:
             value = getattr(self, name)

@@ -1,135 +1,37 @@
 """The per-token objectives of "Beyond Log Likelihood" (Li et al., 2025), as pure functions of log p.
 
-Every objective is a per-token loss f(p) of the target-token probability p. Its gradient with respect
-to the logits is w(p) times the ordinary cross-entropy gradient, with w(p) = -f'(p) * p, so the whole
-family runs on a kernel that only returns the target log-probability (TRL's fused chunked LM head):
-autograd through ``log_p`` is all it takes.
+Every objective is a per-token loss f(p) of the target-token probability p. Its gradient with respect to the
+logits is w(p) times the ordinary cross-entropy gradient, with w(p) = -f'(p) p, so the whole family runs on a
+kernel that only returns the target log-probability (TRL's fused chunked LM head): autograd through ``log_p`` is
+all it takes.
 
-| spec            | paper repo key        | f(p)                         | w(p)              | normaliser  |
-|-----------------|-----------------------|------------------------------|-------------------|-------------|
-| ``nll``         | ``original``, ``logp``| -log p                       | 1                 | all tokens  |
-| ``p``           | ``p``                 | 1 - p                        | p                 | all tokens  |
-| ``power:a``     | ``GeneralFamily-a``   | (1 - p^a) / a                | p^a               | all tokens  |
-| ``top_p:q``     | ``OnlyTopP-q``        | (1 - p) 1[p >= q]            | p 1[p >= q]       | kept tokens |
-| ``bottom_p:q``  | ``OnlyBottomP-q``     | (1 - p) 1[p <= q]            | p 1[p <= q]       | kept tokens |
-| ``top_logp:q``  | ``OnlyTopLogP-q``     | -log p 1[p >= q]             | 1[p >= q]         | kept tokens |
-| ``bottom_logp:q``| ``OnlyBottomLogP-q`` | -log p 1[p <= q]             | 1[p <= q]         | kept tokens |
-| ``dft``         | TRL ``loss_type=dft`` | -sg(p) log p                 | sg(p)             | all tokens  |
+Each family is one row of :data:`FAMILIES` (a :class:`Family`): its name, the paper repo's keys, f, w, which
+tokens it keeps, its help text. Parsing, the CLI help, the README table (checked by a test) and the probe's
+recommendation all read the registry, so a new family is one :func:`register_family` call.
 
-Normaliser: thresholded objectives average over the tokens they keep (the paper's code drops masked
-tokens from the denominator); the others average over all target tokens, like TRL's ``nll``.
-Thresholds compare the detached p.
+Normaliser: thresholded families average over the tokens they keep (the paper's code drops masked tokens from
+the denominator); the others over all target tokens, like TRL's ``nll``. Thresholds compare the detached p.
 
-Numerics: everything is computed in fp32 and in log space (p^a = exp(a log p)), so the loss is finite
-for p -> 0 and p -> 1 and for large a.
+Numerics: fp32 and log space (p^a = exp(a log p)), so the loss is finite for p -> 0 and p -> 1 and large a.
 """
 
 from __future__ import annotations
 
 import math
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 Normaliser = Literal["tokens", "kept_tokens"]
-
-_FAMILIES = ("nll", "p", "power", "top_p", "bottom_p", "top_logp", "bottom_logp", "dft")
-_THRESHOLDED = ("top_p", "bottom_p", "top_logp", "bottom_logp")
-_PAPER_KEYS = {
-    "original": "nll",
-    "logp": "nll",
-    "p": "p",
-    "GeneralFamily": "power",
-    "OnlyTopP": "top_p",
-    "OnlyBottomP": "bottom_p",
-    "OnlyTopLogP": "top_logp",
-    "OnlyBottomLogP": "bottom_logp",
-}
-
-VALID_SPECS = (
-    "nll, p, power:a (a > 0), top_p:q, bottom_p:q, top_logp:q, bottom_logp:q (q in [0, 1]), dft; "
-    "paper-repo aliases: original, logp, GeneralFamily-a, OnlyTopP-q, OnlyBottomP-q, OnlyTopLogP-q, OnlyBottomLogP-q"
-)
+Tensor = torch.Tensor
 
 
-@dataclass(frozen=True)
-class Objective:
-    """A per-token objective f(p). Call it on target-token log-probabilities.
-
-    Attributes:
-        family: one of ``nll, p, power, top_p, bottom_p, top_logp, bottom_logp, dft``.
-        param: the exponent ``a`` of ``power`` or the threshold ``q`` of the thresholded families.
-        spec: the canonical spec string (``"power:10"``).
-    """
-
-    family: str
-    param: float | None = None
-
-    @property
-    def spec(self) -> str:
-        return self.family if self.param is None else f"{self.family}:{_format_number(self.param)}"
-
-    @property
-    def normaliser(self) -> Normaliser:
-        """``"kept_tokens"`` for the thresholded families (mean over the tokens they keep), else ``"tokens"``."""
-        return "kept_tokens" if self.family in _THRESHOLDED else "tokens"
-
-    @property
-    def is_thresholded(self) -> bool:
-        return self.family in _THRESHOLDED
-
-    @property
-    def leans_on_prior(self) -> bool:
-        """True when w(p) grows with p (the paper's prior-leaning objectives)."""
-        return self.family in ("p", "power", "top_p", "top_logp", "dft")
-
-    def keep(self, log_p: torch.Tensor) -> torch.Tensor:
-        """Boolean mask of the tokens this objective trains on (all True for non-thresholded families)."""
-        if not self.is_thresholded:
-            return torch.ones_like(log_p, dtype=torch.bool)
-        # Compared in log space: exp(log q) can round below q in fp32, dropping a token sitting at p = q.
-        log_q = math.log(self.param) if self.param > 0 else -math.inf
-        log_p = log_p.detach().float()
-        return log_p >= log_q if self.family.startswith("top") else log_p <= log_q
-
-    def __call__(self, log_p: torch.Tensor) -> torch.Tensor:
-        """Per-token loss f(p), fp32, same shape as ``log_p``, differentiable w.r.t. ``log_p``.
-
-        Every f here is 0 at p = 1, so positions where TRL's fused head returns log p = 0 (ignored
-        labels) contribute nothing; counting kept tokens still needs the caller's label mask.
-        """
-        log_p = log_p.float()
-        family = self.family
-        if family == "nll":
-            return -log_p
-        if family == "dft":
-            return -log_p * log_p.detach().exp()
-        if family == "p":
-            return one_minus_exp(log_p)
-        if family == "power":
-            return power_loss(log_p, self.param)
-        if family in ("top_p", "bottom_p"):
-            return one_minus_exp(log_p) * self.keep(log_p)
-        return -log_p * self.keep(log_p)  # top_logp, bottom_logp
-
-    def weight(self, p: torch.Tensor) -> torch.Tensor:
-        """Gradient weight w(p) = -f'(p) p on the NLL gradient (the paper's table), for analysis and tests."""
-        p = p.float()
-        family = self.family
-        if family == "nll":
-            return torch.ones_like(p)
-        if family in ("p", "dft"):
-            return p.clone()
-        if family == "power":
-            return p.pow(self.param)
-        keep = self.keep(p.log())
-        base = p if family.endswith("_p") else torch.ones_like(p)
-        return base * keep
+# ------------------------------------------------------------------------------------------------ the math
 
 
-def one_minus_exp(x: torch.Tensor) -> torch.Tensor:
+def one_minus_exp(x: Tensor) -> Tensor:
     """1 - e^x with an accurate value (-expm1 x, no cancellation near x = 0) and an accurate gradient (-e^x).
 
     Autograd's expm1 backward computes (expm1(x) + 1), which rounds to 0 in fp32 once e^x < 6e-8: power:10 on
@@ -139,25 +41,277 @@ def one_minus_exp(x: torch.Tensor) -> torch.Tensor:
     return -torch.expm1(x).detach() - (e - e.detach())
 
 
-def power_loss(log_p: torch.Tensor, a: float) -> torch.Tensor:
+def power_loss(log_p: Tensor, a: float) -> Tensor:
     """(1 - p^a) / a = (1 - e^(a log p)) / a; -log p at a = 0 (its limit)."""
     if a == 0:
         return -log_p
     return one_minus_exp(a * log_p) / a
 
 
+def _log_threshold(q: float) -> float:
+    # Compared in log space: exp(log q) can round below q in fp32, dropping a token sitting at p = q.
+    return math.log(q) if q > 0 else -math.inf
+
+
+def at_least(log_p: Tensor, q: float) -> Tensor:
+    return log_p.detach() >= _log_threshold(q)
+
+
+def at_most(log_p: Tensor, q: float) -> Tensor:
+    return log_p.detach() <= _log_threshold(q)
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+
+
+@dataclass(frozen=True)
+class Family:
+    """One objective family: everything the library, the CLI, the README and the probe need to know about it.
+
+    Attributes:
+        name: the spec's name (``power`` in ``power:10``).
+        loss: f as a function of (log p in fp32, parameter or None), differentiable in log p.
+        weight: w(p) = -f'(p) p as a function of (p, parameter or None), for analysis and tests.
+        loss_text, weight_text: f and w as the README's table writes them.
+        help: one line for the CLI help.
+        paper_keys: the paper repo's names; for a family with a parameter, the key before ``-<param>``.
+        reference_text: the README's "paper repo key" cell, when it is not the list of ``paper_keys``.
+        param: the parameter's symbol (``a``, ``q``), ``None`` for a family without one.
+        param_range: the allowed values of the parameter, as text; ``check_param`` enforces it.
+        check_param: returns True for an allowed parameter value.
+        keep: for thresholded families, which tokens train: (log p, parameter) -> bool tensor.
+        leans_on_prior: w grows with p (the paper's prior-leaning objectives): what the probe recommends at the
+            strong end of the continuum.
+    """
+
+    name: str
+    loss: Callable[[Tensor, float | None], Tensor]
+    weight: Callable[[Tensor, float | None], Tensor]
+    loss_text: str
+    weight_text: str
+    help: str
+    paper_keys: tuple[str, ...] = ()
+    reference_text: str | None = None
+    param: str | None = None
+    param_range: str | None = None
+    check_param: Callable[[float], bool] | None = None
+    keep: Callable[[Tensor, float], Tensor] | None = None
+    leans_on_prior: bool = False
+
+    @property
+    def normaliser(self) -> Normaliser:
+        return "kept_tokens" if self.keep is not None else "tokens"
+
+    @property
+    def spec_pattern(self) -> str:
+        return self.name if self.param is None else f"{self.name}:{self.param}"
+
+    def readme_row(self) -> str:
+        """This family's row of the README's objective table."""
+        reference = self.reference_text or ", ".join(
+            f"`{key}`" if self.param is None else f"`{key}-{self.param}`" for key in self.paper_keys
+        )
+        normaliser = "kept tokens" if self.keep is not None else "target tokens"
+        return f"| `{self.spec_pattern}` | {reference} | {self.loss_text} | {self.weight_text} | {normaliser} |"
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add a family to the registry; its name and paper keys must not be taken by another family."""
+    taken = set(FAMILIES) | {key for other in FAMILIES.values() for key in other.paper_keys}
+    clash = sorted(({family.name} | set(family.paper_keys)) & taken)
+    if clash:
+        raise ValueError(f"Objective family {family.name!r}: {', '.join(clash)} already registered.")
+    FAMILIES[family.name] = family
+    return family
+
+
+def unregister_family(name: str) -> None:
+    FAMILIES.pop(name)
+
+
+def _unit_interval(q: float) -> bool:
+    return 0.0 <= q <= 1.0
+
+
+def _threshold_family(name: str, paper_key: str, direction: str, on_p: bool, leans_on_prior: bool) -> Family:
+    keep = at_least if direction == "top" else at_most
+    sign = ">=" if direction == "top" else "<="
+
+    def loss(log_p: Tensor, q: float) -> Tensor:
+        base = one_minus_exp(log_p) if on_p else -log_p
+        return base * keep(log_p, q)
+
+    def weight(p: Tensor, q: float) -> Tensor:
+        return (p if on_p else torch.ones_like(p)) * keep(p.log(), q)
+
+    kind = "1 - p" if on_p else "NLL"
+    return Family(
+        name=name,
+        loss=loss,
+        weight=weight,
+        loss_text=f"{'(1 - p)' if on_p else '-log p'} 1[p {sign} q]",
+        weight_text=f"{'p ' if on_p else ''}1[p {sign} q]",
+        help=f"{kind} on the tokens with p {sign} q only",
+        paper_keys=(paper_key,),
+        param="q",
+        param_range="q in [0, 1]",
+        check_param=_unit_interval,
+        keep=keep,
+        leans_on_prior=leans_on_prior,
+    )
+
+
+for _family in (
+    Family(
+        name="nll",
+        loss=lambda log_p, _: -log_p,
+        weight=lambda p, _: torch.ones_like(p),
+        loss_text="-log p",
+        weight_text="1",
+        help="negative log-likelihood (TRL's default)",
+        paper_keys=("original", "logp"),
+    ),
+    Family(
+        name="p",
+        loss=lambda log_p, _: one_minus_exp(log_p),
+        weight=lambda p, _: p.clone(),
+        loss_text="1 - p",
+        weight_text="p",
+        help="-p: the paper's prior-leaning objective",
+        paper_keys=("p",),
+        leans_on_prior=True,
+    ),
+    Family(
+        name="power",
+        loss=power_loss,
+        weight=lambda p, a: p.pow(a),
+        loss_text="(1 - p^a) / a",
+        weight_text="p^a",
+        help="-p^a: NLL as a -> 0, -p at a = 1, more prior-leaning as a grows",
+        paper_keys=("GeneralFamily",),
+        param="a",
+        param_range="a > 0",
+        check_param=lambda a: a > 0,
+        leans_on_prior=True,
+    ),
+    _threshold_family("top_p", "OnlyTopP", "top", on_p=True, leans_on_prior=True),
+    _threshold_family("bottom_p", "OnlyBottomP", "bottom", on_p=True, leans_on_prior=False),
+    _threshold_family("top_logp", "OnlyTopLogP", "top", on_p=False, leans_on_prior=True),
+    _threshold_family("bottom_logp", "OnlyBottomLogP", "bottom", on_p=False, leans_on_prior=False),
+    Family(
+        name="dft",
+        loss=lambda log_p, _: -log_p * log_p.detach().exp(),
+        weight=lambda p, _: p.clone(),
+        loss_text="-sg(p) log p",
+        weight_text="sg(p)",
+        help="dynamic fine-tuning (NLL weighted by the detached p)",
+        reference_text='TRL `loss_type="dft"`',
+    ),
+):
+    register_family(_family)
+
+
+def valid_specs() -> str:
+    """Every spec the registry accepts, for help texts and error messages."""
+    specs = ", ".join(
+        f.name if f.param is None else f"{f.spec_pattern} ({f.param_range})" for f in FAMILIES.values()
+    )
+    aliases = ", ".join(
+        key if f.param is None else f"{key}-{f.param}" for f in FAMILIES.values() for key in f.paper_keys if key != f.name
+    )
+    return f"{specs}; paper-repo aliases: {aliases}"
+
+
+def objective_help() -> str:
+    """The ``--objective`` help: every family, one clause each."""
+    return "Per-token objective (the target of the schedule): " + "; ".join(
+        f"{f.spec_pattern}: {f.help}" for f in FAMILIES.values()
+    ) + ". Paper-repo keys work too (" + ", ".join(
+        key if f.param is None else f"{key}-{f.param}" for f in FAMILIES.values() for key in f.paper_keys if key != f.name
+    ) + ")."
+
+
+def readme_table() -> str:
+    """The README's objective table, from the registry."""
+    header = "| `--objective` | paper repo key | per-token loss f(p) | w(p) | normaliser |\n|---|---|---|---|---|"
+    return "\n".join([header, *(f.readme_row() for f in FAMILIES.values())])
+
+
+# ------------------------------------------------------------------------------------------------ an objective
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A per-token objective f(p): a family with its parameter. Call it on target-token log-probabilities.
+
+    Attributes:
+        family: the family's name (``power``).
+        param: the exponent ``a`` of ``power`` or the threshold ``q`` of the thresholded families.
+    """
+
+    family: str
+    param: float | None = None
+
+    @property
+    def row(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec (``"power:10"``)."""
+        return self.family if self.param is None else f"{self.family}:{_format_number(self.param)}"
+
+    @property
+    def normaliser(self) -> Normaliser:
+        """``"kept_tokens"`` for the thresholded families (mean over the tokens they keep), else ``"tokens"``."""
+        return self.row.normaliser
+
+    @property
+    def is_thresholded(self) -> bool:
+        return self.row.keep is not None
+
+    @property
+    def leans_on_prior(self) -> bool:
+        """True when w(p) grows with p (the paper's prior-leaning objectives)."""
+        return self.row.leans_on_prior
+
+    def keep(self, log_p: Tensor) -> Tensor:
+        """Boolean mask of the tokens this objective trains on (all True for non-thresholded families)."""
+        if self.row.keep is None:
+            return torch.ones_like(log_p, dtype=torch.bool)
+        return self.row.keep(log_p.detach().float(), self.param)
+
+    def __call__(self, log_p: Tensor) -> Tensor:
+        """Per-token loss f(p), fp32, same shape as ``log_p``, differentiable w.r.t. ``log_p``.
+
+        Every f here is 0 at p = 1, so positions where TRL's fused head returns log p = 0 (ignored labels)
+        contribute nothing; counting kept tokens still needs the caller's label mask.
+        """
+        return self.row.loss(log_p.float(), self.param)
+
+    def weight(self, p: Tensor) -> Tensor:
+        """Gradient weight w(p) = -f'(p) p on the NLL gradient (the paper's table), for analysis and tests."""
+        return self.row.weight(p.float(), self.param)
+
+
 def _format_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _parse_number(text: str, spec: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"Objective spec {spec!r}: {text!r} is not a number. Valid specs: {VALID_SPECS}.") from None
-    if not math.isfinite(value):
-        raise ValueError(f"Objective spec {spec!r}: the parameter must be finite. Valid specs: {VALID_SPECS}.")
-    return value
+def _family_of(text: str) -> tuple[Family, str | None] | None:
+    """(family, parameter text) for a canonical spec (``power:10``) or a paper key (``GeneralFamily-10``)."""
+    for family in FAMILIES.values():
+        for key in family.paper_keys:
+            if family.param is None and text == key:
+                return family, None
+            if family.param is not None and text.startswith(f"{key}-"):
+                return family, text[len(key) + 1 :]
+    name, _, param_text = text.partition(":")
+    family = FAMILIES.get(name.strip().lower())
+    return None if family is None else (family, param_text.strip() or None)
 
 
 def get_objective(spec: str | Objective) -> Objective:
@@ -168,35 +322,37 @@ def get_objective(spec: str | Objective) -> Objective:
     if isinstance(spec, Objective):
         return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"Objective spec must be a non-empty string, got {spec!r}. Valid specs: {VALID_SPECS}.")
-    text = spec.strip()
-
-    # The paper repo's keys: `original`, `logp`, `p`, `GeneralFamily-8`, `OnlyTopP-0.2`, ...
-    paper = re.fullmatch(r"(GeneralFamily|OnlyTopP|OnlyBottomP|OnlyTopLogP|OnlyBottomLogP)-(.+)", text)
-    if paper:
-        family, param_text = _PAPER_KEYS[paper.group(1)], paper.group(2)
-    elif text in ("original", "logp"):
-        family, param_text = "nll", None
-    else:
-        family, _, param_text = text.partition(":")
-        family = family.strip().lower()
-        param_text = param_text.strip() or None
-
-    if family not in _FAMILIES:
-        raise ValueError(f"Unknown objective {spec!r}. Valid specs: {VALID_SPECS}.")
-    needs_param = family == "power" or family in _THRESHOLDED
-    if needs_param and param_text is None:
-        raise ValueError(f"Objective {spec!r} needs a parameter, e.g. {family}:0.2. Valid specs: {VALID_SPECS}.")
-    if not needs_param:
+        raise ValueError(f"Objective spec must be a non-empty string, got {spec!r}. Valid specs: {valid_specs()}.")
+    found = _family_of(spec.strip())
+    if found is None:
+        raise ValueError(f"Unknown objective {spec!r}. Valid specs: {valid_specs()}.")
+    family, param_text = found
+    if family.param is None:
         if param_text is not None:
-            raise ValueError(f"Objective {family!r} takes no parameter, got {spec!r}. Valid specs: {VALID_SPECS}.")
-        return Objective(family)
-
-    param = _parse_number(param_text, spec)
-    if family == "power" and param <= 0:
+            raise ValueError(f"Objective {family.name!r} takes no parameter, got {spec!r}. Valid specs: {valid_specs()}.")
+        return Objective(family.name)
+    if param_text is None:
         raise ValueError(
-            f"Objective {spec!r}: the exponent a must be > 0 (a -> 0 is nll; use `nll`), got {param_text}."
+            f"Objective {spec!r} needs a parameter {family.param} ({family.param_range}), e.g. {family.name}:0.2."
         )
-    if family in _THRESHOLDED and not 0.0 <= param <= 1.0:
-        raise ValueError(f"Objective {spec!r}: the threshold q must be in [0, 1], got {param_text}.")
-    return Objective(family, param)
+    try:
+        param = float(param_text)
+    except ValueError:
+        raise ValueError(f"Objective spec {spec!r}: {param_text!r} is not a number. Valid specs: {valid_specs()}.") from None
+    if not math.isfinite(param):
+        raise ValueError(f"Objective spec {spec!r}: the parameter must be finite ({family.param_range}).")
+    if not family.check_param(param):
+        hint = " (a -> 0 is nll; use `nll`)" if family.name == "power" else ""
+        raise ValueError(f"Objective {spec!r}: {family.param} must be {_range_words(family)}{hint}, got {param_text}.")
+    return Objective(family.name, param)
+
+
+def _range_words(family: Family) -> str:
+    # "a > 0" -> "> 0"; "q in [0, 1]" -> "in [0, 1]": reads as "the threshold q must be in [0, 1]".
+    return family.param_range.removeprefix(f"{family.param} ")
+
+
+def __getattr__(name: str):
+    if name == "VALID_SPECS":  # the registry can grow after import: computed when read
+        return valid_specs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,28 +1,43 @@
 """Objective schedules: how far training has moved from NLL toward the target objective (lambda in [0, 1]).
 
-Pure functions of numbers; the trainer decides when to call them (once per optimizer step).
+A schedule is a small object in the style of torch's LR schedulers: ``step(stats)`` once per optimizer step
+returns lambda for the next step, ``state_dict()`` / ``load_state_dict()`` carry it through checkpoints. It knows
+nothing about trainers: it takes the step's target-token statistics (:class:`~trl_prob.stats.TokenProbStats`).
 
+- ``none``: lambda = 1, the target objective alone.
 - ``constant``: lambda = ``objective_lambda``.
 - ``linear`` / ``cosine``: lambda rises from 0 to 1 over the first ``warmup_ratio`` of the optimizer steps.
-- ``adaptive``: lambda = clip((p_ema - p_low) / (p_high - p_low), 0, 1), where p_ema is an exponential
-  moving average of the per-step statistic of the target-token probabilities (mean, median or share of
-  tokens above 0.55). The paper's finding, made dynamic: NLL while the model is weak on the data,
-  the prior-leaning objective once it is confident.
+- ``adaptive``: lambda = clip((p_ema - p_low) / (p_high - p_low), 0, 1), where p_ema is an exponential moving
+  average of a per-step statistic of the target-token probabilities (:data:`STATISTICS`). The paper's finding,
+  made dynamic: NLL while the model is weak on the data, the prior-leaning objective once it is confident.
 
-Two ways to apply lambda (``schedule_mode``):
-- ``blend``: loss = (1 - lambda) * nll + lambda * target;
-- ``exponent``: train ``power:(lambda * k)`` for a ``power:k`` target (``power:0`` is NLL), so the
-  family itself slides from NLL to -p^k.
+Every schedule keeps p_ema (it is logged whatever the schedule). Two ways to apply lambda (``schedule_mode``):
+``blend`` trains (1 - lambda) nll + lambda target; ``exponent`` trains ``power:(lambda k)`` for a ``power:k``
+target, so the family itself slides from NLL to -p^k.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from typing import Any, ClassVar
 
-SCHEDULES = ("none", "constant", "linear", "cosine", "adaptive")
+from .stats import TokenProbStats
+
 MODES = ("blend", "exponent")
-STATISTICS = ("mean", "median", "share_confident")
+
+# The per-step signal the adaptive schedule follows, by name, and the metric it is logged under (None: already
+# logged by the trainer as mean_token_prob).
+STATISTICS: dict[str, Callable[[TokenProbStats], float]] = {
+    "mean": lambda stats: stats.mean_p,
+    "median": lambda stats: stats.median_p,
+    "share_confident": lambda stats: stats.share_confident,
+}
+STATISTIC_METRICS: dict[str, str | None] = {
+    "mean": None,
+    "median": "median_token_prob",
+    "share_confident": "confident_token_share",
+}
 
 
 def ramp(x: float) -> float:
@@ -55,45 +70,163 @@ def ema_update(previous: float | None, value: float, decay: float) -> float:
     return decay * previous + (1.0 - decay) * value
 
 
-@dataclass
-class ScheduleState:
-    """What a checkpoint must carry for a resumed run to follow the same trajectory."""
-
-    step: int = 0
-    p_ema: float | None = None
-    objective_lambda: float = 0.0
-    warm_started: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ScheduleState:
-        return cls(**{k: data[k] for k in ("step", "p_ema", "objective_lambda", "warm_started") if k in data})
+class ScheduleStateError(ValueError):
+    """A saved schedule state that cannot be loaded; the message names the field and what is allowed."""
 
 
-def next_lambda(
-    schedule: str,
-    *,
-    step: int,
-    total_steps: int,
-    p_ema: float | None,
-    previous_lambda: float,
-    objective_lambda: float = 1.0,
-    warmup_ratio: float = 0.1,
-    p_low: float = 0.30,
-    p_high: float = 0.55,
-    monotone: bool = False,
-) -> float:
-    """Lambda for the optimizer step after ``step`` completed ones. ``none`` means the target objective alone."""
-    if schedule == "none":
-        value = 1.0
-    elif schedule == "constant":
-        value = objective_lambda
-    elif schedule in ("linear", "cosine"):
-        value = warmup_lambda(step, total_steps, warmup_ratio, schedule)
-    elif schedule == "adaptive":
-        value = 0.0 if p_ema is None or math.isnan(p_ema) else adaptive_lambda(p_ema, p_low, p_high)
-    else:
-        raise ValueError(f"Unknown objective schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}.")
-    return max(value, previous_lambda) if monotone else value
+class Schedule:
+    """Lambda for the next optimizer step; ``step(stats)`` after each optimizer step.
+
+    Args:
+        statistic: name of the per-step signal in :data:`STATISTICS` that p_ema averages.
+        ema_decay: decay of p_ema, in [0, 1).
+        monotone: never let lambda decrease.
+    """
+
+    name: ClassVar[str]
+    warm_starts: ClassVar[bool] = False  # whether a probe of the base model before step 1 initialises p_ema
+
+    def __init__(self, *, statistic: str = "mean", ema_decay: float = 0.9, monotone: bool = False):
+        self.statistic = statistic
+        self.ema_decay = ema_decay
+        self.monotone = monotone
+        self.total_steps = 0
+        self.last_step = 0
+        self.p_ema: float | None = None
+        self.warm_started = False
+        self.value = self.initial_value
+
+    initial_value: ClassVar[float] = 0.0  # lambda before training begins (e.g. an evaluation before train())
+
+    def lambda_now(self) -> float:
+        """Lambda after ``last_step`` completed steps, before the monotone hold."""
+        raise NotImplementedError
+
+    def signal(self, stats: TokenProbStats) -> float:
+        return STATISTICS[self.statistic](stats)
+
+    def warm_start(self, stats: TokenProbStats) -> None:
+        """Start p_ema from a measurement of the base model rather than from the first (noisy) step."""
+        self.p_ema = self.signal(stats)
+        self.warm_started = True
+
+    def begin(self, total_steps: int) -> float:
+        """Lambda of the first optimizer step of a fresh run over ``total_steps`` steps."""
+        self.total_steps = total_steps
+        self.value = self._held(self.lambda_now(), previous=0.0)
+        return self.value
+
+    def step(self, stats: TokenProbStats) -> float:
+        """Account one finished optimizer step (its statistics over all micro-batches and processes)."""
+        self.p_ema = ema_update(self.p_ema, self.signal(stats), self.ema_decay)
+        self.last_step += 1
+        self.value = self._held(self.lambda_now(), previous=self.value)
+        return self.value
+
+    def _held(self, value: float, previous: float) -> float:
+        return max(value, previous) if self.monotone else value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.last_step,
+            "p_ema": self.p_ema,
+            "objective_lambda": self.value,
+            "warm_started": self.warm_started,
+        }
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore a :meth:`state_dict`; raises :class:`ScheduleStateError` naming what is wrong."""
+        if not isinstance(state, dict):
+            raise ScheduleStateError(f"expected a JSON object with step, p_ema, objective_lambda, warm_started, got {state!r}")
+        missing = [key for key in ("step", "objective_lambda") if key not in state]
+        if missing:
+            raise ScheduleStateError(f"missing {', '.join(missing)}")
+        step, p_ema, value = state["step"], state.get("p_ema"), state["objective_lambda"]
+        warm_started = state.get("warm_started", False)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ScheduleStateError(f"step must be an integer >= 0, got {step!r}")
+        if p_ema is not None and (isinstance(p_ema, bool) or not isinstance(p_ema, (int, float))
+                                  or not (math.isnan(p_ema) or 0.0 <= p_ema <= 1.0)):
+            raise ScheduleStateError(f"p_ema must be null or a number in [0, 1], got {p_ema!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ScheduleStateError(f"objective_lambda must be a number in [0, 1], got {value!r}")
+        if not isinstance(warm_started, bool):
+            raise ScheduleStateError(f"warm_started must be true or false, got {warm_started!r}")
+        self.last_step, self.value, self.warm_started = step, float(value), warm_started
+        self.p_ema = None if p_ema is None else float(p_ema)
+
+
+class NoSchedule(Schedule):
+    """The target objective alone."""
+
+    name = "none"
+    initial_value = 1.0
+
+    def lambda_now(self) -> float:
+        return 1.0
+
+
+class ConstantSchedule(Schedule):
+    """A fixed blend ``objective_lambda``."""
+
+    name = "constant"
+
+    def __init__(self, objective_lambda: float = 1.0, **kwargs):
+        self.objective_lambda = objective_lambda
+        super().__init__(**kwargs)
+
+    def lambda_now(self) -> float:
+        return self.objective_lambda
+
+
+class WarmupSchedule(Schedule):
+    """0 -> 1 over the first ``warmup_ratio`` of the optimizer steps, linear or half-cosine."""
+
+    name = "linear"
+
+    def __init__(self, warmup_ratio: float = 0.1, **kwargs):
+        self.warmup_ratio = warmup_ratio
+        super().__init__(**kwargs)
+
+    def lambda_now(self) -> float:
+        return warmup_lambda(self.last_step, self.total_steps, self.warmup_ratio, self.name)
+
+
+class CosineSchedule(WarmupSchedule):
+    name = "cosine"
+
+
+class AdaptiveSchedule(Schedule):
+    """clip((p_ema - p_low) / (p_high - p_low), 0, 1): NLL while unsure, the target once confident."""
+
+    name = "adaptive"
+    warm_starts = True
+
+    def __init__(self, p_low: float = 0.30, p_high: float = 0.55, **kwargs):
+        self.p_low, self.p_high = p_low, p_high
+        super().__init__(**kwargs)
+
+    def lambda_now(self) -> float:
+        if self.p_ema is None or math.isnan(self.p_ema):
+            return 0.0  # nothing measured yet: NLL
+        return adaptive_lambda(self.p_ema, self.p_low, self.p_high)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    cls.name: cls for cls in (NoSchedule, ConstantSchedule, WarmupSchedule, CosineSchedule, AdaptiveSchedule)
+}
+
+
+def build_schedule(args) -> Schedule:
+    """The schedule a [`ProbSFTConfig`] asks for."""
+    common = dict(statistic=args.schedule_statistic, ema_decay=args.schedule_ema_decay, monotone=args.schedule_monotone)
+    kind = args.objective_schedule
+    if kind not in SCHEDULES:
+        raise ValueError(f"Unknown objective schedule {kind!r}; allowed: {', '.join(SCHEDULES)}.")
+    specific = {
+        "constant": dict(objective_lambda=args.objective_lambda),
+        "linear": dict(warmup_ratio=args.schedule_warmup_ratio),
+        "cosine": dict(warmup_ratio=args.schedule_warmup_ratio),
+        "adaptive": dict(p_low=args.schedule_p_low, p_high=args.schedule_p_high),
+    }.get(kind, {})
+    return SCHEDULES[kind](**specific, **common)

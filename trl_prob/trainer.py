@@ -22,34 +22,91 @@ import os
 import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from .config import ProbSFTConfig
-from .objectives import get_objective, power_loss
-from .schedules import ScheduleState, ema_update, next_lambda
+from .loss import distributed_sum, objective_loss
+from .measure import measure, per_sample_stats
+from .objectives import get_objective
+from .schedules import STATISTIC_METRICS, Schedule, ScheduleStateError, build_schedule
 from .stats import TokenProbStats
 
 logger = logging.getLogger(__name__)
 
-SCHEDULE_STATE_FILE = "trl_prob_schedule.json"
+SCHEDULE_CALLBACK = "ProbObjectiveSchedule"  # its key in trainer_state.json's `stateful_callbacks`
+LEGACY_SCHEDULE_STATE_FILE = "trl_prob_schedule.json"  # checkpoints written before the schedule was a callback
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose schedule state is missing, unreadable or ill-typed; raised before any step runs."""
 
 
 def _unwrap_peft(model):
     return model.get_base_model() if is_peft_model(model) else model
 
 
-class _StepBoundary(TrainerCallback):
-    """Runs the mixin's once-per-optimizer-step work at the Trainer's step boundaries (on every rank)."""
+def _schedule_callback(trainer: ProbObjectiveMixin) -> TrainerCallback:
+    """The callback that runs the schedule at optimizer-step boundaries (on every rank) and exports its state.
 
-    def __init__(self, trainer: ProbObjectiveMixin):
-        self.trainer = trainer
+    As an ``ExportableState``, its state is written into the checkpoint's ``trainer_state.json`` by the Trainer
+    itself, in the same file write as the rest of the trainer state. The class is made per trainer, so an instance
+    that transformers re-creates (``restore_callback_states_from_checkpoint``) still drives the same trainer.
+    """
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._begin_schedule()
+    class ProbObjectiveSchedule(TrainerCallback, ExportableState):
+        def on_train_begin(self, args, state, control, **kwargs):
+            state.stateful_callbacks.setdefault(SCHEDULE_CALLBACK, self.state())  # resumed from a legacy checkpoint
+            trainer._begin_schedule()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._end_optimizer_step()
+        def on_step_end(self, args, state, control, **kwargs):
+            trainer._end_optimizer_step()
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"schedule": trainer.schedule.state_dict()}}
+
+    assert ProbObjectiveSchedule.__name__ == SCHEDULE_CALLBACK
+    return ProbObjectiveSchedule()
+
+
+def saved_schedule_state(checkpoint: str, args: ProbSFTConfig) -> dict | None:
+    """The schedule state a checkpoint holds, checked; ``None`` where the run may start the schedule afresh.
+
+    Raises :class:`CheckpointError` naming the checkpoint and what is wrong: no schedule state for a run with a
+    schedule (unless ``args.schedule_reset_on_resume``), unreadable JSON, or ill-typed fields.
+    """
+    trainer_state = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    legacy = os.path.join(checkpoint, LEGACY_SCHEDULE_STATE_FILE)
+    state = None
+    try:
+        if os.path.isfile(trainer_state):
+            with open(trainer_state) as f:
+                exported = json.load(f).get("stateful_callbacks", {}).get(SCHEDULE_CALLBACK)
+            if exported is not None:
+                state = exported.get("attributes", {}).get("schedule") if isinstance(exported, dict) else exported
+                where = f"{trainer_state} (stateful_callbacks.{SCHEDULE_CALLBACK})"
+        if state is None and os.path.isfile(legacy):
+            with open(legacy) as f:
+                state = json.load(f)
+            where = legacy
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint}: cannot read its schedule state ({exc}).") from None
+    if state is None:
+        if args.objective_schedule == "none" or args.schedule_reset_on_resume:
+            return None
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has no schedule state (neither {TRAINER_STATE_FILE} stateful_callbacks."
+            f"{SCHEDULE_CALLBACK} nor {LEGACY_SCHEDULE_STATE_FILE}): resuming would restart the "
+            f"{args.objective_schedule} schedule on a different trajectory. Pass --schedule_reset_on_resume to "
+            "accept that."
+        )
+    try:
+        build_schedule(args).load_state_dict(state)
+    except ScheduleStateError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint}: bad schedule state in {where}: {exc}.") from None
+    return state
 
 
 class ProbObjectiveMixin:
@@ -92,12 +149,12 @@ class ProbObjectiveMixin:
                 f"{config.objective!r} cannot be applied. Disable sequence parallelism."
             )
         self._wrap_fused_forward(_unwrap_peft(self.model))
-        self.add_callback(_StepBoundary(self))
+        self.add_callback(_schedule_callback(self))
 
     def _init_objective_state(self, config: ProbSFTConfig) -> None:
         """The mixin's own state; also used by the benchmarks' trainer-less stand-ins, so they cannot drift."""
         self._objective = get_objective(config.objective)
-        self._schedule_state = ScheduleState(objective_lambda=1.0 if config.objective_schedule == "none" else 0.0)
+        self.schedule: Schedule = build_schedule(config)
         self._restored_schedule = False
         self._step_stats: TokenProbStats | None = None
         self._eval_stats: TokenProbStats | None = None
@@ -114,7 +171,7 @@ class ProbObjectiveMixin:
         def forward(*args, **kwargs):
             outputs = fused_forward(*args, **kwargs)
             if kwargs.get("fused_lm_head") and trainer._in_compute_loss:
-                outputs.log_probs = -trainer._per_token_objective(outputs.log_probs, outputs.label_mask, model.training)
+                outputs.log_probs = -trainer._per_token_objective(outputs.log_probs, outputs.label_mask, kwargs)
             return outputs
 
         model.forward = forward
@@ -129,85 +186,39 @@ class ProbObjectiveMixin:
     @property
     def objective_lambda(self) -> float:
         """Lambda of the current optimizer step (1 = the objective alone)."""
-        return self._schedule_state.objective_lambda
+        return self.schedule.value
 
-    def _per_token_objective(self, log_p: torch.Tensor, mask: torch.Tensor, training: bool) -> torch.Tensor:
-        """The per-token loss TRL will sum and normalise; records the step's statistics on the way."""
-        args = self.args
-        target = self._objective
-        keep = target.keep(log_p) & mask if target.is_thresholded else None
-        stats = TokenProbStats.of(log_p, mask, keep)
-        if training:
+    def _per_token_objective(self, log_p: torch.Tensor, mask: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The per-token loss TRL will sum and normalise; records the statistics on the way."""
+        objective = self._objective if self._uses_objective else get_objective("nll")
+        loss, stats = objective_loss(
+            log_p, mask, objective, self.objective_lambda, self.args.schedule_mode, all_reduce=distributed_sum
+        )
+        if self.model.training:
             self._step_stats = stats if self._step_stats is None else self._step_stats + stats
-        else:
-            stats.all_reduce()
+        else:  # per sample, so that gather_for_metrics counts each evaluation sample once
+            keep = objective.keep(log_p) & mask if objective.is_thresholded else None
+            rows = self.accelerator.gather_for_metrics(per_sample_stats(batch, log_p, mask, keep))
+            stats = TokenProbStats.from_rows(rows)
             self._eval_stats = stats if self._eval_stats is None else self._eval_stats + stats
-
-        log_p = log_p.float()
-        if not self._uses_objective:
-            return -log_p
-        lam = self.objective_lambda
-        if args.schedule_mode == "exponent":
-            return power_loss(log_p, lam * target.param) * mask
-
-        loss = target(log_p)
-        if target.is_thresholded:
-            loss = loss * keep * self._kept_token_scale(stats)
-        if lam < 1.0:
-            loss = (1.0 - lam) * (-log_p) + lam * loss
-        return loss * mask
-
-    def _kept_token_scale(self, stats: TokenProbStats) -> torch.Tensor:
-        """valid / kept tokens of this micro-batch over all processes.
-
-        TRL divides the summed loss by the step's target-token count; this factor turns that into a mean over
-        the kept tokens, the paper's normaliser. With one micro-batch per step it is exact; with gradient
-        accumulation each micro-batch uses its own kept share, as the paper's (verl) trainer does.
-        """
-        counts = torch.stack([stats.sums[0], stats.sums[4]])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
-        valid, kept = counts
-        return torch.where(kept > 0, valid / kept.clamp(min=1), 0.0).float()
+        return loss
 
     # ------------------------------------------------------------------------------------- the schedule
 
-    def _statistic(self, stats: TokenProbStats) -> float:
-        statistic = self.args.schedule_statistic
-        if statistic == "median":
-            return stats.median_p
-        if statistic == "share_confident":
-            return stats.share_confident
-        return stats.mean_p
-
     def _begin_schedule(self) -> None:
-        args, state = self.args, self._schedule_state
+        args, schedule = self.args, self.schedule
+        if args.flush_denormal and self.args.device.type == "cpu":
+            if torch.set_flush_denormal(True):
+                logger.info("trl-prob: subnormal floats flushed to zero on CPU (pass --flush_denormal false to keep them).")
         if args.objective_schedule == "none" or self._restored_schedule:
             return
-        if args.objective_schedule == "adaptive" and args.schedule_warm_start and not state.warm_started:
-            stats = self.measure_token_probs(num_samples=args.schedule_warm_start_samples, progress=False)
-            state.p_ema = self._statistic(stats)
-            state.warm_started = True
-            logger.info("trl-prob warm start: %s target-token probability %.4f", args.schedule_statistic, state.p_ema)
-        state.objective_lambda = self._next_lambda(step=0, previous=0.0)
-
-    def _next_lambda(self, step: int, previous: float) -> float:
-        args = self.args
-        return next_lambda(
-            args.objective_schedule,
-            step=step,
-            total_steps=self.state.max_steps,
-            p_ema=self._schedule_state.p_ema,
-            previous_lambda=previous,
-            objective_lambda=args.objective_lambda,
-            warmup_ratio=args.schedule_warmup_ratio,
-            p_low=args.schedule_p_low,
-            p_high=args.schedule_p_high,
-            monotone=args.schedule_monotone,
-        )
+        if schedule.warm_starts and args.schedule_warm_start and not schedule.warm_started:
+            schedule.warm_start(self.measure_token_probs(num_samples=args.schedule_warm_start_samples, progress=False))
+            logger.info("trl-prob warm start: %s target-token probability %.4f", args.schedule_statistic, schedule.p_ema)
+        schedule.begin(self.state.max_steps)
 
     def _end_optimizer_step(self) -> None:
-        args, state = self.args, self._schedule_state
+        args, schedule = self.args, self.schedule
         stats = self._step_stats if self._step_stats is not None else TokenProbStats.zeros(args.device)
         self._step_stats = None
         stats = stats.all_reduce().to_host()  # one sync per optimizer step, however many statistics are read
@@ -219,19 +230,15 @@ class ProbObjectiveMixin:
             metrics["kept_token_fraction"].append(stats.kept_fraction)
         if args.objective_schedule == "none":
             return
-        if args.schedule_statistic == "median":
-            metrics["median_token_prob"].append(stats.median_p)
-        elif args.schedule_statistic == "share_confident":
-            metrics["confident_token_share"].append(stats.share_confident)
+        statistic_metric = STATISTIC_METRICS[args.schedule_statistic]
+        if statistic_metric is not None:
+            metrics[statistic_metric].append(schedule.signal(stats))
 
-        used_lambda = state.objective_lambda
-        metrics["objective_lambda"].append(used_lambda)
+        metrics["objective_lambda"].append(schedule.value)
         if args.schedule_mode == "exponent":
-            metrics["objective_exponent"].append(used_lambda * self._objective.param)
-        state.p_ema = ema_update(state.p_ema, self._statistic(stats), args.schedule_ema_decay)
-        state.step = self.state.global_step
-        state.objective_lambda = self._next_lambda(step=state.step, previous=used_lambda)
-        metrics["ema_token_prob"].append(state.p_ema if state.p_ema is not None else math.nan)
+            metrics["objective_exponent"].append(schedule.value * self._objective.param)
+        schedule.step(stats)
+        metrics["ema_token_prob"].append(schedule.p_ema if schedule.p_ema is not None else math.nan)
 
     # ------------------------------------------------------------------------------------- measurement
 
@@ -239,10 +246,8 @@ class ProbObjectiveMixin:
         """Target-token probability statistics of the current model on ``dataset`` (default: the training set).
 
         The tokens are exactly those training uses: TRL's prepared dataset, collator and masks, through the
-        fused log-prob head (no full logits), batched, ``torch.no_grad``, split across processes and reduced.
+        fused log-prob head (no full logits), batched, ``torch.no_grad``, split across processes, each sample once.
         """
-        from .measure import measure
-
         dataset = self.train_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("measure_token_probs needs a dataset: the trainer has no train_dataset.")
@@ -278,21 +283,13 @@ class ProbObjectiveMixin:
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, str):
-            path = os.path.join(checkpoint, SCHEDULE_STATE_FILE)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    self._schedule_state = ScheduleState.from_dict(json.load(f))
+            state = saved_schedule_state(checkpoint, self.args)
+            if state is not None:
+                self.schedule.load_state_dict(state)
                 self._restored_schedule = True
             elif self.args.objective_schedule != "none":
-                logger.warning("%s has no %s: the schedule restarts from its initial state.", checkpoint, SCHEDULE_STATE_FILE)
+                logger.warning("%s: no schedule state; the schedule restarts (--schedule_reset_on_resume).", checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            with open(os.path.join(folder, SCHEDULE_STATE_FILE), "w") as f:
-                json.dump(self._schedule_state.to_dict(), f, indent=2)
 
 
 class ProbSFTTrainer(ProbObjectiveMixin, SFTTrainer):

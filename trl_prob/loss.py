@@ -1,0 +1,71 @@
+"""The per-micro-batch loss: target-token log-probabilities in, per-token loss and statistics out.
+
+A pure function of tensors and numbers, so the trainer is glue and the loss is tested on its own against
+autograd through full logits. The caller (TRL's ``SFTTrainer.compute_loss``) sums the per-token loss and divides
+by the step's target-token count over all micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .objectives import Objective, power_loss
+from .stats import TokenProbStats
+
+
+def objective_loss(
+    log_p: torch.Tensor,
+    mask: torch.Tensor,
+    objective: Objective,
+    objective_lambda: float = 1.0,
+    mode: str = "blend",
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, TokenProbStats]:
+    """Per-token loss (fp32, 0 where ``mask`` is false) and the micro-batch's target-token statistics.
+
+    Args:
+        log_p: log-probability of each target token (TRL's fused head: 0 on ignored positions).
+        mask: True on target tokens.
+        objective: the target objective f.
+        objective_lambda: 0 is NLL, 1 the objective alone.
+        mode: ``blend`` trains (1 - lambda) nll + lambda f; ``exponent`` trains ``power:(lambda a)`` for a
+            ``power:a`` objective.
+        all_reduce: sums a tensor over processes (returns it); ``None`` for one process. Thresholded objectives
+            use it for the kept-token count of this micro-batch over all processes.
+    """
+    keep = objective.keep(log_p) & mask if objective.is_thresholded else None
+    stats = TokenProbStats.of(log_p, mask, keep)
+    log_p = log_p.float()
+    if mode == "exponent":
+        return power_loss(log_p, objective_lambda * objective.param) * mask, stats
+    loss = objective(log_p)
+    if keep is not None:
+        loss = loss * keep * kept_token_scale(stats, all_reduce)
+    if objective_lambda < 1.0:
+        loss = (1.0 - objective_lambda) * (-log_p) + objective_lambda * loss
+    return loss * mask, stats
+
+
+def kept_token_scale(
+    stats: TokenProbStats, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Target tokens / kept tokens of this micro-batch (over all processes), 0 when nothing is kept.
+
+    The caller divides the summed loss by the target-token count; this factor turns that into the paper's mean
+    over the kept tokens. Exact with one micro-batch per step; with gradient accumulation each micro-batch uses
+    its own kept share, as the paper's (verl) trainer does.
+    """
+    counts = torch.stack([stats.token_count, stats.kept_count])
+    if all_reduce is not None:
+        counts = all_reduce(counts)
+    valid, kept = counts
+    return torch.where(kept > 0, valid / kept.clamp(min=1), 0.0).float()
+
+
+def distributed_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the processes of the default group (no-op without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
