@@ -261,7 +261,7 @@ def test_run_ends_without_trainer_end(monkeypatch, tmp_path, tiny_model, tokeniz
     monkeypatch.delattr(transformers.Trainer, "end")
     ended = []
     monkeypatch.setattr(trainer.accelerator, "end_training", lambda: ended.append(True))
-    cli.shut_down(trainer)
+    cli.end(trainer)
     assert ended == [True]
 
 

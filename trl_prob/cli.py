@@ -1,25 +1,23 @@
-"""``trl-prob``: TRL's ``trl sft`` command, training with [`ProbSFTTrainer`] and accepting trl-prob's flags.
-
-Commands:
+"""``trl-prob``: TRL's ``trl sft`` training [`ProbSFTTrainer`], with trl-prob's flags.
 
 - ``trl-prob sft``: every ``trl sft`` flag (``ScriptArguments``, ``SFTConfig``, ``ModelConfig``, dataset mixtures,
-  ``--config recipe.yaml`` with its ``env:`` block) plus the objective flags of [`ProbSFTConfig`]. Flags the training
-  parser does not know go to ``accelerate launch`` (``--num_processes 2``, ``--multi_gpu``, ``--use_cpu``,
-  ``--accelerate_config NAME|PATH``, ...), exactly as in ``trl sft``.
-- ``trl-prob probe``: the same flags plus ``--num_samples`` and ``--batch_size``; builds the trainer as ``sft`` would,
-  then measures where the model stands on the capability continuum instead of training.
-- ``trl-prob plot RUN_DIR [--output PNG]``: plots a run's loss, token probability and objective lambda.
+  ``--config recipe.yaml`` with its ``env:`` block) plus the objective flags of [`ProbSFTConfig`]; flags the training
+  parser does not know go to ``accelerate launch`` (``--num_processes 2``, ``--accelerate_config NAME|PATH``, ...).
+- ``trl-prob probe``: the same flags plus ``--num_samples`` / ``--batch_size``; builds the trainer ``sft`` would build
+  and measures where the model stands on the capability continuum instead of training.
+- ``trl-prob plot RUN_DIR [--output PNG]``: a run's loss, token probability and objective lambda.
 
-How a training command runs (the same split as TRL's CLI): the *launcher* (``trl-prob sft ...``) parses and validates
-everything in one process, so bad input fails with one line before any process starts; then it runs
-``accelerate launch [accelerate flags] --module trl_prob.cli sft [training flags]``. ``python -m trl_prob.cli`` is the
-per-process entry point, the counterpart of ``trl/scripts/sft.py``: use it directly with your own launcher
-(``accelerate launch -m trl_prob.cli sft --config recipe.yaml``, ``torchrun -m trl_prob.cli ...``, SLURM ``srun``).
+The file has the shape of TRL's CLI. :func:`sft` and :func:`make_parser` are ``trl/scripts/sft.py``'s ``main`` and
+``make_parser``; ``python -m trl_prob.cli {sft,probe} ...`` is the per-process entry (use it with your own launcher:
+``accelerate launch -m trl_prob.cli sft --config recipe.yaml``, ``torchrun -m trl_prob.cli ...``, SLURM ``srun``).
+:func:`launch` is ``trl/cli/commands/training.py``: it parses and validates in one process, so bad input fails with one
+line before any process starts, then runs ``accelerate launch [accelerate flags] --module trl_prob.cli sft [flags]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,34 +28,39 @@ import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from trl.cli.commands.base import Command, CommandContext
 
 logger = logging.getLogger(__name__)
 
 PROG = "trl-prob"
 WORKER_MODULE = "trl_prob.cli"
-# Files whose presence in --output_dir means a run already lives there (a finished model, adapter or trainer state).
-RUN_FILES = (
-    "trainer_state.json",
-    "training_args.bin",
-    "config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-)
-TRUE_STRINGS = ("true", "last", "yes", "1")
+# What in --output_dir means a run already lives there (besides checkpoint-* folders): a saved model or trainer state.
+RUN_FILES = ("trainer_state.json", "training_args.bin", "config.json", "model.safetensors", "pytorch_model.bin",
+             "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors")  # fmt: skip
 
 
 class CLIError(Exception):
-    """Bad input from the command line: reported as one line on stderr, exit status 1 (2 for usage errors)."""
+    """Bad input: reported as one line on stderr, exit status 1 (2 for usage errors)."""
 
     def __init__(self, message: str, status: int = 1):
         super().__init__(message)
         self.status = status
+
+
+@contextlib.contextmanager
+def bad_input(status: int = 1):
+    """Errors raised inside are bad input (a value, a path, a YAML file): re-raised as a one-line [`CLIError`]."""
+    import yaml
+
+    try:
+        yield
+    except StopIteration:  # datasets' json builder on a file without a single row
+        raise CLIError("The dataset has no rows: there is nothing to train on.") from None
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        raise CLIError(_one_line(exc), status) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -93,8 +96,7 @@ class ProbeArguments:
     _argument_group_name = "trl-prob probe"
 
     num_samples: int | None = field(
-        default=1024,
-        metadata={"help": "Training samples to measure (None: the whole training split)."},
+        default=1024, metadata={"help": "Training samples to measure (None: the whole training split)."}
     )
     batch_size: int | None = field(
         default=None,
@@ -102,38 +104,7 @@ class ProbeArguments:
     )
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the flag help (as HfArgumentParser does) and hand-wrapped description/epilog."""
-
-
-def _dataclass_types(command: str) -> tuple[type, ...]:
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
-
-    from .config import ProbSFTConfig
-
-    types: tuple[type, ...] = (ScriptArguments, ProbSFTConfig, ModelConfig, DatasetMixtureConfig, RunArguments)
-    return types + (ProbeArguments,) if command == "probe" else types
-
-
-def objective_fields() -> list[dataclasses.Field]:
-    """The fields ``ProbSFTConfig`` adds to ``SFTConfig`` (the objective and its schedule)."""
-    from trl import SFTConfig
-
-    from .config import ProbSFTConfig
-
-    inherited = {f.name for f in dataclasses.fields(SFTConfig)}
-    return [f for f in dataclasses.fields(ProbSFTConfig) if f.name not in inherited]
-
-
-def _flag_table(fields: Sequence[dataclasses.Field]) -> str:
-    lines = []
-    for f in fields:
-        lines.append(f"  --{f.name}")
-        lines += textwrap.wrap(f.metadata.get("help", ""), width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
-    return "\n".join(lines)
-
-
-_ACCELERATE_EPILOG = """\
+ACCELERATE_EPILOG = """\
 Flags not listed above go to `accelerate launch`, as with `trl sft`: --num_processes N, --multi_gpu, --num_machines,
 --machine_rank, --main_process_ip, --main_process_port, --mixed_precision, --config_file PATH, and
 --accelerate_config NAME|PATH (a file, or one of TRL's shipped configs: multi_gpu, fsdp2, zero3, ...).
@@ -141,154 +112,107 @@ See `accelerate launch --help`. A recipe's YAML may also hold accelerate keys; u
 
 
 def make_parser(command: str = "sft", prog: str | None = None):
-    """The parser of ``trl-prob sft`` / ``probe``: TRL's ``TrlParser`` over ``trl sft``'s dataclasses, with
-    [`ProbSFTConfig`] in place of ``SFTConfig``, plus the command's own flags."""
-    from trl import TrlParser
+    """``trl/scripts/sft.py``'s parser with [`ProbSFTConfig`] for ``SFTConfig``, plus the command's own flags."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from .config import ProbSFTConfig
 
     class Parser(TrlParser):
         def error(self, message: str):  # argparse would print a usage line naming every one of ~250 flags
             raise CLIError(f"{message} (see `{self.prog} --help`)", status=2)
 
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Defaults in the flag help (as HfArgumentParser does) and a hand-wrapped epilog."""
+
+    dataclass_types = (ScriptArguments, ProbSFTConfig, ModelConfig, DatasetMixtureConfig, RunArguments)
     description = {
         "sft": "Supervised fine-tuning with TRL's SFTTrainer, training a probability-based objective on a schedule.",
         "probe": "Measure the model's target-token probabilities on the training data (where it stands on the "
         "capability continuum) with the trainer `sft` would build; writes probe.json and a plot to --output_dir.",
     }[command]
     parser = Parser(
-        _dataclass_types(command),
+        dataclass_types + ((ProbeArguments,) if command == "probe" else ()),
         prog=prog or f"{PROG} {command}",
         description=description,
-        epilog=_ACCELERATE_EPILOG,
-        formatter_class=_Formatter,
+        epilog=ACCELERATE_EPILOG,
+        formatter_class=Formatter,
         allow_abbrev=False,
     )
-    if command == "probe":
-        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
-
-        # The probe trains nothing: without a bf16 device it measures in float32 on what there is (SFTConfig's bf16
-        # default would be refused there). An explicit --bf16 (flag or YAML) still wins.
-        if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
-            parser.set_defaults(bf16=False)
+    # The probe trains nothing: without a bf16 device it measures in float32 on what there is (SFTConfig's bf16
+    # default would be refused there). An explicit --bf16 (flag or YAML) still wins.
+    if command == "probe" and not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+        parser.set_defaults(bf16=False)
     return parser
 
 
-def parse_worker_args(command: str, argv: Sequence[str]) -> tuple[Any, ...]:
-    """Parse a worker's arguments into dataclasses; keys of the YAML config that only accelerate knows are ignored."""
-    return make_parser(command).parse_args_and_config(list(argv), fail_with_unknown_args=False)
+# --------------------------------------------------------------------------------------------- the script
 
 
-# --------------------------------------------------------------------------------------------- validation
-
-
-def existing_run(output_dir: str) -> list[str]:
-    """What in ``output_dir`` belongs to an earlier run: ``checkpoint-*`` folders and saved model/trainer files."""
-    if not os.path.isdir(output_dir):
-        return []
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    found = sorted(name for name in os.listdir(output_dir) if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"))
-    return found + [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
-
-
-def resolve_resume(value: str | bool | None, output_dir: str) -> str | bool | None:
-    """``--resume_from_checkpoint``: ``true``/``last`` means the last checkpoint in ``output_dir``, else a path."""
-    if value is None or value is False:
-        return None
-    if value is True or str(value).lower() in TRUE_STRINGS:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        if not os.path.isdir(output_dir) or get_last_checkpoint(output_dir) is None:
-            raise CLIError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in --output_dir {output_dir}.")
-        return True
-    if str(value).lower() in ("false", "no", "0", "none"):
-        return None
-    if not os.path.isdir(value):
-        raise CLIError(f"--resume_from_checkpoint {value}: no such checkpoint directory.")
-    return value
-
-
-def check_output_dir(training_args, run_args: RunArguments) -> None:
-    """Refuse to train over an earlier run unless asked to (overwrite) or continuing it (resume)."""
-    if run_args.overwrite_output_dir or resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir):
-        return
-    found = existing_run(training_args.output_dir)
-    if found:
-        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        raise CLIError(
-            f"--output_dir {training_args.output_dir} already holds a run ({shown}); pass --overwrite_output_dir to "
-            "train over it, --resume_from_checkpoint true to continue it, or choose another --output_dir."
-        )
-
-
-def _looks_local(path: str) -> bool:
-    """A path rather than a Hub id (``org/name``) or a builder name (``json``)."""
-    return (
-        path.startswith(("/", ".", "~"))
-        or path.count("/") > 1
-        or path.endswith((".json", ".jsonl", ".csv", ".parquet"))
-    )
-
-
-def check_model(model_args, training_args) -> None:
-    """The model exists: a local directory or a Hub id whose config loads (from the cache when offline)."""
-    path = model_args.model_name_or_path
-    if not path:
-        raise CLIError("--model_name_or_path is required (a local directory or a Hugging Face Hub model id).")
-    if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
-        raise CLIError(f"--model_name_or_path {path}: no such directory.")
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(
-            path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        where = "" if os.path.exists(path) else "no such local directory, and as a Hub id: "
-        raise CLIError(f"--model_name_or_path {path}: {where}{_one_line(exc)}") from exc
-
-
-def check_dataset(script_args, dataset_args) -> None:
-    """A dataset is given and every named one exists locally or can be resolved (no data is downloaded)."""
-    if dataset_args.datasets:
-        specs = [(d.path, d.name, d.data_dir, d.data_files) for d in dataset_args.datasets]
-    elif script_args.dataset_name:
-        specs = [(script_args.dataset_name, script_args.dataset_config, None, None)]
-    else:
-        raise CLIError("Give a dataset: --dataset_name PATH_OR_HUB_ID, or a `datasets:` list in the --config YAML.")
-    for path, name, data_dir, data_files in specs:
-        if os.path.exists(os.path.expanduser(path)):
-            continue
-        if _looks_local(path):
-            raise CLIError(f"dataset {path}: no such file or directory.")
-        from datasets import load_dataset_builder
-
-        try:
-            load_dataset_builder(path, name=name, data_dir=data_dir, data_files=data_files)
-        except Exception as exc:  # datasets raises a zoo of types (DatasetNotFoundError, ConnectionError, ValueError)
-            raise CLIError(f"dataset {path}: no such local path, and as a Hub dataset: {_one_line(exc)}") from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-# --------------------------------------------------------------------------------------------- building
-
-
-def load_datasets(script_args, dataset_args):
-    """The ``DatasetDict`` exactly as ``trl sft`` loads it (a mixture wins over ``--dataset_name``)."""
+def sft(script_args, training_args, model_args, dataset_args, run_args, probe_args=None) -> None:
+    """``trl/scripts/sft.py``'s ``main`` with [`ProbSFTTrainer`]; given ``probe_args`` (``trl-prob probe``), the same
+    trainer is measured instead of trained. Bad input raises [`CLIError`] before anything is written."""
     from datasets import load_dataset
-    from trl import get_dataset
+    from trl import get_dataset, get_peft_config, get_quantization_config
 
-    if dataset_args is not None and dataset_args.datasets:
-        if script_args.dataset_name:
-            logger.warning("Both `datasets` and `dataset_name` are given: loading `datasets`, ignoring `dataset_name`.")
-        return get_dataset(dataset_args)
-    if script_args.dataset_name:
-        return load_dataset(
-            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+    from .probe import check_probe_inputs, run_probe
+    from .trainer import ProbSFTTrainer
+
+    with bad_input():
+        resume = check_output_dir(training_args, run_args) if probe_args is None else None
+        model_init_kwargs = dict(
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+            attn_implementation=model_args.attn_implementation,
+            dtype=model_args.dtype,
         )
-    raise CLIError("Give a dataset: --dataset_name PATH_OR_HUB_ID, or a `datasets:` list in the --config YAML.")
+        model_init_kwargs.update(training_args.model_init_kwargs or {})
+        training_args.model_init_kwargs = model_init_kwargs
+
+        # Load the dataset; a mixture wins over --dataset_name and is split into TRL's own "train"/"test".
+        train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
+        if dataset_args.datasets:
+            if script_args.dataset_name:
+                logger.warning("Both `datasets` and `dataset_name` are given: loading `datasets`, ignoring the other.")
+            dataset, train_split, test_split = get_dataset(dataset_args), "train", "test"
+        elif script_args.dataset_name:
+            dataset = load_dataset(
+                script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+            )
+        else:
+            raise CLIError(NO_DATASET)
+        train_dataset = _split(dataset, train_split, "--dataset_train_split")
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = _split(dataset, test_split, "--dataset_test_split")
+        check_probe_inputs(train_dataset, _tokenizer(model_args, training_args), training_args)
+
+        trainer = ProbSFTTrainer(
+            model=model_args.model_name_or_path,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+            callbacks=[rank_log_callback(run_args.rank_log_dir)] if run_args.rank_log_dir else None,
+        )
+
+    if probe_args is not None:
+        run_probe(trainer, num_samples=probe_args.num_samples, output_dir=training_args.output_dir,
+                  batch_size=probe_args.batch_size, source_dataset=train_dataset)  # fmt: skip
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.accelerator.print("Training completed.")
+        trainer.save_state()  # trainer_state.json in output_dir: what `trl-prob plot` reads when no checkpoint was kept
+        trainer.save_model(training_args.output_dir)
+        trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+        if training_args.push_to_hub:
+            trainer.push_to_hub(dataset_name=script_args.dataset_name)
+            trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+    end(trainer)
+
+
+NO_DATASET = "Give a dataset: --dataset_name PATH_OR_HUB_ID, or a `datasets:` list in the --config YAML."
 
 
 def _split(dataset, name: str, flag: str):
@@ -297,83 +221,24 @@ def _split(dataset, name: str, flag: str):
     return dataset[name]
 
 
-def load_splits(script_args, training_args, dataset_args=None):
-    """(train, eval) datasets as ``trl sft`` picks them; eval only when ``eval_strategy`` is not ``no``."""
-    try:
-        dataset = load_datasets(script_args, dataset_args)
-    except StopIteration:  # datasets' json builder on a file without a single row
-        raise CLIError(f"The dataset {script_args.dataset_name!r} has no rows: there is nothing to train on.") from None
-    mixture = dataset_args is not None and bool(dataset_args.datasets)
-    # A mixture is split by `test_split_size` into TRL's own "train"/"test" names.
-    train_split = "train" if mixture else script_args.dataset_train_split
-    test_split = "test" if mixture else script_args.dataset_test_split
-    train_dataset = _split(dataset, train_split, "--dataset_train_split")
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = _split(dataset, test_split, "--dataset_test_split")
-    return train_dataset, eval_dataset
-
-
-def build_trainer(
-    script_args, training_args, model_args, dataset_args=None, callbacks=None, train_dataset=None, eval_dataset=None
-):
-    """The [`ProbSFTTrainer`] that ``trl-prob sft`` trains and ``trl-prob probe`` measures.
-
-    The same construction as ``trl sft`` (``trl/scripts/sft.py``): model init kwargs from ``ModelConfig``, the
-    quantization config (QLoRA with ``--load_in_4bit --use_peft``) and LoRA config from TRL's helpers, the eval split
-    only when ``eval_strategy`` is not ``no``. Device placement is TRL's: ``device_map=None`` on CPU and under DDP.
-    Pass ``train_dataset`` (and ``eval_dataset``) to skip loading them from ``script_args`` / ``dataset_args``.
-    """
-    from trl import get_peft_config, get_quantization_config
-
-    from .trainer import ProbSFTTrainer
-
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    model_init_kwargs.update(training_args.model_init_kwargs or {})
-    training_args.model_init_kwargs = model_init_kwargs
-
-    if train_dataset is None:
-        train_dataset, eval_dataset = load_splits(script_args, training_args, dataset_args)
-    _check_inputs(train_dataset, model_args, training_args)
-    return ProbSFTTrainer(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-        callbacks=callbacks,
-    )
-
-
-def _check_inputs(train_dataset, model_args, training_args) -> None:
-    """Empty data, or conversations without a chat template: a clear error before the model is loaded."""
+def _tokenizer(model_args, training_args):
     from transformers import AutoTokenizer
 
-    from .probe import check_probe_inputs
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        return AutoTokenizer.from_pretrained(
             model_args.model_name_or_path,
             revision=model_args.model_revision,
             trust_remote_code=training_args.trust_remote_code,
         )
     except Exception:  # a processor-only model: TRL loads its processor and checks the template itself
-        tokenizer = None
-    check_probe_inputs(train_dataset, tokenizer, training_args)
+        return None
 
 
-def _rank_log_callback(directory: str):
+def rank_log_callback(directory: str):
+    """``--rank_log_dir``: a callback appending each record this process logs to ``<directory>/rank<N>.jsonl``."""
     from transformers import TrainerCallback
 
     class RankLogCallback(TrainerCallback):
-        """Appends each record this process logs to ``<directory>/rank<N>.jsonl``."""
-
         def on_log(self, args, state, control, logs=None, **kwargs):
             os.makedirs(directory, exist_ok=True)
             with open(os.path.join(directory, f"rank{args.process_index}.jsonl"), "a") as f:
@@ -382,41 +247,12 @@ def _rank_log_callback(directory: str):
     return RankLogCallback()
 
 
-# --------------------------------------------------------------------------------------------- per-process entry
-
-
-def train(trainer, script_args, training_args) -> None:
-    """``trl sft``'s training tail: train (resuming if asked), save, push."""
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.accelerator.print("Training completed.")
-    trainer.save_state()  # trainer_state.json in output_dir: what `trl-prob plot` reads when no checkpoint was kept
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
-
-
-def probe(trainer, probe_args: ProbeArguments, output_dir: str, source_dataset=None):
-    """Measure instead of training: ``trl_prob.probe.run_probe`` on the trainer ``sft`` would train."""
-    from .probe import run_probe
-
-    return run_probe(
-        trainer,
-        num_samples=probe_args.num_samples,
-        output_dir=output_dir,
-        batch_size=probe_args.batch_size,
-        source_dataset=source_dataset,
-    )
-
-
-def shut_down(trainer) -> None:
-    """Leave the process group cleanly on every rank: barrier, then destroy it (finishing the trackers too).
+def end(trainer) -> None:
+    """Leave the process group cleanly on every rank: barrier, then finish the trackers and destroy the group.
 
     Multi-process CPU runs on torch 2.13 + gloo were seen to finish training and saving, then hang one rank at
-    interpreter exit (about one run in five). Distributed workers therefore also skip the interpreter's teardown
-    (``os._exit`` in :func:`worker_main`).
+    interpreter exit (about one run in five); distributed workers also skip the interpreter's teardown (``os._exit``
+    in :func:`worker_main`).
     """
     import torch
 
@@ -426,39 +262,92 @@ def shut_down(trainer) -> None:
     getattr(trainer, "end", trainer.accelerator.end_training)()
 
 
-def setup_worker(command: str, argv: Sequence[str]) -> Callable[[], None]:
-    """Parse, validate and build the trainer on this process; returns the job (train or probe, then shut down).
+# --------------------------------------------------------------------------------------------- validation
 
-    Bad input surfaces here, before anything is written; errors of the job itself keep their traceback.
-    """
-    script_args, training_args, model_args, dataset_args, run_args, *rest = parse_worker_args(command, argv)
-    if command == "sft":
-        check_output_dir(training_args, run_args)
-    callbacks = [_rank_log_callback(run_args.rank_log_dir)] if run_args.rank_log_dir else None
-    train_dataset, eval_dataset = load_splits(script_args, training_args, dataset_args)
-    trainer = build_trainer(
-        script_args,
-        training_args,
-        model_args,
-        callbacks=callbacks,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-    )
 
-    def job() -> None:
-        if command == "sft":
-            train(trainer, script_args, training_args)
-        else:
-            (probe_args,) = rest
-            probe(trainer, probe_args, training_args.output_dir, source_dataset=train_dataset)
-        shut_down(trainer)
+def resolve_resume(value, output_dir: str):
+    """``--resume_from_checkpoint``: ``true``/``last`` means the last checkpoint in ``output_dir``, else a path."""
+    if value in (None, False) or str(value).lower() in ("false", "no", "0", "none"):
+        return None
+    if value is True or str(value).lower() in ("true", "last", "yes", "1"):
+        from transformers.trainer_utils import get_last_checkpoint
 
-    return job
+        if not os.path.isdir(output_dir) or get_last_checkpoint(output_dir) is None:
+            raise CLIError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in --output_dir {output_dir}.")
+        return True
+    if not os.path.isdir(value):
+        raise CLIError(f"--resume_from_checkpoint {value}: no such checkpoint directory.")
+    return value
+
+
+def check_output_dir(training_args, run_args: RunArguments):
+    """Refuse to train over an earlier run unless asked to (overwrite) or continuing it (resume); returns the resume."""
+    output_dir = training_args.output_dir
+    resume = resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    found = [name for name in names if name.startswith("checkpoint-") or name in RUN_FILES]
+    if found and not (run_args.overwrite_output_dir or resume):
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise CLIError(
+            f"--output_dir {output_dir} already holds a run ({shown}); pass --overwrite_output_dir to train over it, "
+            "--resume_from_checkpoint true to continue it, or choose another --output_dir."
+        )
+    return resume
+
+
+def _looks_local(path: str) -> bool:
+    """A path rather than a Hub id (``org/name``) or a builder name (``json``)."""
+    local_suffixes = (".json", ".jsonl", ".csv", ".parquet")
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith(local_suffixes)
+
+
+def check_model(model_args, training_args) -> None:
+    """The model exists: a local directory or a Hub id whose config loads (from the cache when offline)."""
+    from transformers import AutoConfig
+
+    path = model_args.model_name_or_path
+    if not path:
+        raise CLIError("--model_name_or_path is required (a local directory or a Hugging Face Hub model id).")
+    if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+        raise CLIError(f"--model_name_or_path {path}: no such directory.")
+    try:
+        AutoConfig.from_pretrained(path, revision=model_args.model_revision,
+                                   trust_remote_code=training_args.trust_remote_code)  # fmt: skip
+    except (OSError, ValueError) as exc:
+        where = "" if os.path.exists(path) else "no such local directory, and as a Hub id: "
+        raise CLIError(f"--model_name_or_path {path}: {where}{_one_line(exc)}") from exc
+
+
+def check_dataset(script_args, dataset_args) -> None:
+    """A dataset is given and every named one exists locally or can be resolved (no data is downloaded)."""
+    from datasets import load_dataset_builder
+
+    if dataset_args.datasets:
+        specs = [(d.path, d.name, d.data_dir, d.data_files) for d in dataset_args.datasets]
+    elif script_args.dataset_name:
+        specs = [(script_args.dataset_name, script_args.dataset_config, None, None)]
+    else:
+        raise CLIError(NO_DATASET)
+    for path, name, data_dir, data_files in specs:
+        if os.path.exists(os.path.expanduser(path)):
+            continue
+        if _looks_local(path):
+            raise CLIError(f"dataset {path}: no such file or directory.")
+        try:
+            load_dataset_builder(path, name=name, data_dir=data_dir, data_files=data_files)
+        except Exception as exc:  # datasets raises a zoo of types (DatasetNotFoundError, ConnectionError, ValueError)
+            raise CLIError(f"dataset {path}: no such local path, and as a Hub dataset: {_one_line(exc)}") from exc
+
+
+# --------------------------------------------------------------------------------------------- per-process entry
 
 
 def run_worker(command: str, argv: Sequence[str]) -> int:
-    """Run ``command`` on this process (what ``accelerate launch`` starts on every rank)."""
-    setup_worker(command, argv)()
+    """Run ``command`` on this process (what ``accelerate launch`` starts on every rank); YAML keys that only
+    accelerate knows are ignored."""
+    with bad_input():
+        parsed = make_parser(command).parse_args_and_config(list(argv), fail_with_unknown_args=False)
+    sft(*parsed)
     return 0
 
 
@@ -467,22 +356,18 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     _quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("sft", "probe"):
-        usage = f"usage: python -m {WORKER_MODULE} {{sft,probe}} [flags]  (per-process entry; see `{PROG} --help`)"
-        print(usage, file=sys.stderr)
+        print(f"usage: python -m {WORKER_MODULE} {{sft,probe}} [flags]  (per-process entry; see `{PROG} --help`)",
+              file=sys.stderr)  # fmt: skip
         return 2
-    command = argv[0]
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    status = 0
     try:
-        job = setup_worker(command, argv[1:])
-    except (CLIError, ValueError, OSError) as exc:
+        status = run_worker(argv[0], argv[1:])
+    except CLIError as exc:
         if os.environ.get("TRL_PROB_TRACEBACK") == "1":
             raise
         rank = f"[rank {os.environ['RANK']}] " if distributed and "RANK" in os.environ else ""
-        print(f"{PROG} {command}: error: {rank}{_one_line(exc)}", file=sys.stderr)
-        status = getattr(exc, "status", 1)
-    else:
-        job()
+        print(f"{PROG} {argv[0]}: error: {rank}{exc}", file=sys.stderr)
+        status = exc.status
     if distributed:
         # The process group is gone; skip the interpreter's teardown, where gloo threads could still hang a rank.
         sys.stdout.flush()
@@ -495,83 +380,64 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------- launcher
 
 
-def _accelerate_parser():
-    from accelerate.commands.launch import launch_command_parser
+def _without(argv: Sequence[str], subsequence: Sequence[str]) -> list[str]:
+    """``argv`` with the ordered ``subsequence`` of it removed."""
+    rest = iter(subsequence)
+    pending, kept = next(rest, None), []
+    for arg in argv:
+        if arg == pending:
+            pending = next(rest, None)
+        else:
+            kept.append(arg)
+    return kept
 
-    parser = launch_command_parser()
 
-    def error(message: str):
+def _refuse_unrecognized(command: str, args: Sequence[str]) -> None:
+    if args:
+        raise CLIError(f"unrecognized arguments: {' '.join(args)} (see `{PROG} {command} --help`)", status=2)
+
+
+def launch(command: str, argv: Sequence[str], launch_command_fn: Callable | None = None) -> int:
+    """``trl sft``'s launcher (``trl/cli/commands/training.py``): parse and validate here, then start
+    ``accelerate launch [accelerate flags] --module trl_prob.cli COMMAND [training flags]``."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    argv = list(argv)
+    with bad_input():
+        *parsed, config_remaining, cli_remaining = make_parser(command).parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    script_args, training_args, model_args, dataset_args, run_args, *_ = parsed
+
+    # What the training parser left must be accelerate's: YAML keys, then command-line flags.
+    accelerate_parser = launch_command_parser()
+    accelerate_options = {option for action in accelerate_parser._actions for option in action.option_strings}
+    accelerate_options.add("--accelerate_config")
+    unknown_keys = [key[2:] for key in config_remaining[::2] if key not in accelerate_options]
+    if unknown_keys:
+        raise CLIError(f"unknown key(s) in --config: {', '.join(unknown_keys)} (neither a training nor an accelerate "
+                       "flag; check the spelling)", status=2)  # fmt: skip
+    flags = [arg.split("=", 1)[0] for arg in cli_remaining if arg.startswith("-")]
+    _refuse_unrecognized(command, [flag for flag in flags if flag not in accelerate_options])
+    with bad_input(status=2):
+        launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
+
+    def error(message: str):  # accelerate's own usage line would name all its flags
         raise CLIError(f"accelerate launch: {message}", status=2)
 
-    parser.error = error
-    return parser
+    accelerate_parser.error = error
+    namespace, extra = accelerate_parser.parse_known_args(
+        [*launch_args, "--module", WORKER_MODULE, command, *_without(argv, cli_remaining)]
+    )
+    _refuse_unrecognized(command, extra or [namespace.training_script] * (namespace.training_script != WORKER_MODULE))
 
-
-def _option_strings(parser) -> set[str]:
-    return {option for action in parser._actions for option in action.option_strings}
-
-
-def split_launch_args(
-    command: str, all_args: Sequence[str], config_remaining: Sequence[str], cli_remaining: Sequence[str]
-) -> tuple[list[str], list[str]]:
-    """(accelerate launch flags, training flags), as ``trl sft`` splits them; anything neither knows is an error."""
-    from trl.cli.accelerate_config import resolve_accelerate_config_argument
-    from trl.cli.commands.training import _subtract_subsequence
-
-    accelerate_options = _option_strings(_accelerate_parser()) | {"--accelerate_config"}
-    unknown_keys = [
-        key[2:] for key in config_remaining[::2] if key.startswith("--") and key not in accelerate_options
-    ]
-    if unknown_keys:
-        raise CLIError(
-            f"unknown key(s) in --config: {', '.join(unknown_keys)} (neither a training nor an accelerate flag; "
-            "check the spelling)",
-            status=2,
-        )
-    flags = [arg.split("=", 1)[0] for arg in cli_remaining if arg.startswith("-")]
-    unknown_flags = [flag for flag in flags if flag not in accelerate_options]
-    if unknown_flags:
-        raise CLIError(f"unrecognized arguments: {' '.join(unknown_flags)} (see `{PROG} {command} --help`)", status=2)
-    try:
-        launch_args = resolve_accelerate_config_argument(list(config_remaining) + list(cli_remaining))
-    except ValueError as exc:
-        raise CLIError(str(exc), status=2) from exc
-    return launch_args, _subtract_subsequence(list(all_args), list(cli_remaining))
-
-
-def accelerate_namespace(command: str, launch_args: Sequence[str], training_args: Sequence[str]) -> argparse.Namespace:
-    """``accelerate launch [launch_args] --module trl_prob.cli COMMAND [training_args]``, parsed and checked."""
-    parser = _accelerate_parser()
-    namespace, extra = parser.parse_known_args([*launch_args, "--module", WORKER_MODULE, command, *training_args])
-    if extra or namespace.training_script != WORKER_MODULE:
-        stray = extra or [namespace.training_script]
-        raise CLIError(f"unrecognized arguments: {' '.join(stray)} (see `{PROG} {command} --help`)", status=2)
-    return namespace
-
-
-def launch(
-    command: str, argv: Sequence[str], launch_command_fn: Callable[[argparse.Namespace], None] | None = None
-) -> int:
-    """Parse and validate in this process, then start the run through ``accelerate launch`` (as ``trl sft`` does)."""
-    parser = make_parser(command)
-    try:
-        *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
-            list(argv), return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except (yaml_errors() + (ValueError, OSError)) as exc:
-        raise CLIError(_one_line(exc)) from exc
-    script_args, training_args, model_args, dataset_args, run_args, *_ = parsed
-    launch_args, training_flags = split_launch_args(command, argv, config_remaining, cli_remaining)
-    namespace = accelerate_namespace(command, launch_args, training_flags)
     check_model(model_args, training_args)
     check_dataset(script_args, dataset_args)
     if command == "sft":
         check_output_dir(training_args, run_args)
-
-    if launch_command_fn is None:
-        from accelerate.commands.launch import launch_command as launch_command_fn
     try:
-        launch_command_fn(namespace)
+        (launch_command_fn or launch_command)(namespace)
     except subprocess.CalledProcessError as exc:  # the worker already reported its error
         return exc.returncode or 1
     except Exception as exc:  # torch.distributed.elastic's ChildFailedError: the failing rank printed its own error
@@ -581,82 +447,49 @@ def launch(
     return 0
 
 
-def yaml_errors() -> tuple[type[BaseException], ...]:
-    import yaml
-
-    return (yaml.YAMLError,)
+# --------------------------------------------------------------------------------------------- console script
 
 
-# --------------------------------------------------------------------------------------------- commands
+def _flag_table(fields: Sequence[dataclasses.Field]) -> str:
+    lines = []
+    for f in fields:
+        lines.append(f"  --{f.name}")
+        lines += textwrap.wrap(f.metadata.get("help", ""), width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
-class TrainingCommand(Command):
-    """``sft`` / ``probe``: parse, validate, launch through accelerate."""
+def _top_level_parser() -> argparse.ArgumentParser:
+    from trl import SFTConfig
 
-    def __init__(self, name: str, help_text: str):
-        super().__init__(name=name, help_text=help_text)
+    from .config import ProbSFTConfig
 
-    def register(self, subparsers) -> None:
-        subparsers.add_parser(self.name, help=self.help_text, add_help=False)
-
-    def run(self, args: argparse.Namespace, context: CommandContext) -> int:
-        return launch(self.name, context.argv_after(self.name))
-
-
-class PlotCommand(Command):
-    """``plot RUN_DIR [--output PNG]``."""
-
-    def __init__(self):
-        super().__init__(name="plot", help_text="Plot a run's loss, token probability and objective lambda")
-
-    def register(self, subparsers) -> None:
-        parser = subparsers.add_parser(self.name, help=self.help_text, description=self.help_text)
-        parser.add_argument(
-            "run_dir", metavar="RUN_DIR", help="A run's --output_dir, one of its checkpoints, or a trainer_state.json."
-        )
-        parser.add_argument("--output", metavar="PNG", help="Where to write the plot (default: inside RUN_DIR).")
-
-    def run(self, args: argparse.Namespace, context: CommandContext) -> int:
-        from .plots import plot_training
-
-        if not os.path.exists(args.run_dir):
-            raise CLIError(f"{args.run_dir}: no such run directory.")
-        try:
-            print(plot_training(args.run_dir, output_png=args.output))
-        except (OSError, ValueError) as exc:
-            raise CLIError(_one_line(exc)) from exc
-        return 0
-
-
-def get_commands() -> list[Command]:
-    return [
-        TrainingCommand("sft", "Train with a probability-based objective (every `trl sft` flag plus ours)"),
-        TrainingCommand("probe", "Measure the model's target-token probabilities on the training data"),
-        PlotCommand(),
-    ]
-
-
-def _top_level_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
+    inherited = {f.name for f in dataclasses.fields(SFTConfig)}
+    objective_fields = [f for f in dataclasses.fields(ProbSFTConfig) if f.name not in inherited]
     parser = argparse.ArgumentParser(
         prog=PROG,
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="TRL's SFT with the probability-based objectives of 'Beyond Log Likelihood' and schedules "
         "from NLL toward -p^k. `trl-prob sft` takes every `trl sft` flag plus the ones below.",
-        epilog="Objective and schedule flags (sft and probe):\n"
-        + _flag_table(objective_fields())
-        + "\n\nRun flags (sft):\n"
-        + _flag_table(dataclasses.fields(RunArguments))
-        + "\n\n"
-        + _ACCELERATE_EPILOG
-        + f"\n\nExample:\n  {PROG} sft --config recipes/quickstart.yaml\n"
+        epilog=f"Objective and schedule flags (sft and probe):\n{_flag_table(objective_fields)}\n\n"
+        f"Run flags (sft):\n{_flag_table(dataclasses.fields(RunArguments))}\n\n{ACCELERATE_EPILOG}\n\n"
+        f"Example:\n  {PROG} sft --config recipes/quickstart.yaml\n"
         f"  {PROG} sft --config recipes/math/qwen2.5-math-1.5b-full.yaml --accelerate_config multi_gpu "
         "--num_processes 8",
     )
-    subparsers = parser.add_subparsers(help="available commands", dest="command")
-    for command in commands:
-        command.register(subparsers)
+    commands = parser.add_subparsers(help="available commands", dest="command")
+    commands.add_parser("sft", add_help=False, help="Train with a probability-based objective (every `trl sft` flag "
+                        "plus ours)")  # fmt: skip
+    commands.add_parser("probe", add_help=False, help="Measure the model's target-token probabilities on the "
+                        "training data")  # fmt: skip
+    plot = commands.add_parser("plot", help=PLOT_HELP, description=PLOT_HELP)
+    plot.add_argument("run_dir", metavar="RUN_DIR",
+                      help="A run's --output_dir, one of its checkpoints, or a trainer_state.json.")  # fmt: skip
+    plot.add_argument("--output", metavar="PNG", help="Where to write the plot (default: inside RUN_DIR).")
     return parser
+
+
+PLOT_HELP = "Plot a run's loss, token probability and objective lambda"
 
 
 def _quiet_known_warnings() -> None:
@@ -669,19 +502,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``trl-prob`` console script."""
     _quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = get_commands()
-    parser = _top_level_parser(commands)
+    parser = _top_level_parser()
     args, _ = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    command = next(c for c in commands if c.name == args.command)
     try:
-        return command.run(args, CommandContext(argv=argv))
+        if args.command != "plot":
+            return launch(args.command, argv[argv.index(args.command) + 1 :])
+        from .plots import plot_training
+
+        if not os.path.exists(args.run_dir):
+            raise CLIError(f"{args.run_dir}: no such run directory.")
+        with bad_input():
+            print(plot_training(args.run_dir, output_png=args.output))
+        return 0
     except CLIError as exc:
         if os.environ.get("TRL_PROB_TRACEBACK") == "1":
             raise
-        print(f"{PROG} {command.name}: error: {exc}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return exc.status
 
 
