@@ -45,7 +45,6 @@ NOISE_NOTE = (
     "data reads lower than the paper's clean-data bands; that is why the adaptive schedule ramps from 0.30 to 0.55 "
     "by default (see ProbSFTConfig.schedule_p_low / schedule_p_high)."
 )
-_PRIOR_LEANING = ("p", "power", "top_p", "top_logp")
 TABLE_BINS = 10  # histogram in the printed table and in probe.json
 PLOT_BINS = 50  # histogram in probe_histogram.png (also in probe.json)
 
@@ -102,8 +101,8 @@ def recommend(
 ) -> tuple[str, str, str]:
     """``(objective, objective_schedule, reason)`` for a model whose mean target probability is ``mean_p``.
 
-    ``objective`` is the prior-leaning target the user configured (``p`` unless it is one of ``p``, ``power:a``,
-    ``top_p:q``, ``top_logp:q``). The rule follows the paper: NLL at the weak end, the prior-leaning objective at the
+    ``objective`` is the prior-leaning target the user configured (``p`` unless its family leans on the prior in the
+    objective registry: ``p``, ``power:a``, ``top_p:q``, ``top_logp:q``). The rule follows the paper: NLL at the weak end, the prior-leaning objective at the
     strong end, and in between (no single winner in the paper) the adaptive schedule, which trains NLL while the
     model is unsure and moves to the target as its running mean target probability rises from ``p_low`` to
     ``p_high``.
@@ -112,7 +111,7 @@ def recommend(
     from .schedules import adaptive_lambda
 
     target = get_objective(objective) if objective else None
-    spec = target.spec if target is not None and target.family in _PRIOR_LEANING else "p"
+    spec = target.spec if target is not None and target.leans_on_prior else "p"
     if math.isnan(mean_p):
         return "nll", "none", "no target tokens were measured: nothing to place on the continuum; NLL is the default."
     if mean_p < WEAK_END_P:
