@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from trl import SFTConfig
+from . import check_trl_version
 
-from .objectives import get_objective, objective_help
-from .schedules import MODES, SCHEDULES, STATISTICS
+check_trl_version()
+
+from trl import SFTConfig  # noqa: E402
+
+from .objectives import get_objective, objective_help  # noqa: E402
+from .schedules import MODES, SCHEDULES, STATISTICS  # noqa: E402
 
 
 @dataclass
