@@ -71,8 +71,15 @@ def test_top_level_help_lists_commands_and_our_flags(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for text in ("sft", "probe", "plot", "--objective_schedule", "--schedule_p_high", "--overwrite_output_dir",
-                 "Per-token objective: nll, p, power:a", "--accelerate_config"):  # fmt: skip
+                 "Per-token objective", "power:a", "--accelerate_config"):  # fmt: skip
         assert text in out
+    # the objective's help in full, as ProbSFTConfig (its registry) writes it
+    import dataclasses
+
+    from trl_prob import ProbSFTConfig
+
+    (objective,) = [f for f in dataclasses.fields(ProbSFTConfig) if f.name == "objective"]
+    assert " ".join(objective.metadata["help"].split()) in " ".join(out.split())
 
 
 def test_no_command_prints_help(capsys):
