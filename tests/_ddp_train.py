@@ -2,8 +2,8 @@
 
 Usage: python tests/_ddp_train.py OUT.json OBJECTIVE SCHEDULE PER_DEVICE_BATCH [MAX_STEPS]
 
-Rank 0 writes JSON: the per-step log history, the final and initial weights flattened, the world size, and the
-token ids of the first global batch (every rank's first micro-batch, gathered).
+Rank 0 writes JSON: the per-step log history, the final and initial weights flattened, the world size, the
+token ids of the first global batch (every rank's first micro-batch, gathered), and an evaluation's metrics.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def main():
             model=model, args=args, train_dataset=addition_dataset(32), processing_class=build_tokenizer()
         )
         trainer.train()
+        # 7 samples over 2 processes x 2: accelerate repeats one to even the last batch; it must count once.
+        evaluation = trainer.evaluate(eval_dataset=addition_dataset(7, seed=11))
 
         distributed = dist.is_available() and dist.is_initialized()
         world_size = dist.get_world_size() if distributed else 1
@@ -78,6 +80,7 @@ def main():
             result = dict(
                 world_size=world_size,
                 max_steps=max_steps,
+                evaluation=evaluation,
                 logs=[entry for entry in trainer.state.log_history if "loss" in entry],
                 first_batch_ids=[ids for rank_batch in batches for ids in rank_batch],
                 weights=flat(trainer.accelerator.unwrap_model(trainer.model)).tolist(),

@@ -318,4 +318,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
     w1, w2 = torch.tensor(one["weights"]), torch.tensor(two["weights"])
     torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-5)
+    # Evaluation on 7 samples: the sample accelerate repeats on the second process counts once (gather_for_metrics).
+    for key in ("eval_mean_token_prob", "eval_nll"):
+        assert two["evaluation"][key] == pytest.approx(one["evaluation"][key], rel=1e-5), key
     assert not torch.equal(w1, torch.tensor(one["initial_weights"]))
