@@ -322,3 +322,29 @@ def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule):
     for key in ("eval_mean_token_prob", "eval_nll"):
         assert two["evaluation"][key] == pytest.approx(one["evaluation"][key], rel=1e-5), key
     assert not torch.equal(w1, torch.tensor(one["initial_weights"]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. CPU fast path: subnormal floats flushed while training, unless opted out
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _subnormals_survive() -> bool:
+    return torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() != 0.0
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_cpu_training_flushes_subnormals_unless_opted_out(tmp_path, tokenizer, flush, caplog):
+    torch.set_flush_denormal(False)
+    assert _subnormals_survive()
+    try:
+        args = ProbSFTConfig(**base_args(tmp_path, objective="p", max_steps=1, flush_denormal=flush))
+        trainer = ProbSFTTrainer(model=random_tiny_llama(seed=0), args=args, train_dataset=addition_dataset(8),
+                                 processing_class=tokenizer)
+        with caplog.at_level("INFO", logger="trl_prob.trainer"):
+            trainer.train()
+        assert _subnormals_survive() is not flush
+        said = any("subnormal floats flushed" in record.getMessage() for record in caplog.records)
+        assert said is flush
+    finally:
+        torch.set_flush_denormal(False)
