@@ -399,7 +399,11 @@ def _refuse_unrecognized(command: str, args: Sequence[str]) -> None:
 
 def launch(command: str, argv: Sequence[str], launch_command_fn: Callable | None = None) -> int:
     """``trl sft``'s launcher (``trl/cli/commands/training.py``): parse and validate here, then start
-    ``accelerate launch [accelerate flags] --module trl_prob.cli COMMAND [training flags]``."""
+    ``accelerate launch [accelerate flags] --module trl_prob.cli COMMAND [training flags]``.
+
+    TRL's ``launch_training_script`` does not fit: it runs a file from ``trl/scripts`` (not a module) and lets
+    accelerate's parser exit with its full usage on a bad flag, so its three lines are written out here.
+    """
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
@@ -430,7 +434,9 @@ def launch(command: str, argv: Sequence[str], launch_command_fn: Callable | None
     namespace, extra = accelerate_parser.parse_known_args(
         [*launch_args, "--module", WORKER_MODULE, command, *_without(argv, cli_remaining)]
     )
-    _refuse_unrecognized(command, extra or [namespace.training_script] * (namespace.training_script != WORKER_MODULE))
+    if namespace.training_script != WORKER_MODULE:  # a stray value took the module's place
+        extra = extra or [namespace.training_script]
+    _refuse_unrecognized(command, extra)
 
     check_model(model_args, training_args)
     check_dataset(script_args, dataset_args)
