@@ -85,3 +85,13 @@ def test_a_taken_name_or_key_is_refused(cube_family):
                    help="", paper_keys=("GeneralFamily",))
     with pytest.raises(ValueError, match="GeneralFamily already registered"):
         register_family(clash)
+
+
+def test_a_new_family_reaches_the_command_line_help(cube_family, capsys):
+    from trl_prob import cli
+
+    sft_help = cli.make_parser("sft").format_help()
+    assert "cube:a: a test family" in " ".join(sft_help.split())
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "cube:a: a test family" in " ".join(capsys.readouterr().out.split())

@@ -143,7 +143,16 @@ def make_parser(command: str = "sft", prog: str | None = None):
     # default would be refused there). An explicit --bf16 (flag or YAML) still wins.
     if command == "probe" and not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
         parser.set_defaults(bf16=False)
+    for action in parser._actions:  # the objective registry may have grown since ProbSFTConfig was defined
+        if "--objective" in action.option_strings:
+            action.help = _help("objective", action.help)
     return parser
+
+
+def _help(name: str, default: str) -> str:
+    from .objectives import objective_help
+
+    return objective_help() if name == "objective" else default
 
 
 # --------------------------------------------------------------------------------------------- the script
@@ -460,7 +469,7 @@ def _flag_table(fields: Sequence[dataclasses.Field]) -> str:
     lines = []
     for f in fields:
         lines.append(f"  --{f.name}")
-        lines += textwrap.wrap(f.metadata.get("help", ""), width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines += textwrap.wrap(_help(f.name, f.metadata.get("help", "")), width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 
