@@ -220,6 +220,41 @@ def test_resume_without_checkpoint(capsys, tmp_path):
     assert "no checkpoint-* folder" in err
 
 
+ADAPTIVE = ["--objective", "p", "--objective_schedule", "adaptive"]
+
+
+def _checkpoint(tmp_path, trainer_state: str | None):
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    if trainer_state is not None:
+        (checkpoint / "trainer_state.json").write_text(trainer_state)
+    return checkpoint
+
+
+def test_resume_from_a_checkpoint_without_schedule_state_is_one_line(capsys, tmp_path):
+    checkpoint = _checkpoint(tmp_path, json.dumps({"global_step": 4, "stateful_callbacks": {}}))
+    argv = [*TINY, *ADAPTIVE, "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", "true"]
+    _, err = fail(capsys, ["sft", *argv])
+    assert "checkpoint-4 has no schedule state" in err and "--schedule_reset_on_resume" in err
+    assert launched([*argv, "--schedule_reset_on_resume"]) is not None
+    assert launched([*TINY, "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", str(checkpoint)])
+
+
+@pytest.mark.parametrize(
+    "trainer_state, message",
+    [
+        ('{"stateful_callbacks": {"ProbObjectiveSch', "cannot read its schedule state"),
+        (json.dumps({"stateful_callbacks": {"ProbObjectiveSchedule": {"args": {}, "attributes": {"schedule": {
+            "step": 4, "p_ema": "high", "objective_lambda": 0.5}}}}}), "p_ema must be null or a number in [0, 1], got 'high'"),
+    ],
+)
+def test_resume_from_a_corrupt_schedule_state_is_one_line(capsys, tmp_path, trainer_state, message):
+    checkpoint = _checkpoint(tmp_path, trainer_state)
+    _, err = fail(capsys, ["sft", *TINY, *ADAPTIVE, "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint",
+                           str(checkpoint)])  # fmt: skip
+    assert "checkpoint-4" in err and message in err
+
+
 def test_existing_run_is_refused_by_the_worker_too(capsys, tmp_path):
     """`accelerate launch -m trl_prob.cli sft ...` skips the launcher: the worker checks before touching anything."""
     (tmp_path / "trainer_state.json").write_text("{}")

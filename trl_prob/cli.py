@@ -301,7 +301,25 @@ def check_output_dir(training_args, run_args: RunArguments):
             f"--output_dir {output_dir} already holds a run ({shown}); pass --overwrite_output_dir to train over it, "
             "--resume_from_checkpoint true to continue it, or choose another --output_dir."
         )
+    if resume:
+        check_resumable(resume if isinstance(resume, str) else _last_checkpoint(output_dir), training_args)
     return resume
+
+
+def _last_checkpoint(output_dir: str) -> str:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir)
+
+
+def check_resumable(checkpoint: str, training_args) -> None:
+    """The checkpoint's schedule state is there and well-formed (or a restart of the schedule was asked for)."""
+    from .trainer import CheckpointError, saved_schedule_state
+
+    try:
+        saved_schedule_state(checkpoint, training_args)
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def _looks_local(path: str) -> bool:
