@@ -67,7 +67,7 @@ def _config_option(text: str) -> tuple[str, object]:
 
 
 def make_splits(args):
-    from trl_prob.embedded import make_addition_examples
+    from addition import make_addition_examples
 
     test = make_addition_examples(args.n_test, noise=0.0, seed=1001)
     val = make_addition_examples(args.n_val, noise=0.0, seed=1002, exclude=[r["prompt"] for r in test])
@@ -78,7 +78,7 @@ def make_splits(args):
 
 def build_bases(tok, val, pretrain, args) -> tuple[str, dict]:
     """Pretrain once on clean data, snapshot each base the first time it reaches its target; returns (dir, info)."""
-    from trl_prob.embedded import exact_match_accuracy, pretrain_on_task, random_tiny_llama
+    from addition import exact_match_accuracy, pretrain_on_task, random_tiny_llama
 
     targets = {b: BASE_TARGETS[b] for b in args.bases}
     key = "_".join(f"{b}{t}" for b, t in sorted(targets.items(), key=lambda kv: kv[1]))
@@ -125,7 +125,7 @@ _WORKER = {}
 def _init_worker(threads, val, test):
     torch.set_num_threads(threads)
     _quiet()
-    from trl_prob.embedded import build_tokenizer
+    from addition import build_tokenizer
 
     _WORKER.update(tok=build_tokenizer(), val=val, test=test, processed={})
 
@@ -135,7 +135,7 @@ def run_one(job):
     from transformers import LlamaForCausalLM, TrainerCallback
 
     from trl_prob import ProbSFTConfig, ProbSFTTrainer
-    from trl_prob.embedded import exact_match_accuracy
+    from addition import exact_match_accuracy
 
     tok, val, test = _WORKER["tok"], _WORKER["val"], _WORKER["test"]
     t0 = time.time()
@@ -382,8 +382,7 @@ def main(argv=None):
 
     torch.set_num_threads(1)
     _quiet()
-    from trl_prob.embedded import (build_tokenizer, exact_match_accuracy, make_addition_examples,
-                                   mean_target_probability)
+    from addition import build_tokenizer, exact_match_accuracy, make_addition_examples, mean_target_probability
     from transformers import LlamaForCausalLM
 
     t_start = time.time()

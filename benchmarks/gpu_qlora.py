@@ -336,7 +336,7 @@ def main(argv=None) -> None:
         meta["memory_fraction"] = fraction
         log(f"capped at {args.cap_gib} GiB = {fraction:.4f} of {total / 2**30:.1f} GiB")
 
-    from trl_prob.embedded import build_tokenizer
+    from addition import build_tokenizer
 
     tokenizer = build_tokenizer()  # pad/eos ids only: the data is pre-tokenised
     results = {"meta": meta, "runs": []}

@@ -12,7 +12,16 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
-from trl_prob.embedded import default_dataset_path, default_model_path, exact_match_accuracy
+from trl_prob.embedded import default_dataset_path, default_model_path
+
+
+def exact_match(model, tokenizer, rows) -> float:
+    """Share of prompts whose greedy completion is the clean answer followed by EOS."""
+    batch = tokenizer(list(rows["prompt"]), padding=True, padding_side="left", return_tensors="pt").to(model.device)
+    out = model.generate(**batch, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :])
+    return sum(c.split(tokenizer.eos_token)[0] == a for c, a in zip(completions, rows["answer"])) / len(completions)
 
 
 def main(argv=None):
@@ -45,9 +54,9 @@ def main(argv=None):
     )
     trainer = ProbSFTTrainer(model=model, args=config, train_dataset=dataset["train"], processing_class=tokenizer)
 
-    before = exact_match_accuracy(model, tokenizer, dataset["test"])
+    before = exact_match(model, tokenizer, dataset["test"])
     trainer.train()
-    after = exact_match_accuracy(trainer.model, tokenizer, dataset["test"])
+    after = exact_match(trainer.model, tokenizer, dataset["test"])
     print(f"exact match on the clean test split: {before:.3f} -> {after:.3f}")
     print(f"final objective_lambda: {trainer.objective_lambda:.2f}")
     trainer.save_model()

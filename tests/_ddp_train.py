@@ -22,10 +22,11 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import addition_dataset, base_args  # noqa: E402
+from conftest import addition_dataset, base_args  # noqa: E402  (conftest also puts benchmarks/ on sys.path)
+from addition import build_tokenizer  # noqa: E402
 
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
-from trl_prob.embedded import build_tokenizer, default_model_path  # noqa: E402
+from trl_prob.embedded import default_model_path  # noqa: E402
 
 
 class FirstBatchTrainer(ProbSFTTrainer):

@@ -8,10 +8,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from trl_prob.embedded import build_tokenizer, make_addition_examples, random_tiny_llama  # noqa: E402
+# The addition task's builders live in benchmarks/addition.py (not installed): the tests import them from there.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+from addition import build_tokenizer, make_addition_examples, random_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")

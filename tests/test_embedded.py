@@ -1,8 +1,11 @@
-"""The embedded default: tokenizer, chat template, data generator and the shipped model + data (offline, CPU)."""
+"""The embedded default: the shipped model + data (installed), and the builders that made them (benchmarks/addition.py:
+tokenizer, chat template, data generator, generation-based scoring, pretraining). Offline, CPU."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -11,17 +14,19 @@ import torch  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from trl_prob.embedded import (  # noqa: E402
+from addition import (  # noqa: E402
     build_tokenizer,
-    default_dataset_path,
-    default_model_path,
     exact_match_accuracy,
+    greedy_completions,
     make_addition_examples,
     mean_target_probability,
     pretrain_on_task,
+    prompt_ids,
     random_tiny_llama,
+    stop_ids,
     tiny_llama_config,
 )
+from trl_prob.embedded import default_dataset_path, default_model_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +142,70 @@ def test_pretrain_on_task_is_deterministic_and_learns(tok):
     assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True))
     before = mean_target_probability(random_tiny_llama(seed=1), tok, data)
     assert mean_target_probability(models[0], tok, data) > before
+
+
+def test_the_installed_package_ships_the_artifacts_not_the_builders():
+    import trl_prob.embedded as embedded
+
+    assert embedded.__all__ == ["default_dataset_path", "default_model_path"]
+    for name in ("pretrain_on_task", "build_tokenizer", "random_tiny_llama", "make_addition_examples",
+                 "greedy_completions", "exact_match_accuracy", "mean_target_probability"):
+        assert not hasattr(embedded, name), name
+    here = os.path.dirname(embedded.__file__)
+    assert [f for f in os.listdir(here) if f.endswith(".py")] == ["__init__.py"]  # no `python -m` builder either
+    assert os.path.isfile(os.path.join(default_model_path(), "model.safetensors"))
+    assert sorted(os.listdir(default_dataset_path())) == ["test.jsonl", "train.jsonl"]
+    # The module imports nothing heavy: loaded on its own (without the parent package's own imports), in a fresh
+    # interpreter, it leaves torch, transformers, tokenizers and trl unimported.
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('embedded_alone', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'tokenizers', 'trl') if m in sys.modules))\n"
+        "print(module.default_model_path())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, embedded.__file__], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["[]", default_model_path()]
+
+
+def _stepwise_argmax(model, tokenizer, example, max_new_tokens=6) -> str:
+    # Reference decoding: one prompt at a time, no cache, no padding, argmax of the full logits at each step.
+    ids, kept = list(prompt_ids(tokenizer, example)), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if token in stop_ids(tokenizer):
+                break
+            ids.append(token)
+            kept.append(token)
+    return tokenizer.decode(kept, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("format", ["prompt_completion", "messages"])
+def test_generate_exact_match_agrees_with_stepwise_argmax(shipped, format):
+    model, tokenizer = shipped
+    # 1- and 2-digit operands: prompts of several lengths, so the batches are left-padded.
+    rows = make_addition_examples(24, seed=11, format=format) + make_addition_examples(8, seed=11, digits=1,
+                                                                                        format=format)
+    assert len({len(prompt_ids(tokenizer, ex)) for ex in rows}) > 1
+    reference = [_stepwise_argmax(model, tokenizer, ex) for ex in rows]
+    assert greedy_completions(model, tokenizer, rows, batch_size=10) == reference
+    correct = sum(c == ex["answer"] for c, ex in zip(reference, rows, strict=True))
+    assert 0 < correct < len(rows)  # a mix of right and wrong answers: the comparison says something
+    assert exact_match_accuracy(model, tokenizer, rows, batch_size=10) == correct / len(rows)
+
+
+def test_mean_target_probability_matches_full_logits_and_leaves_the_model_bare(shipped, shipped_data):
+    model, tokenizer = shipped
+    rows = shipped_data["train"].select(range(16))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in rows:
+            ids = tokenizer(ex["prompt"] + ex["completion"] + tokenizer.eos_token)["input_ids"]
+            start = len(tokenizer(ex["prompt"])["input_ids"])
+            log_p = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+            total += sum(log_p[i - 1, ids[i]].exp().item() for i in range(start, len(ids)))
+            count += len(ids) - start
+    assert mean_target_probability(model, tokenizer, rows, batch_size=5) == pytest.approx(total / count, abs=1e-6)
+    assert "forward" not in vars(model)  # the fused head was added for the call only

@@ -8,10 +8,10 @@ written in p space, the paper's normaliser, a mask derived from the raw token id
 import pytest
 import torch
 
+from addition import random_tiny_llama
 from conftest import addition_dataset, base_args
 from test_objectives import paper_formula
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
-from trl_prob.embedded import random_tiny_llama
 
 # Thresholds are placed at the batch's median p, so each thresholded objective keeps some tokens and drops others.
 SPECS = ["nll", "p", "power:0.5", "power:10", "top_p:MED", "bottom_p:MED", "top_logp:MED", "bottom_logp:MED", "dft"]

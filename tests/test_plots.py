@@ -11,8 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
+from addition import build_tokenizer, make_addition_examples, random_tiny_llama  # noqa: E402
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
-from trl_prob.embedded import build_tokenizer, make_addition_examples, random_tiny_llama  # noqa: E402
 from trl_prob.plots import TRAINING_PNG, find_trainer_state, plot_training  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,14 +17,9 @@ import torch  # noqa: E402
 from datasets import Dataset, load_dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from addition import build_tokenizer, make_addition_examples, random_tiny_llama  # noqa: E402
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
-from trl_prob.embedded import (  # noqa: E402
-    build_tokenizer,
-    default_dataset_path,
-    default_model_path,
-    make_addition_examples,
-    random_tiny_llama,
-)
+from trl_prob.embedded import default_dataset_path, default_model_path  # noqa: E402
 from trl_prob.measure import Measurement, measure, sample_index  # noqa: E402
 from trl_prob.probe import (  # noqa: E402
     PROBE_HISTOGRAM_PNG,

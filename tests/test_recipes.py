@@ -13,8 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+from addition import make_addition_examples  # noqa: E402
 from trl_prob import cli  # noqa: E402
-from trl_prob.embedded import default_dataset_path, default_model_path, make_addition_examples  # noqa: E402
+from trl_prob.embedded import default_dataset_path, default_model_path  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(

@@ -22,8 +22,9 @@ import torch  # noqa: E402
 from conftest import addition_dataset, base_args  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
+from addition import mean_target_probability, random_tiny_llama  # noqa: E402
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
-from trl_prob.embedded import default_model_path, mean_target_probability, random_tiny_llama  # noqa: E402
+from trl_prob.embedded import default_model_path  # noqa: E402
 from trl_prob.schedules import warmup_lambda  # noqa: E402
 from trl_prob.trainer import (  # noqa: E402
     LEGACY_SCHEDULE_STATE_FILE,

@@ -20,10 +20,11 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
+from addition import random_tiny_llama
 from conftest import addition_dataset, base_args
 from test_gradients import completion_mask, reference_loss
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
-from trl_prob.embedded import default_model_path, random_tiny_llama
+from trl_prob.embedded import default_model_path
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)

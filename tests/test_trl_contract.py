@@ -9,9 +9,9 @@ import pytest
 import torch
 import trl
 
+from addition import random_tiny_llama
 from conftest import addition_dataset, base_args
 from trl_prob import TESTED_TRL, ProbSFTConfig, ProbSFTTrainer  # noqa: F401
-from trl_prob.embedded import random_tiny_llama
 
 
 @pytest.fixture
