@@ -98,3 +98,24 @@ def test_statistics_read_from_the_host_equal_those_read_in_place():
     assert host.sums.device.type == "cpu"
     for name in ("num_tokens", "mean_p", "nll", "share_confident", "kept_fraction", "median_p"):
         assert getattr(host, name) == getattr(stats, name)
+
+
+def test_sequence_top1_share_counts_whole_completions():
+    # 3 sequences: all targets top-1; one target missed; no target at all (not counted)
+    log_p = torch.log(torch.tensor([[0.9, 0.8, 0.5], [0.9, 0.2, 0.7], [1.0, 1.0, 1.0]]))
+    mask = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])
+    is_top1 = torch.tensor([[True, True, False], [True, False, True], [False, False, False]])
+    stats = TokenProbStats.of(log_p, mask, is_top1=is_top1)
+    assert stats.sequence_top1_share == 0.5
+    # the same tokens flattened padding-free into one row: sample_index says which sample each belongs to
+    flat = TokenProbStats.of(log_p.reshape(1, -1), mask.reshape(1, -1), is_top1=is_top1.reshape(1, -1),
+                             sample_index=torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]]), num_samples=3)
+    torch.testing.assert_close(flat.sums, stats.sums)
+    assert math.isnan(TokenProbStats.of(log_p, mask).sequence_top1_share)  # the head did not report is_top1
+
+
+def test_geometric_mean_is_exp_of_minus_mean_nll():
+    p = torch.tensor([0.9, 0.1, 0.5, 0.99])
+    stats = TokenProbStats.of(p.log(), torch.ones(4, dtype=torch.bool))
+    assert stats.geometric_mean_p == pytest.approx(p.prod().item() ** 0.25, rel=1e-9)
+    assert stats.geometric_mean_p < stats.mean_p

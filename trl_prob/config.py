@@ -12,7 +12,7 @@ check_trl_version()
 from trl import SFTConfig  # noqa: E402
 
 from .objectives import get_objective, objective_help  # noqa: E402
-from .schedules import MODES, SCHEDULES, STATISTICS  # noqa: E402
+from .schedules import MODES, SCHEDULES, SIGNALS  # noqa: E402
 
 
 @dataclass
@@ -42,12 +42,16 @@ class ProbSFTConfig(SFTConfig):
         schedule_warmup_ratio (`float`, *optional*, defaults to `0.1`):
             Share of the optimizer steps over which `linear` / `cosine` lambda rises from 0 to 1.
         schedule_statistic (`str`, *optional*, defaults to `"mean"`):
-            Per-step statistic of the target-token probabilities that `adaptive` follows: `mean` (the paper's
-            proxy), `median`, or `share_confident` (share of tokens with p > 0.55, the paper's cut-off).
-        schedule_p_low (`float`, *optional*, defaults to `0.30`):
-            Statistic at and below which `adaptive` lambda is 0 (pure NLL).
-        schedule_p_high (`float`, *optional*, defaults to `0.55`):
-            Statistic at and above which `adaptive` lambda is 1 (the objective alone).
+            Per-step signal that `adaptive` follows (`trl_prob.schedules.SIGNALS`): `mean` (the paper's proxy),
+            `median`, `share_confident` (share of tokens with p > 0.55, the paper's cut-off), `geomean`
+            (exp(-NLL)), `p25` (25th percentile of p) or `sequence_top1` (share of completions whose every target
+            token is the model's top-1).
+        schedule_p_low (`float`, *optional*):
+            Signal at and below which `adaptive` lambda is 0 (pure NLL). Defaults to the signal's own ramp
+            (0.30 for the p statistics, 0.20 for `sequence_top1`).
+        schedule_p_high (`float`, *optional*):
+            Signal at and above which `adaptive` lambda is 1 (the objective alone). Defaults to the signal's own
+            ramp (0.55 for the p statistics, 0.50 for `sequence_top1`).
 
             Why 0.30 -> 0.55 and not the paper's clean-data bands (strong end 0.76 - 0.81): the mean target
             probability is capped near (1 - label noise) x (probability on clean tokens), since the model
@@ -104,15 +108,21 @@ class ProbSFTConfig(SFTConfig):
     schedule_statistic: str = field(
         default="mean",
         metadata={
-            "help": "Statistic the adaptive schedule follows: mean, median or share_confident (share with p > 0.55).",
-            "choices": list(STATISTICS),
+            "help": "Signal the adaptive schedule follows: "
+            + "; ".join(f"{name}: {signal.help}" for name, signal in SIGNALS.items())
+            + ".",
+            "choices": list(SIGNALS),
         },
     )
-    schedule_p_low: float = field(
-        default=0.30, metadata={"help": "Adaptive: statistic at and below which lambda = 0 (pure NLL)."}
+    schedule_p_low: float | None = field(
+        default=None,
+        metadata={"help": "Adaptive: signal at and below which lambda = 0 (pure NLL); default: the signal's ramp."},
     )
-    schedule_p_high: float = field(
-        default=0.55, metadata={"help": "Adaptive: statistic at and above which lambda = 1 (the objective alone)."}
+    schedule_p_high: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adaptive: signal at and above which lambda = 1 (the objective alone); default: the signal's ramp."
+        },
     )
     schedule_ema_decay: float = field(
         default=0.9, metadata={"help": "Decay of the moving average of the per-step statistic, in [0, 1)."}
@@ -157,7 +167,12 @@ class ProbSFTConfig(SFTConfig):
 
         choice("objective_schedule", tuple(SCHEDULES))
         choice("schedule_mode", MODES)
-        choice("schedule_statistic", tuple(STATISTICS))
+        choice("schedule_statistic", tuple(SIGNALS))
+        signal = SIGNALS[self.schedule_statistic]
+        if self.schedule_p_low is None:
+            self.schedule_p_low = signal.p_low
+        if self.schedule_p_high is None:
+            self.schedule_p_high = signal.p_high
 
         def unit_interval(name: str) -> None:
             value = getattr(self, name)

@@ -22,6 +22,9 @@ def objective_loss(
     objective_lambda: float = 1.0,
     mode: str = "blend",
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    is_top1: torch.Tensor | None = None,
+    sample_index: torch.Tensor | None = None,
+    num_samples: int | None = None,
 ) -> tuple[torch.Tensor, TokenProbStats]:
     """Per-token loss (fp32, 0 where ``mask`` is false) and the micro-batch's target-token statistics.
 
@@ -34,9 +37,11 @@ def objective_loss(
             ``power:a`` objective.
         all_reduce: sums a tensor over processes (returns it); ``None`` for one process. Thresholded objectives
             use it for the kept-token count of this micro-batch over all processes.
+        is_top1, sample_index, num_samples: for the sequence statistics (TRL's fused head's ``is_top1``; which
+            sample each position belongs to, for padding-free batches); statistics only, never the loss.
     """
     keep = objective.keep(log_p) & mask if objective.is_thresholded else None
-    stats = TokenProbStats.of(log_p, mask, keep)
+    stats = TokenProbStats.of(log_p, mask, keep, is_top1, sample_index, num_samples)
     log_p = log_p.float()
     if mode == "exponent":
         return power_loss(log_p, objective_lambda * objective.param) * mask, stats

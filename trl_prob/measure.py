@@ -46,7 +46,7 @@ def measure(
     was_training = model.training
     model.eval()
     stats = None
-    num_samples = without_targets = 0
+    seen = without_targets = 0
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -57,23 +57,31 @@ def measure(
             for batch in iterator:
                 batch = prepare(batch) if prepare is not None else batch
                 outputs = model(**batch, fused_lm_head=True, use_cache=False)
-                rows = per_sample_stats(batch, outputs.log_probs, outputs.label_mask)
+                rows = per_sample_stats(
+                    batch, outputs.log_probs, outputs.label_mask, is_top1=getattr(outputs, "is_top1", None)
+                )
                 rows = gather(rows) if gather is not None else rows
                 stats = TokenProbStats.from_rows(rows) + stats if stats is not None else TokenProbStats.from_rows(rows)
-                num_samples += rows.shape[0]
+                seen += rows.shape[0]
                 without_targets += int((rows[:, 0] == 0).sum())
     finally:
         model.train(was_training)
     if stats is None:
         stats = TokenProbStats.zeros()
-    return Measurement(stats.to_host(), num_samples, without_targets)
+    return Measurement(stats.to_host(), seen, without_targets)
 
 
 def per_sample_stats(
-    batch: dict, log_p: torch.Tensor, label_mask: torch.Tensor, keep: torch.Tensor | None = None
+    batch: dict,
+    log_p: torch.Tensor,
+    label_mask: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    is_top1: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[samples, width] statistics of one batch, one row per sample (padding-free rows split at ``cu_seq_lens_q``)."""
-    return TokenProbStats.per_sample(log_p, label_mask, sample_index(batch, label_mask), num_samples(batch), keep)
+    return TokenProbStats.per_sample(
+        log_p, label_mask, sample_index(batch, label_mask), num_samples(batch), keep, is_top1
+    )
 
 
 def num_samples(batch: dict) -> int:

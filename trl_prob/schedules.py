@@ -20,24 +20,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .stats import TokenProbStats
 
 MODES = ("blend", "exponent")
 
-# The per-step signal the adaptive schedule follows, by name, and the metric it is logged under (None: already
-# logged by the trainer as mean_token_prob).
-STATISTICS: dict[str, Callable[[TokenProbStats], float]] = {
-    "mean": lambda stats: stats.mean_p,
-    "median": lambda stats: stats.median_p,
-    "share_confident": lambda stats: stats.share_confident,
+@dataclass(frozen=True)
+class Signal:
+    """A per-step statistic the adaptive schedule can follow, with the ramp it is read on by default.
+
+    Every signal is read from the statistics the step already reduces (one all-reduce per optimizer step).
+    """
+
+    name: str
+    read: Callable[[TokenProbStats], float]
+    p_low: float
+    p_high: float
+    help: str
+    metric: str | None = None  # logged under this name every step (None: already logged by the trainer)
+
+
+SIGNALS: dict[str, Signal] = {
+    signal.name: signal
+    for signal in (
+        Signal("mean", lambda stats: stats.mean_p, 0.30, 0.55,
+               "mean target-token p, the paper's capability proxy (its Eq. 5)"),
+        Signal("median", lambda stats: stats.median_p, 0.30, 0.55, "median target-token p",
+               metric="median_token_prob"),
+        Signal("share_confident", lambda stats: stats.share_confident, 0.30, 0.55,
+               "share of target tokens with p > 0.55 (the paper's cut-off)", metric="confident_token_share"),
+        Signal("geomean", lambda stats: stats.geometric_mean_p, 0.30, 0.55,
+               "geometric mean of p, exp(-NLL): dominated by the hardest tokens", metric="geomean_token_prob"),
+        Signal("p25", lambda stats: stats.quantile(0.25), 0.30, 0.55,
+               "25th percentile of p: where the hard quarter of the tokens stands", metric="p25_token_prob"),
+        Signal("sequence_top1", lambda stats: stats.sequence_top1_share, 0.20, 0.50,
+               "share of completions whose every target token is the model's top-1 (teacher-forced exact match)",
+               metric="sequence_top1_share"),
+    )
 }
-STATISTIC_METRICS: dict[str, str | None] = {
-    "mean": None,
-    "median": "median_token_prob",
-    "share_confident": "confident_token_share",
-}
+# Name -> read function, as the config and older code call them.
+STATISTICS: dict[str, Callable[[TokenProbStats], float]] = {name: signal.read for name, signal in SIGNALS.items()}
+STATISTIC_METRICS: dict[str, str | None] = {name: signal.metric for name, signal in SIGNALS.items()}
 
 
 def ramp(x: float) -> float:

@@ -6,6 +6,7 @@ all processes) reduces with a single all-reduce, and the probe and the trainer s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,13 +15,14 @@ import torch
 CONFIDENT_P = 0.55
 HISTOGRAM_BINS = 200
 
-_COUNT, _SUM_P, _SUM_NLL, _ABOVE, _KEPT = range(5)
-_HIST = 5
+_COUNT, _SUM_P, _SUM_NLL, _ABOVE, _KEPT, _SEQS, _SEQS_TOP1 = range(7)
+_HIST = 7
 
 
 @dataclass
 class TokenProbStats:
-    """Sums over target tokens: count, sum p, sum -log p, tokens with p > 0.55, kept tokens, histogram of p."""
+    """Sums over target tokens: count, sum p, sum -log p, tokens with p > 0.55, kept tokens, sequences with a target,
+    sequences whose every target token is the model's top-1 (when the head reports ``is_top1``), histogram of p."""
 
     sums: torch.Tensor
 
@@ -29,20 +31,25 @@ class TokenProbStats:
         return cls(torch.zeros(_HIST + HISTOGRAM_BINS, dtype=torch.float64, device=device))
 
     @classmethod
-    def of(cls, log_p: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> TokenProbStats:
+    def of(
+        cls,
+        log_p: torch.Tensor,
+        mask: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        is_top1: torch.Tensor | None = None,
+        sample_index: torch.Tensor | None = None,
+        num_samples: int | None = None,
+    ) -> TokenProbStats:
         """Statistics of the positions where ``mask`` is true; ``keep`` marks the tokens a thresholded objective trains.
 
-        Written with masked sums rather than boolean indexing: no host-device sync in the training hot path.
+        Sequences are the rows of ``log_p`` unless ``sample_index`` (padding-free batches) says otherwise. Written
+        with masked sums and ``index_add_`` rather than boolean indexing: no host-device sync in the training hot path.
         """
-        w = mask.to(torch.float64)
-        log_p = log_p.detach().to(torch.float64) * w  # 0 where masked, so exp() = 1 there, weighted out below
-        p = log_p.exp()
-        kept = w if keep is None else keep.detach().to(torch.float64) * w
-        bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1)
-        hist = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64, device=p.device)
-        hist.index_add_(0, bins.flatten(), w.flatten())
-        head = torch.stack([w.sum(), (p * w).sum(), -log_p.sum(), ((p > CONFIDENT_P) * w).sum(), kept.sum()])
-        return cls(torch.cat([head, hist]))
+        if sample_index is None:
+            rows = torch.arange(log_p.shape[0] if log_p.dim() > 1 else 1, device=log_p.device)
+            sample_index = rows[:, None].expand_as(log_p) if log_p.dim() > 1 else rows.expand_as(log_p)
+            num_samples = rows.numel()
+        return cls(cls.per_sample(log_p, mask, sample_index, num_samples, keep, is_top1).sum(0))
 
     @classmethod
     def per_sample(
@@ -52,20 +59,27 @@ class TokenProbStats:
         sample_index: torch.Tensor,
         num_samples: int,
         keep: torch.Tensor | None = None,
+        is_top1: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The same sums, one row per sample (``[num_samples, width]``): what ``gather_for_metrics`` needs to drop the
+        """The sums, one row per sample (``[num_samples, width]``): what ``gather_for_metrics`` needs to drop the
         samples accelerate repeats to even out the last batch, so every sample counts once."""
         w = mask.to(torch.float64)
-        log_p = log_p.detach().to(torch.float64) * w
+        log_p = log_p.detach().to(torch.float64) * w  # 0 where masked, so exp() = 1 there, weighted out below
         p = log_p.exp()
         width = _HIST + HISTOGRAM_BINS
         kept = w if keep is None else keep.detach().to(torch.float64) * w
-        head = torch.stack([w, p * w, -log_p, (p > CONFIDENT_P) * w, kept], dim=-1).reshape(-1, _HIST)
+        missed = torch.zeros_like(w) if is_top1 is None else (~is_top1.detach().bool()).to(torch.float64) * w
+        # columns 0-4 and a scratch column 5 (targets the model does not rank first), summed per sample
+        head = torch.stack([w, p * w, -log_p, (p > CONFIDENT_P) * w, kept, missed], dim=-1).reshape(-1, 6)
         bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1).flatten()
         rows = sample_index.flatten()
         out = torch.zeros(num_samples, width, dtype=torch.float64, device=p.device)
-        out[:, :_HIST].index_add_(0, rows, head)
+        out[:, :6].index_add_(0, rows, head)
         out.view(-1).index_add_(0, rows * width + _HIST + bins, w.flatten())
+        has_targets = out[:, _COUNT] > 0
+        all_top1 = has_targets & (out[:, _SEQS] == 0)
+        out[:, _SEQS] = has_targets.to(torch.float64) if is_top1 is not None else 0.0
+        out[:, _SEQS_TOP1] = all_top1.to(torch.float64) if is_top1 is not None else 0.0
         return out
 
     @classmethod
@@ -143,3 +157,15 @@ class TokenProbStats:
     @property
     def median_p(self) -> float:
         return self.quantile(0.5)
+
+    @property
+    def geometric_mean_p(self) -> float:
+        """exp(-mean NLL): the per-token probability of the whole targets, dominated by the hardest tokens."""
+        return math.exp(-self.nll) if self.num_tokens > 0 else float("nan")
+
+    @property
+    def sequence_top1_share(self) -> float:
+        """Share of sequences whose every target token is the model's top-1 choice (greedy exact match, teacher-forced);
+        NaN where the head did not report ``is_top1``."""
+        sequences = self.sums[_SEQS].item()
+        return self.sums[_SEQS_TOP1].item() / sequences if sequences > 0 else float("nan")

@@ -28,7 +28,7 @@ from trl import SFTTrainer
 
 from .config import ProbSFTConfig
 from .loss import distributed_sum, objective_loss
-from .measure import measure, per_sample_stats
+from .measure import measure, num_samples, per_sample_stats, sample_index
 from .objectives import get_objective
 from .schedules import STATISTIC_METRICS, Schedule, ScheduleStateError, build_schedule
 from .stats import TokenProbStats
@@ -171,7 +171,9 @@ class ProbObjectiveMixin:
         def forward(*args, **kwargs):
             outputs = fused_forward(*args, **kwargs)
             if kwargs.get("fused_lm_head") and trainer._in_compute_loss:
-                outputs.log_probs = -trainer._per_token_objective(outputs.log_probs, outputs.label_mask, kwargs)
+                outputs.log_probs = -trainer._per_token_objective(
+                    outputs.log_probs, outputs.label_mask, kwargs, getattr(outputs, "is_top1", None)
+                )
             return outputs
 
         model.forward = forward
@@ -188,17 +190,23 @@ class ProbObjectiveMixin:
         """Lambda of the current optimizer step (1 = the objective alone)."""
         return self.schedule.value
 
-    def _per_token_objective(self, log_p: torch.Tensor, mask: torch.Tensor, batch: dict) -> torch.Tensor:
+    def _per_token_objective(
+        self, log_p: torch.Tensor, mask: torch.Tensor, batch: dict, is_top1: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The per-token loss TRL will sum and normalise; records the statistics on the way."""
         objective = self._objective if self._uses_objective else get_objective("nll")
+        padding_free = batch.get("cu_seq_lens_q") is not None
         loss, stats = objective_loss(
-            log_p, mask, objective, self.objective_lambda, self.args.schedule_mode, all_reduce=distributed_sum
-        )
+            log_p, mask, objective, self.objective_lambda, self.args.schedule_mode, all_reduce=distributed_sum,
+            is_top1=is_top1,
+            sample_index=sample_index(batch, mask) if padding_free else None,
+            num_samples=num_samples(batch) if padding_free else None,
+        )  # fmt: skip
         if self.model.training:
             self._step_stats = stats if self._step_stats is None else self._step_stats + stats
         else:  # per sample, so that gather_for_metrics counts each evaluation sample once
             keep = objective.keep(log_p) & mask if objective.is_thresholded else None
-            rows = self.accelerator.gather_for_metrics(per_sample_stats(batch, log_p, mask, keep))
+            rows = self.accelerator.gather_for_metrics(per_sample_stats(batch, log_p, mask, keep, is_top1))
             stats = TokenProbStats.from_rows(rows)
             self._eval_stats = stats if self._eval_stats is None else self._eval_stats + stats
         return loss
