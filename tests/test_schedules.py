@@ -312,7 +312,8 @@ def test_valid_config_defaults(tmp_path):
     assert not args.uses_objective
     assert set(SCHEDULES) == {"none", "constant", "linear", "cosine", "adaptive"}
     assert set(MODES) == {"blend", "exponent"}
-    assert set(STATISTICS) == {"mean", "median", "share_confident", "geomean", "p25", "sequence_top1"}
+    assert set(STATISTICS) == {"mean", "median", "share_confident", "geomean", "p25", "token_top1",
+                               "sequence_top1"}
 
 
 @pytest.mark.parametrize(

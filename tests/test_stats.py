@@ -107,6 +107,7 @@ def test_sequence_top1_share_counts_whole_completions():
     is_top1 = torch.tensor([[True, True, False], [True, False, True], [False, False, False]])
     stats = TokenProbStats.of(log_p, mask, is_top1=is_top1)
     assert stats.sequence_top1_share == 0.5
+    assert stats.token_top1_share == 4 / 5
     # the same tokens flattened padding-free into one row: sample_index says which sample each belongs to
     flat = TokenProbStats.of(log_p.reshape(1, -1), mask.reshape(1, -1), is_top1=is_top1.reshape(1, -1),
                              sample_index=torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]]), num_samples=3)

@@ -44,8 +44,8 @@ class ProbSFTConfig(SFTConfig):
         schedule_statistic (`str`, *optional*, defaults to `"mean"`):
             Per-step signal that `adaptive` follows (`trl_prob.schedules.SIGNALS`): `mean` (the paper's proxy),
             `median`, `share_confident` (share of tokens with p > 0.55, the paper's cut-off), `geomean`
-            (exp(-NLL)), `p25` (25th percentile of p) or `sequence_top1` (share of completions whose every target
-            token is the model's top-1).
+            (exp(-NLL)), `p25` (25th percentile of p), `token_top1` (share of target tokens that are the model's
+            top-1) or `sequence_top1` (share of completions whose every target token is the model's top-1).
         schedule_p_low (`float`, *optional*):
             Signal at and below which `adaptive` lambda is 0 (pure NLL). Defaults to the signal's own ramp
             (0.30 for the p statistics, 0.20 for `sequence_top1`).

@@ -55,6 +55,8 @@ SIGNALS: dict[str, Signal] = {
                "geometric mean of p, exp(-NLL): dominated by the hardest tokens", metric="geomean_token_prob"),
         Signal("p25", lambda stats: stats.quantile(0.25), 0.30, 0.55,
                "25th percentile of p: where the hard quarter of the tokens stands", metric="p25_token_prob"),
+        Signal("token_top1", lambda stats: stats.token_top1_share, 0.30, 0.55,
+               "share of target tokens that are the model's top-1 choice", metric="token_top1_share"),
         Signal("sequence_top1", lambda stats: stats.sequence_top1_share, 0.20, 0.50,
                "share of completions whose every target token is the model's top-1 (teacher-forced exact match)",
                metric="sequence_top1_share"),

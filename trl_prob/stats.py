@@ -15,14 +15,15 @@ import torch
 CONFIDENT_P = 0.55
 HISTOGRAM_BINS = 200
 
-_COUNT, _SUM_P, _SUM_NLL, _ABOVE, _KEPT, _SEQS, _SEQS_TOP1 = range(7)
-_HIST = 7
+_COUNT, _SUM_P, _SUM_NLL, _ABOVE, _KEPT, _SEQS, _SEQS_TOP1, _TOP1 = range(8)
+_HIST = 8
 
 
 @dataclass
 class TokenProbStats:
     """Sums over target tokens: count, sum p, sum -log p, tokens with p > 0.55, kept tokens, sequences with a target,
-    sequences whose every target token is the model's top-1 (when the head reports ``is_top1``), histogram of p."""
+    sequences whose every target token is the model's top-1 and top-1 tokens (when the head reports ``is_top1``),
+    histogram of p."""
 
     sums: torch.Tensor
 
@@ -68,16 +69,17 @@ class TokenProbStats:
         p = log_p.exp()
         width = _HIST + HISTOGRAM_BINS
         kept = w if keep is None else keep.detach().to(torch.float64) * w
-        missed = torch.zeros_like(w) if is_top1 is None else (~is_top1.detach().bool()).to(torch.float64) * w
-        # columns 0-4 and a scratch column 5 (targets the model does not rank first), summed per sample
-        head = torch.stack([w, p * w, -log_p, (p > CONFIDENT_P) * w, kept, missed], dim=-1).reshape(-1, 6)
+        top1 = torch.zeros_like(w) if is_top1 is None else is_top1.detach().to(torch.float64) * w
+        # columns 0-4, a scratch column (the sequence columns are derived from it below) and the top-1 tokens
+        zeros = torch.zeros_like(w)
+        head = torch.stack([w, p * w, -log_p, (p > CONFIDENT_P) * w, kept, zeros, zeros, top1], dim=-1)
         bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1).flatten()
         rows = sample_index.flatten()
         out = torch.zeros(num_samples, width, dtype=torch.float64, device=p.device)
-        out[:, :6].index_add_(0, rows, head)
+        out[:, :_HIST].index_add_(0, rows, head.reshape(-1, _HIST))
         out.view(-1).index_add_(0, rows * width + _HIST + bins, w.flatten())
         has_targets = out[:, _COUNT] > 0
-        all_top1 = has_targets & (out[:, _SEQS] == 0)
+        all_top1 = has_targets & (out[:, _TOP1] == out[:, _COUNT])
         out[:, _SEQS] = has_targets.to(torch.float64) if is_top1 is not None else 0.0
         out[:, _SEQS_TOP1] = all_top1.to(torch.float64) if is_top1 is not None else 0.0
         return out
@@ -169,3 +171,9 @@ class TokenProbStats:
         NaN where the head did not report ``is_top1``."""
         sequences = self.sums[_SEQS].item()
         return self.sums[_SEQS_TOP1].item() / sequences if sequences > 0 else float("nan")
+
+    @property
+    def token_top1_share(self) -> float:
+        """Share of target tokens that are the model's top-1 choice (TRL's mean_token_accuracy); NaN without
+        ``is_top1``."""
+        return self._ratio(_TOP1) if self.sums[_SEQS].item() > 0 else float("nan")
