@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -125,6 +126,36 @@ def test_accelerate_config_names_and_recipe_configs_resolve(tmp_path):
     ours = os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml")
     namespace = launched([*TINY, "--output_dir", str(tmp_path / "b"), "--accelerate_config", ours])
     assert namespace.config_file == ours
+
+
+def test_one_process_launch_passes_accelerate_its_defaults(tmp_path, monkeypatch):
+    """So that accelerate does not print "values were not passed to `accelerate launch`" on every run; a multi-process
+    launch is left to accelerate."""
+    import accelerate.commands.config
+
+    monkeypatch.setattr(accelerate.commands.config, "default_config_file", str(tmp_path / "none.yaml"))
+    monkeypatch.setattr(cli, "_accelerator_count", lambda: 0)
+    namespace = launched([*TINY, "--output_dir", str(tmp_path / "a")])
+    assert (namespace.num_processes, namespace.num_machines, namespace.mixed_precision, namespace.dynamo_backend) == (
+        1, 1, "no", "no")  # fmt: skip
+    namespace = launched([*TINY, "--output_dir", str(tmp_path / "b"), "--mixed_precision", "bf16"])
+    assert namespace.mixed_precision == "bf16"
+    namespace = launched([*TINY, "--output_dir", str(tmp_path / "c"), "--multi_gpu", "--num_processes", "2"])
+    assert namespace.num_machines is None and namespace.mixed_precision is None
+
+
+def test_workers_hide_bitsandbytes_unless_the_run_uses_it(tmp_path):
+    def hidden(*flags) -> str:
+        seen = []
+        cli.launch("sft", [*TINY, "--output_dir", str(tmp_path / str(len(seen))), *flags],
+                   launch_command_fn=lambda namespace: seen.append(os.environ[cli.HIDE_BITSANDBYTES_ENV]))  # fmt: skip
+        assert cli.HIDE_BITSANDBYTES_ENV not in os.environ  # only the launched workers see it
+        return seen[0]
+
+    assert hidden() == "1"
+    assert hidden("--load_in_4bit", "true") == "0"
+    assert hidden("--load_in_8bit", "true") == "0"
+    assert hidden("--optim", "paged_adamw_8bit") == "0"
 
 
 def test_config_file_is_forwarded_to_every_rank(tmp_path):
@@ -314,6 +345,15 @@ def run_cli(args, timeout, cwd=ROOT) -> subprocess.CompletedProcess:
         pytest.fail(f"{' '.join(args[:3])} ... did not exit within {timeout}s:\n{(exc.stderr or b'')[-3000:]}")
 
 
+PROGRESS_BAR = re.compile(r"^(.*: *)?\d+%\|.*\|")  # tqdm: "Loading weights:  50%|#####     | 1/2 [...]"
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    """What a run wrote to stderr, one entry per line, progress bars (tqdm's carriage-return redraws) left out."""
+    lines = [line.replace("\x1b[A", "").strip() for line in re.split(r"[\r\n]", stderr)]
+    return [line for line in lines if line and not PROGRESS_BAR.match(line)]
+
+
 def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
     output_dir = tmp_path / "quickstart"
     result = run_cli(
@@ -322,6 +362,9 @@ def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # Nothing on stderr but progress bars: no bitsandbytes kernel warning (nothing is loaded in 4 bits), no accelerate
+    # "values were not passed to `accelerate launch`" block (one process), no other warning the project can avoid.
+    assert stderr_lines(result.stderr) == []
     assert (output_dir / "model.safetensors").is_file()
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 6

@@ -328,8 +328,8 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith(local_suffixes)
 
 
-def check_model(model_args, training_args) -> None:
-    """The model exists: a local directory or a Hub id whose config loads (from the cache when offline)."""
+def check_model(model_args, training_args):
+    """The model exists: a local directory or a Hub id whose config loads (from the cache when offline); its config."""
     from transformers import AutoConfig
 
     path = model_args.model_name_or_path
@@ -338,8 +338,8 @@ def check_model(model_args, training_args) -> None:
     if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
         raise CLIError(f"--model_name_or_path {path}: no such directory.")
     try:
-        AutoConfig.from_pretrained(path, revision=model_args.model_revision,
-                                   trust_remote_code=training_args.trust_remote_code)  # fmt: skip
+        return AutoConfig.from_pretrained(path, revision=model_args.model_revision,
+                                          trust_remote_code=training_args.trust_remote_code)  # fmt: skip
     except (OSError, ValueError) as exc:
         where = "" if os.path.exists(path) else "no such local directory, and as a Hub id: "
         raise CLIError(f"--model_name_or_path {path}: {where}{_one_line(exc)}") from exc
@@ -380,6 +380,8 @@ def run_worker(command: str, argv: Sequence[str]) -> int:
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
     """``python -m trl_prob.cli {sft,probe} ...``: one process of a (possibly distributed) run."""
+    if argv is None and os.environ.get(HIDE_BITSANDBYTES_ENV) == "1":  # the launcher found no use for it
+        hide_bitsandbytes()
     _quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("sft", "probe"):
@@ -402,6 +404,69 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         logging.shutdown()
         os._exit(status)
     return status
+
+
+# --------------------------------------------------------------------------------------------- quiet start
+
+HIDE_BITSANDBYTES_ENV = "TRL_PROB_HIDE_BITSANDBYTES"
+# transformers' bitsandbytes optimizers (`--optim`): their names contain one of these.
+BITSANDBYTES_OPTIM_MARKS = ("bnb", "8bit", "paged", "lion", "ademamix")
+
+
+def needs_bitsandbytes(model_args, training_args, model_config=None) -> bool:
+    """Whether the run asks for bitsandbytes: 4/8-bit loading, a quantization config, a pre-quantized model or a
+    bitsandbytes optimizer. Errs on the side of yes."""
+    init_kwargs = training_args.model_init_kwargs or {}
+    optim = str(getattr(training_args.optim, "value", training_args.optim))
+    return bool(
+        model_args.load_in_4bit
+        or model_args.load_in_8bit
+        or init_kwargs.get("quantization_config") is not None
+        or getattr(model_config, "quantization_config", None) is not None
+        or any(mark in optim for mark in BITSANDBYTES_OPTIM_MARKS)
+    )
+
+
+def hide_bitsandbytes() -> None:
+    """Make bitsandbytes look uninstalled to this process, for a run that does not use it.
+
+    Why: ``transformers.trainer_utils`` imports peft whenever peft is installed, and peft 0.21's ``peft/helpers.py``
+    imports bitsandbytes at module level; on CPUs with AVX512-BF16 bitsandbytes then warns that it cannot load a
+    4-bit kernel ("Failed to load CPU gemm_4bit_forward ...") and costs ~1 s of import, on runs that load nothing in
+    4 bits. No public switch turns either import off, so this uses Python's documented way to block one import:
+    ``sys.modules[name] = None`` makes ``import bitsandbytes`` raise ImportError (peft falls back to ``bnb = None``) and
+    ``importlib.util.find_spec`` return None (transformers and peft then see it as not installed). It is a hack on the
+    process's view of the environment, not on their code; it is applied only by the command-line entry points, and
+    only when :func:`needs_bitsandbytes` says no (the launcher never loads a model, so it always hides it).
+    """
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
+def _single_process_defaults(namespace) -> None:
+    """Pass accelerate the values it would default to for a one-process run, so that it does not print its
+    "The following values were not passed to `accelerate launch`" block on every run. With an accelerate config
+    file, several devices, or a multi-process flag, accelerate decides (and says what it decided) as before."""
+    from accelerate.commands.config import default_config_file
+
+    if namespace.config_file is not None or (os.path.isfile(default_config_file) and not namespace.cpu):
+        return  # accelerate reads its defaults from the config file
+    if namespace.multi_gpu or namespace.use_fsdp or namespace.use_deepspeed or namespace.tpu:
+        return
+    for name, value in (("num_machines", 1), ("mixed_precision", "no"), ("dynamo_backend", "no")):
+        if getattr(namespace, name) is None:
+            setattr(namespace, name, value)
+    if namespace.num_processes is None and _accelerator_count() <= 1:
+        namespace.num_processes = 1
+
+
+def _accelerator_count() -> int:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return accelerator.device_count()
+    return torch.cuda.device_count()
 
 
 # --------------------------------------------------------------------------------------------- launcher
@@ -465,19 +530,35 @@ def launch(command: str, argv: Sequence[str], launch_command_fn: Callable | None
         extra = extra or [namespace.training_script]
     _refuse_unrecognized(command, extra)
 
-    check_model(model_args, training_args)
+    model_config = check_model(model_args, training_args)
     check_dataset(script_args, dataset_args)
     if command == "sft":
         check_output_dir(training_args, run_args)
-    try:
-        (launch_command_fn or launch_command)(namespace)
-    except subprocess.CalledProcessError as exc:  # the worker already reported its error
-        return exc.returncode or 1
-    except Exception as exc:  # torch.distributed.elastic's ChildFailedError: the failing rank printed its own error
-        if type(exc).__name__ != "ChildFailedError":
-            raise
-        return 1
+    _single_process_defaults(namespace)
+    hide = "0" if needs_bitsandbytes(model_args, training_args, model_config) else "1"
+    with _environ(HIDE_BITSANDBYTES_ENV, hide):  # accelerate launch starts the workers with this environment
+        try:
+            (launch_command_fn or launch_command)(namespace)
+        except subprocess.CalledProcessError as exc:  # the worker already reported its error
+            return exc.returncode or 1
+        except Exception as exc:  # torch.distributed.elastic's ChildFailedError: the failing rank printed its error
+            if type(exc).__name__ != "ChildFailedError":
+                raise
+            return 1
     return 0
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 # --------------------------------------------------------------------------------------------- console script
@@ -533,6 +614,8 @@ def _quiet_known_warnings() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``trl-prob`` console script."""
+    if argv is None:  # this process only parses, validates and launches: it never needs bitsandbytes
+        hide_bitsandbytes()
     _quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _top_level_parser()
