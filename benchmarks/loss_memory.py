@@ -67,6 +67,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import types
 import time
 from types import SimpleNamespace
 
@@ -147,8 +148,7 @@ class _TrainerStandIn:
     """Just enough of a ``ProbSFTTrainer`` to run its per-micro-batch loss code (``trl_prob.trainer``) unchanged."""
 
     def __new__(cls, spec: str, schedule: str, mode: str, lam: float):
-        from trl_prob import ProbObjectiveMixin, ProbSFTConfig, get_objective
-        from trl_prob.schedules import ScheduleState
+        from trl_prob import ProbObjectiveMixin, ProbSFTConfig
 
         class StandIn(ProbObjectiveMixin):
             def __init__(self):  # no super().__init__: there is no Trainer around it
@@ -161,7 +161,8 @@ class _TrainerStandIn:
                     use_cpu=not torch.cuda.is_available(),
                 )
                 self._init_objective_state(self.args)
-                self._schedule_state = ScheduleState(objective_lambda=lam)
+                self.schedule.value = lam
+                self.model = types.SimpleNamespace(training=True)  # the statistics go to the training step
                 self._in_compute_loss = True
 
         return StandIn()
@@ -212,7 +213,7 @@ def build_step(case: str, model: HeadOnlyLM, lam: float):
             """The same step past the head: what the case adds on top of the kernel, forward and backward."""
             if trainer is not None:
                 trainer._step_stats = None
-                log_probs = -trainer._per_token_objective(log_probs, mask, True)
+                log_probs = -trainer._per_token_objective(log_probs, mask, {})
             loss = (-log_probs).sum() / mask.sum().clamp(min=1)
             loss.backward()
             return loss

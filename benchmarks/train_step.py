@@ -50,6 +50,7 @@ import os
 import statistics
 import sys
 import tempfile
+import types
 import time
 import warnings
 
@@ -131,7 +132,7 @@ def build_dataset(args, model):
 
 
 def build_tokenizer():
-    from trl_prob.embedded import build_tokenizer as embedded_tokenizer
+    from addition import build_tokenizer as embedded_tokenizer
 
     return embedded_tokenizer()  # only its pad/eos ids are used: the data is pre-tokenised
 
@@ -219,6 +220,7 @@ def build_trainer(case: str, model, dataset, tokenizer, args, output_dir: str):
             objective=info["objective"],
             objective_schedule=info["schedule"],
             schedule_warm_start_samples=args.warm_start_samples,
+            flush_denormal=bool(args.flush_denormal),  # the same setting for the TRL baseline and every case
         )
         trainer = ProbSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     recorder = StepRecorder(args.device)
@@ -233,8 +235,7 @@ def hot_path(args) -> dict:
     """Per-call cost of trl-prob's per-micro-batch and per-step code, on CPU, with op and sync counts."""
     from torch.profiler import ProfilerActivity, profile
 
-    from trl_prob import ProbObjectiveMixin, ProbSFTConfig, get_objective
-    from trl_prob.schedules import ScheduleState
+    from trl_prob import ProbObjectiveMixin, ProbSFTConfig
 
     syncing = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item")
     n = args.hot_path_tokens or args.batch_size * (args.seq_len - 1)  # TRL's log_probs: [batch, seq_len - 1]
@@ -254,7 +255,8 @@ def hot_path(args) -> dict:
                     use_cpu=True,
                 )
                 self._init_objective_state(self.args)
-                self._schedule_state = ScheduleState(objective_lambda=0.5 if schedule != "none" else 1.0)
+                self.schedule.value = 0.5 if schedule != "none" else 1.0
+                self.model = types.SimpleNamespace(training=True)  # the statistics go to the training step
                 self._metrics = {"train": _DefaultList(), "eval": _DefaultList()}
                 self.state = _State()
 
@@ -306,7 +308,7 @@ def hot_path(args) -> dict:
             # the same with trl-prob's wrapper in between: log_probs -> -f(p) (+ statistics), then backward
             log_p_masked.grad = None
             trainer._step_stats = None
-            per_token = trainer._per_token_objective(log_p_masked, mask, True)
+            per_token = trainer._per_token_objective(log_p_masked, mask, {})
             (per_token.sum() / count).backward()
 
         results["per_micro_batch"][case] = measure(micro, args.hot_path_reps)
@@ -319,7 +321,7 @@ def hot_path(args) -> dict:
             times, ops, names = [], None, None
             for i in range(args.hot_path_reps + 4):
                 trainer._step_stats = None
-                trainer._per_token_objective(log_p_masked, mask, True)
+                trainer._per_token_objective(log_p_masked, mask, {})
                 if i == 3:
                     with profile(activities=[ProfilerActivity.CPU]) as prof:
                         end_only()
@@ -343,7 +345,7 @@ def hot_path(args) -> dict:
 def sync_free_stats(log_p: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """What ``TokenProbStats.of`` computes, without boolean indexing (no ``nonzero``, so no device-to-host sync)
     and as one ``stack`` instead of six indexed writes. Proposed replacement, measured by ``--hot-path``."""
-    from trl_prob.stats import CONFIDENT_P, HISTOGRAM_BINS
+    from trl_prob.stats import _HIST, CONFIDENT_P, HISTOGRAM_BINS
 
     w = mask.to(torch.float64)
     log_p = log_p.detach().to(torch.float64) * w  # 0 where masked: exp() = 1 there, weighted out below
@@ -352,7 +354,8 @@ def sync_free_stats(log_p: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor 
     bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1)
     hist = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64, device=p.device).index_add_(0, bins.flatten(), w.flatten())
     head = torch.stack([w.sum(), (p * w).sum(), -log_p.sum(), ((p > CONFIDENT_P) * w).sum(), kept.sum()])
-    return torch.cat([head, hist])
+    sequences = torch.zeros(_HIST - len(head), dtype=torch.float64, device=p.device)  # without is_top1: zeros
+    return torch.cat([head, sequences, hist])
 
 
 class _DefaultList(dict):

@@ -387,3 +387,28 @@ def test_one_and_two_processes_agree(tmp_path, trained_model, trained_tokenizer,
     for key in ("mean_p", "median_p", "share_confident", "nll"):
         assert double[key] == pytest.approx(single[key], abs=1e-5), key
     assert double["recommended_flags"] == single["recommended_flags"]
+
+
+# ------------------------------------------------------------------------------------ the schedule's own signal
+
+
+def test_recommendation_reads_the_schedules_signal():
+    # mean p alone says "confident"; the sequence signal on its own ramp says the model is still weak
+    assert recommend(0.7)[1] == "none"
+    objective, schedule, reason = recommend(0.7, "p", 0.2, 0.5, signal="sequence_top1", signal_value=0.1)
+    assert (objective, schedule) == ("p", "adaptive") and "sequence_top1 signal passes 0.20" in reason
+    assert recommend(0.7, "p", 0.2, 0.5, signal="sequence_top1", signal_value=0.6)[1] == "none"
+
+
+@pytest.mark.parametrize("signal", ["sequence_top1", "geomean"])
+def test_probe_and_warm_start_agree_on_the_signal(tmp_path, signal):
+    from trl_prob.schedules import SIGNALS
+
+    trainer = make_trainer(tmp_path, objective="p", objective_schedule="adaptive", schedule_statistic=signal,
+                           schedule_warm_start_samples=24)
+    report = run_probe(trainer, num_samples=24, output_dir=None, progress=False)
+    assert set(report.signals) == set(SIGNALS)
+    assert report.schedule_signal == signal and report.schedule_signal_value == report.signals[signal]
+    assert 0.0 <= report.schedule_signal_value <= 1.0  # the trainer's head reports is_top1: a real value
+    trainer._begin_schedule()  # what train() runs first: the warm start on the same 24 samples
+    assert trainer.schedule.p_ema == pytest.approx(report.schedule_signal_value, rel=1e-9)

@@ -97,21 +97,28 @@ def describe_position(mean_p: float) -> str:
 
 
 def recommend(
-    mean_p: float, objective: str | None = None, p_low: float = 0.30, p_high: float = 0.55
+    mean_p: float,
+    objective: str | None = None,
+    p_low: float = 0.30,
+    p_high: float = 0.55,
+    signal: str = "mean",
+    signal_value: float | None = None,
 ) -> tuple[str, str, str]:
     """``(objective, objective_schedule, reason)`` for a model whose mean target probability is ``mean_p``.
 
     ``objective`` is the prior-leaning target the user configured (``p`` unless its family leans on the prior in the
-    objective registry: ``p``, ``power:a``, ``top_p:q``, ``top_logp:q``). The rule follows the paper: NLL at the weak end, the prior-leaning objective at the
-    strong end, and in between (no single winner in the paper) the adaptive schedule, which trains NLL while the
-    model is unsure and moves to the target as its running mean target probability rises from ``p_low`` to
-    ``p_high``.
+    objective registry). The rule follows the paper: NLL at its weak end (mean p below 0.10), the prior-leaning
+    objective where the model is confident, and in between the adaptive schedule. Confidence is read as the adaptive
+    schedule reads it (``signal``, whose value is ``signal_value``, on the ramp ``p_low`` -> ``p_high``), so the probe's
+    advice before training and the schedule's lambda during it agree.
     """
     from .objectives import get_objective
     from .schedules import adaptive_lambda
 
     target = get_objective(objective) if objective else None
     spec = target.spec if target is not None and target.leans_on_prior else "p"
+    value = mean_p if signal_value is None else signal_value
+    named = "mean" if signal == "mean" else f"{signal} signal"
     if math.isnan(mean_p):
         return "nll", "none", "no target tokens were measured: nothing to place on the continuum; NLL is the default."
     if mean_p < WEAK_END_P:
@@ -119,19 +126,19 @@ def recommend(
             f"at the paper's weak end ({_band('model-weak')}), where NLL wins by far (figfont exact match 35.2 vs "
             "0.0 for 1 - p): prior-leaning objectives barely train tokens the model cannot predict yet."
         )
-    if mean_p < p_low:
+    if math.isnan(value) or value < p_low:
         return spec, "adaptive", (
-            f"weak on this data: adaptive trains pure NLL (the paper's choice here) until the running mean passes "
+            f"weak on this data: adaptive trains pure NLL (the paper's choice here) until the running {named} passes "
             f"{p_low:.2f}, then moves toward {spec} as the model becomes confident."
         )
-    if mean_p < p_high:
-        lam = adaptive_lambda(mean_p, p_low, p_high)
+    if value < p_high:
+        lam = adaptive_lambda(value, p_low, p_high)
         return spec, "adaptive", (
             f"between the ends, where the paper finds no single winner: adaptive starts at lambda {lam:.2f} "
             f"(share of {spec}) and follows the model's confidence, reaching {spec} alone at {p_high:.2f}."
         )
     return spec, "none", (
-        f"confident on this data (mean >= {p_high:.2f}): at the strong end prior-leaning objectives beat NLL "
+        f"confident on this data ({named} >= {p_high:.2f}): at the strong end prior-leaning objectives beat NLL "
         "(math: 1 - p 32.75 vs NLL 17.00 on Qwen2.5-Math-1.5B)."
     )
 
@@ -176,6 +183,10 @@ class ProbeReport:
     confident_p: float = CONFIDENT_P
     schedule_p_low: float = 0.30
     schedule_p_high: float = 0.55
+    schedule_signal: str = "mean"
+    schedule_signal_value: float = float("nan")
+    signals: dict[str, float] = field(default_factory=dict)  # every registered signal, for comparison
+    share_above_0_9: float = float("nan")
     reference_bands: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in REFERENCE_BANDS.items()})
     reference_strong_share_confident: list[float] = field(default_factory=lambda: list(STRONG_SHARE_CONFIDENT))
     histogram: dict[str, list[float]] = field(default_factory=dict)
@@ -190,12 +201,16 @@ class ProbeReport:
         objective: str | None = None,
         p_low: float = 0.30,
         p_high: float = 0.55,
+        signal: str = "mean",
         max_length: int | None = None,
         num_samples_dropped: int | None = None,
     ) -> ProbeReport:
+        from .schedules import SIGNALS
+
         stats = measurement.stats
         mean_p = stats.mean_p
-        objective_spec, schedule, reason = recommend(mean_p, objective, p_low, p_high)
+        signals = {name: s.read(stats) for name, s in SIGNALS.items()}
+        objective_spec, schedule, reason = recommend(mean_p, objective, p_low, p_high, signal, signals[signal])
         flags = f"--objective {objective_spec} --objective_schedule {schedule}"
         return cls(
             model=model,
@@ -218,6 +233,10 @@ class ProbeReport:
             num_samples_dropped=num_samples_dropped,
             schedule_p_low=p_low,
             schedule_p_high=p_high,
+            schedule_signal=signal,
+            schedule_signal_value=signals[signal],
+            signals=signals,
+            share_above_0_9=stats.share_above(0.9),
             histogram=_histogram(stats, TABLE_BINS),
             histogram_fine=_histogram(stats, PLOT_BINS),
         )
@@ -245,6 +264,15 @@ class ProbeReport:
             ("median target probability", "median_p", f"{self.median_p:.4f}"),
             (f"share of tokens p > {self.confident_p:.2f}", "share_confident", f"{self.share_confident:.1%}"),
             ("mean NLL (nats/token)", "nll", f"{self.nll:.4f}"),
+            ("share of tokens p >= 0.90", "share_above_0_9", f"{self.share_above_0_9:.1%}"),
+            (
+                "schedule signal",
+                "schedule_signal_value",
+                f"{self.schedule_signal} = {self.schedule_signal_value:.4f}   (adaptive ramp "
+                f"{self.schedule_p_low:.2f} -> {self.schedule_p_high:.2f})",
+            ),
+            ("other signals", "signals", ", ".join(
+                f"{name} {value:.3f}" for name, value in self.signals.items() if name != self.schedule_signal)),
             ("", "", ""),
             ("continuum", "continuum", self.continuum),
             ("position", "position", self.position),
@@ -429,6 +457,7 @@ def run_probe(
         objective=getattr(args, "objective", None),
         p_low=getattr(args, "schedule_p_low", 0.30),
         p_high=getattr(args, "schedule_p_high", 0.55),
+        signal=getattr(args, "schedule_statistic", "mean"),
         max_length=max_length,
         num_samples_dropped=dropped,
     )

@@ -133,6 +133,12 @@ class TokenProbStats:
         """Share of target tokens with p > 0.55."""
         return self._ratio(_ABOVE)
 
+    def share_above(self, p: float) -> float:
+        """Share of target tokens with probability at or above ``p`` (from the histogram: ``p`` rounds to a bin edge)."""
+        count = self.sums[_COUNT].item()
+        first = min(HISTOGRAM_BINS, round(p * HISTOGRAM_BINS))
+        return self.sums[_HIST + first :].sum().item() / count if count > 0 else float("nan")
+
     @property
     def kept_fraction(self) -> float:
         return self._ratio(_KEPT)
