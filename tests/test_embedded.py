@@ -155,17 +155,15 @@ def test_the_installed_package_ships_the_artifacts_not_the_builders():
     assert [f for f in os.listdir(here) if f.endswith(".py")] == ["__init__.py"]  # no `python -m` builder either
     assert os.path.isfile(os.path.join(default_model_path(), "model.safetensors"))
     assert sorted(os.listdir(default_dataset_path())) == ["test.jsonl", "train.jsonl"]
-    # The module imports nothing heavy: loaded on its own (without the parent package's own imports), in a fresh
-    # interpreter, it leaves torch, transformers, tokenizers and trl unimported.
+    # The module imports nothing heavy: in a fresh interpreter, `import trl_prob.embedded` (the package's exports are
+    # lazy) leaves torch, transformers, tokenizers and trl unimported.
     code = (
-        "import importlib.util, sys\n"
-        "spec = importlib.util.spec_from_file_location('embedded_alone', sys.argv[1])\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
+        "import sys\n"
+        "from trl_prob.embedded import default_model_path\n"
         "print(sorted(m for m in ('torch', 'transformers', 'tokenizers', 'trl') if m in sys.modules))\n"
-        "print(module.default_model_path())\n"
+        "print(default_model_path())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, embedded.__file__], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["[]", default_model_path()]
 
 
