@@ -326,7 +326,11 @@ def main(argv=None):
     ap.add_argument("--long-families", nargs="*", default=["add2"])
     ap.add_argument("--long-epochs", type=float, default=24.0, help="8x the short budget (1512 steps)")
     ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every short-budget run")
+    ap.add_argument("--long-lr", type=float, default=3e-3,
+                    help="learning rate of every long-budget run (continuum.py's longer check: NLL learns the task "
+                         "from the random init within 1512 steps at 3e-3)")
+    ap.add_argument("--long-first", action="store_true", help="run the long-budget rows before the short ones")
     ap.add_argument("--n-train", type=int, default=8000)
     ap.add_argument("--n-val", type=int, default=300)
     ap.add_argument("--n-test", type=int, default=500)
@@ -384,7 +388,7 @@ def main(argv=None):
                 for seed in range(seeds):
                     jobs.append(dict(family=family, base=base, noise=noise, budget=budget, objective=obj, seed=seed,
                                      data=path, base_dir=os.path.join(cache, base), batch_size=args.batch_size,
-                                     epochs=epochs, lr=args.lr))
+                                     epochs=epochs, lr=args.long_lr if budget == "long" else args.lr))
 
     runs_path = args.out + ".runs.jsonl"
     done = []
@@ -394,7 +398,7 @@ def main(argv=None):
     finished = {(_key(r), r["objective"], r["seed"]) for r in done}
     todo = [j for j in jobs if (_key(j), j["objective"], j["seed"]) not in finished]
     random.Random(0).shuffle(todo)  # long and short runs interleaved: partial results cover every row
-    todo.sort(key=lambda j: j["budget"] == "long")  # ... short rows first, they finish the table fastest
+    todo.sort(key=lambda j: (j["budget"] == "long") != args.long_first)  # short rows first unless --long-first
     print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {runs_path}", flush=True)
     runs = [r for r in done if (_key(r), r["objective"], r["seed"]) in {(_key(j), j["objective"], j["seed"]) for j in jobs}]
     with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(1, evaluation)) as pool, \
