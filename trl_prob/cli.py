@@ -80,6 +80,18 @@ class RunArguments:
             "refused. transformers 5 dropped this TrainingArguments flag; trl-prob keeps the safety it gave."
         },
     )
+    summary: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end of training, print what the run did: held-out exact match (greedy generate) and mean "
+            "target-token probability before and after, lambda at the first and last step, where the model, "
+            "checkpoints and plot (written to OUTPUT_DIR/training.png) are; also saved to OUTPUT_DIR/summary.json. "
+            "Needs prompt-completion data with a held-out split (--dataset_test_split)."
+        },
+    )
+    summary_samples: int | None = field(
+        default=200, metadata={"help": "Held-out samples the summary measures (None: the whole split)."}
+    )
     rank_log_dir: str | None = field(
         default=None,
         metadata={
@@ -192,7 +204,8 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
             raise CLIError(NO_DATASET)
         train_dataset = _split(dataset, train_split, "--dataset_train_split")
         eval_dataset = None
-        if training_args.eval_strategy != "no":
+        summary = probe_args is None and run_args.summary
+        if training_args.eval_strategy != "no" or summary:
             eval_dataset = _split(dataset, test_split, "--dataset_test_split")
         check_probe_inputs(train_dataset, _tokenizer(model_args, training_args), training_args)
 
@@ -205,6 +218,12 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
             peft_config=get_peft_config(model_args),
             callbacks=[rank_log_callback(run_args.rank_log_dir)] if run_args.rank_log_dir else None,
         )
+        if summary:
+            from .summary import RunSummary
+
+            summary = RunSummary(trainer, num_samples=run_args.summary_samples, print_at_end=False,
+                                 split_name=f"{test_split!r}")  # fmt: skip
+            trainer.add_callback(summary)
 
     if probe_args is not None:
         run_probe(trainer, num_samples=probe_args.num_samples, output_dir=training_args.output_dir,
@@ -215,10 +234,23 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
         trainer.save_state()  # trainer_state.json in output_dir: what `trl-prob plot` reads when no checkpoint was kept
         trainer.save_model(training_args.output_dir)
         trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+        if summary:
+            print_summary(trainer, summary, training_args.output_dir)
         if training_args.push_to_hub:
             trainer.push_to_hub(dataset_name=script_args.dataset_name)
             trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
     end(trainer)
+
+
+def print_summary(trainer, summary, output_dir: str) -> None:
+    """``--summary``: the plot of the run, the summary on stdout and in summary.json (main process)."""
+    if not trainer.is_world_process_zero():
+        return
+    from .plots import plot_training
+
+    plot = plot_training(output_dir)
+    summary.save(output_dir)
+    print(summary.format(output_dir=output_dir, plot=plot), flush=True)
 
 
 NO_DATASET = "Give a dataset: --dataset_name PATH_OR_HUB_ID, or a `datasets:` list in the --config YAML."
