@@ -310,14 +310,22 @@ def resolve_resume(value, output_dir: str):
     """``--resume_from_checkpoint``: ``true``/``last`` means the last checkpoint in ``output_dir``, else a path."""
     if value in (None, False) or str(value).lower() in ("false", "no", "0", "none"):
         return None
-    if value is True or str(value).lower() in ("true", "last", "yes", "1"):
-        from transformers.trainer_utils import get_last_checkpoint
+    from .checkpoints import checkpoint_problem, last_complete_checkpoint
 
-        if not os.path.isdir(output_dir) or get_last_checkpoint(output_dir) is None:
+    if value is True or str(value).lower() in ("true", "last", "yes", "1"):
+        checkpoint, skipped = last_complete_checkpoint(output_dir)
+        if checkpoint is None and skipped:
+            incomplete = "; ".join(f"{os.path.basename(c)}: {problem}" for c, problem in skipped)
+            raise CLIError(f"--resume_from_checkpoint {value}: no complete checkpoint in --output_dir {output_dir} "
+                           f"({incomplete}); start afresh with --overwrite_output_dir.")  # fmt: skip
+        if checkpoint is None:
             raise CLIError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in --output_dir {output_dir}.")
         return True
     if not os.path.isdir(value):
         raise CLIError(f"--resume_from_checkpoint {value}: no such checkpoint directory.")
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise CLIError(f"--resume_from_checkpoint {value}: an incomplete checkpoint ({problem}).")
     return value
 
 
@@ -339,9 +347,9 @@ def check_output_dir(training_args, run_args: RunArguments):
 
 
 def _last_checkpoint(output_dir: str) -> str:
-    from transformers.trainer_utils import get_last_checkpoint
+    from .checkpoints import last_complete_checkpoint
 
-    return get_last_checkpoint(output_dir)
+    return last_complete_checkpoint(output_dir)[0]
 
 
 def check_resumable(checkpoint: str, training_args) -> None:
@@ -492,6 +500,22 @@ def _single_process_defaults(namespace) -> None:
         namespace.num_processes = 1
 
 
+def _cpu_threads(namespace, training_args) -> None:
+    """A CPU run uses the machine's cores: ``accelerate launch`` sets ``OMP_NUM_THREADS=1`` for its processes unless
+    told otherwise (it widens that only under its own ``--cpu`` flag), which leaves all but one core idle. An explicit
+    ``--num_cpu_threads_per_process`` or ``OMP_NUM_THREADS`` wins."""
+    import torch
+
+    from .config import has_accelerator
+
+    if namespace.num_cpu_threads_per_process is not None or "OMP_NUM_THREADS" in os.environ:
+        return
+    if has_accelerator() and not training_args.use_cpu:
+        return
+    local_processes = max(1, (namespace.num_processes or 1) // (namespace.num_machines or 1))
+    namespace.num_cpu_threads_per_process = max(1, torch.get_num_threads() // local_processes)
+
+
 def _accelerator_count() -> int:
     import torch
 
@@ -567,6 +591,7 @@ def launch(command: str, argv: Sequence[str], launch_command_fn: Callable | None
     if command == "sft":
         check_output_dir(training_args, run_args)
     _single_process_defaults(namespace)
+    _cpu_threads(namespace, training_args)
     hide = "0" if needs_bitsandbytes(model_args, training_args, model_config) else "1"
     with _environ(HIDE_BITSANDBYTES_ENV, hide):  # accelerate launch starts the workers with this environment
         try:

@@ -23,9 +23,9 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
+from .checkpoints import CheckpointCompletion, checkpoint_problem, last_complete_checkpoint, skipped_line
 from .config import ProbSFTConfig
 from .loss import distributed_sum, objective_loss
 from .measure import measure, num_samples, per_sample_stats, sample_index
@@ -150,6 +150,9 @@ class ProbObjectiveMixin:
             )
         self._wrap_fused_forward(_unwrap_peft(self.model))
         self.add_callback(_schedule_callback(self))
+        precision = getattr(self.args, "_cpu_precision", None)  # which precision a CPU run uses, and why
+        if precision is not None and self.is_world_process_zero():
+            logger.log(*precision)
 
     def _init_objective_state(self, config: ProbSFTConfig) -> None:
         """The mixin's own state; also used by the benchmarks' trainer-less stand-ins, so they cannot drift."""
@@ -221,7 +224,9 @@ class ProbObjectiveMixin:
         if args.objective_schedule == "none" or self._restored_schedule:
             return
         if schedule.warm_starts and args.schedule_warm_start and not schedule.warm_started:
-            schedule.warm_start(self.measure_token_probs(num_samples=args.schedule_warm_start_samples, progress=False))
+            logger.info("trl-prob warm start: measuring p on %d training samples", args.schedule_warm_start_samples)
+            warm = self.measure_token_probs(num_samples=args.schedule_warm_start_samples, progress=not args.disable_tqdm)
+            schedule.warm_start(warm)
             logger.info("trl-prob warm start: %s target-token probability %.4f", args.schedule_statistic, schedule.p_ema)
         schedule.begin(self.state.max_steps)
 
@@ -287,9 +292,20 @@ class ProbObjectiveMixin:
     # ------------------------------------------------------------------------------------- checkpoints
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # Checkpoints this run writes say when they are complete; `True` resumes from the newest complete one.
+        if not any(isinstance(cb, CheckpointCompletion) for cb in self.callback_handler.callbacks):
+            self.add_callback(CheckpointCompletion(self.args.world_size))
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            checkpoint, skipped = last_complete_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                found = "".join(f"; {os.path.basename(c)}: {problem}" for c, problem in skipped)
+                raise CheckpointError(f"no complete checkpoint in {self.args.output_dir} to resume from{found}.")
+            if skipped and self.is_world_process_zero():
+                logger.warning("trl-prob: %s", skipped_line(skipped, checkpoint))
+            resume_from_checkpoint = checkpoint
+        elif isinstance(checkpoint, str) and (problem := checkpoint_problem(checkpoint)) is not None:
+            raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {problem}.")
         if isinstance(checkpoint, str):
             state = saved_schedule_state(checkpoint, self.args)
             if state is not None:
