@@ -310,22 +310,14 @@ def resolve_resume(value, output_dir: str):
     """``--resume_from_checkpoint``: ``true``/``last`` means the last checkpoint in ``output_dir``, else a path."""
     if value in (None, False) or str(value).lower() in ("false", "no", "0", "none"):
         return None
-    from .checkpoints import checkpoint_problem, last_complete_checkpoint
-
     if value is True or str(value).lower() in ("true", "last", "yes", "1"):
-        checkpoint, skipped = last_complete_checkpoint(output_dir)
-        if checkpoint is None and skipped:
-            incomplete = "; ".join(f"{os.path.basename(c)}: {problem}" for c, problem in skipped)
-            raise CLIError(f"--resume_from_checkpoint {value}: no complete checkpoint in --output_dir {output_dir} "
-                           f"({incomplete}); start afresh with --overwrite_output_dir.")  # fmt: skip
-        if checkpoint is None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if not os.path.isdir(output_dir) or get_last_checkpoint(output_dir) is None:
             raise CLIError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in --output_dir {output_dir}.")
         return True
     if not os.path.isdir(value):
         raise CLIError(f"--resume_from_checkpoint {value}: no such checkpoint directory.")
-    problem = checkpoint_problem(value)
-    if problem is not None:
-        raise CLIError(f"--resume_from_checkpoint {value}: an incomplete checkpoint ({problem}).")
     return value
 
 
@@ -347,9 +339,9 @@ def check_output_dir(training_args, run_args: RunArguments):
 
 
 def _last_checkpoint(output_dir: str) -> str:
-    from .checkpoints import last_complete_checkpoint
+    from transformers.trainer_utils import get_last_checkpoint
 
-    return last_complete_checkpoint(output_dir)[0]
+    return get_last_checkpoint(output_dir)
 
 
 def check_resumable(checkpoint: str, training_args) -> None:

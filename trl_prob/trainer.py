@@ -23,9 +23,9 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
-from .checkpoints import CheckpointCompletion, checkpoint_problem, last_complete_checkpoint, skipped_line
 from .config import ProbSFTConfig
 from .loss import distributed_sum, objective_loss
 from .measure import measure, num_samples, per_sample_stats, sample_index
@@ -292,20 +292,9 @@ class ProbObjectiveMixin:
     # ------------------------------------------------------------------------------------- checkpoints
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        # Checkpoints this run writes say when they are complete; `True` resumes from the newest complete one.
-        if not any(isinstance(cb, CheckpointCompletion) for cb in self.callback_handler.callbacks):
-            self.add_callback(CheckpointCompletion(self.args.world_size))
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint, skipped = last_complete_checkpoint(self.args.output_dir)
-            if checkpoint is None:
-                found = "".join(f"; {os.path.basename(c)}: {problem}" for c, problem in skipped)
-                raise CheckpointError(f"no complete checkpoint in {self.args.output_dir} to resume from{found}.")
-            if skipped and self.is_world_process_zero():
-                logger.warning("trl-prob: %s", skipped_line(skipped, checkpoint))
-            resume_from_checkpoint = checkpoint
-        elif isinstance(checkpoint, str) and (problem := checkpoint_problem(checkpoint)) is not None:
-            raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {problem}.")
+            checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, str):
             state = saved_schedule_state(checkpoint, self.args)
             if state is not None:
