@@ -1,6 +1,6 @@
 """Short ProbSFTTrainer run for tests/test_training.py: one process, or one rank of a CPU (gloo) DDP launch.
 
-Usage: python tests/_ddp_train.py OUT.json OBJECTIVE SCHEDULE PER_DEVICE_BATCH [MAX_STEPS]
+Usage: python tests/_ddp_train.py OUT.json OBJECTIVE SCHEDULE PER_DEVICE_BATCH [MAX_STEPS [STATISTIC]]
 
 Rank 0 writes JSON: the per-step log history, the final and initial weights flattened, the world size, the
 token ids of the first global batch (every rank's first micro-batch, gathered), and an evaluation's metrics.
@@ -46,8 +46,9 @@ def flat(model):
 def main():
     out, objective, schedule, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     max_steps = int(sys.argv[5]) if len(sys.argv) > 5 else 3
+    statistic = sys.argv[6] if len(sys.argv) > 6 else "mean"
     torch.set_num_threads(1)
-    extra = dict(schedule_p_low=0.2, schedule_p_high=0.95) if schedule == "adaptive" else {}
+    extra = dict(schedule_p_low=0.2, schedule_p_high=0.95, schedule_statistic=statistic) if schedule == "adaptive" else {}
     with tempfile.TemporaryDirectory() as tmp:
         args = ProbSFTConfig(
             **base_args(

@@ -263,9 +263,9 @@ def test_qlora_trains_adapters_only(tmp_path, tokenizer):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def launch(out, objective, schedule, per_device_batch, num_processes):
+def launch(out, objective, schedule, per_device_batch, num_processes, statistic="mean"):
     script = os.path.join(TESTS, "_ddp_train.py")
-    script_args = [str(out), objective, schedule, str(per_device_batch)]
+    script_args = [str(out), objective, schedule, str(per_device_batch), "3", statistic]
     if num_processes == 1:
         cmd = [sys.executable, script, *script_args]
     else:
@@ -290,14 +290,15 @@ def launch(out, objective, schedule, per_device_batch, num_processes):
 
 
 @pytest.mark.parametrize(
-    "objective, schedule",
-    # adaptive p: the step statistics and lambda are all-reduced; top_p: the kept-token normaliser is all-reduced.
-    [("p", "adaptive"), ("top_p:0.6", "none")],
-    ids=["adaptive-p", "top_p"],
+    "objective, schedule, statistic",
+    # adaptive p: the step statistics and lambda are all-reduced; top_p: the kept-token normaliser is all-reduced;
+    # sequence_top1: the per-sequence counts travel in the same all-reduced vector.
+    [("p", "adaptive", "mean"), ("top_p:0.6", "none", "mean"), ("p", "adaptive", "sequence_top1")],
+    ids=["adaptive-p", "top_p", "adaptive-sequence_top1"],
 )
-def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule):
-    one = launch(tmp_path / "one.json", objective, schedule, 4, num_processes=1)
-    two = launch(tmp_path / "two.json", objective, schedule, 2, num_processes=2)
+def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule, statistic):
+    one = launch(tmp_path / "one.json", objective, schedule, 4, num_processes=1, statistic=statistic)
+    two = launch(tmp_path / "two.json", objective, schedule, 2, num_processes=2, statistic=statistic)
     assert one["world_size"] == 1 and two["world_size"] == 2
 
     # Same global batch: the same samples, split across the two ranks (rank 0 then rank 1).
@@ -307,7 +308,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule):
     assert len(one_logs) == len(two_logs) == one["max_steps"]
     keys = ["loss", "mean_token_prob", "nll", "grad_norm"]
     if schedule == "adaptive":
-        keys += ["objective_lambda", "ema_token_prob"]
+        keys += ["objective_lambda", "ema_token_prob"] + (["sequence_top1_share"] if statistic == "sequence_top1" else [])
         lambdas = [entry["objective_lambda"] for entry in one_logs]
         assert any(0.0 < lam < 1.0 for lam in lambdas), f"lambda should be strictly inside (0, 1): {lambdas}"
     else:
