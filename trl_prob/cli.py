@@ -367,14 +367,35 @@ def check_model(model_args, training_args):
     path = model_args.model_name_or_path
     if not path:
         raise CLIError("--model_name_or_path is required (a local directory or a Hugging Face Hub model id).")
-    if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+    local = os.path.expanduser(path)
+    if os.path.isfile(local) or path.lower().endswith(".gguf"):
+        if path.lower().endswith(".gguf"):
+            raise CLIError(f"--model_name_or_path {path}: a GGUF file; {GGUF_ADVICE}")
+        raise CLIError(f"--model_name_or_path {path}: a file, not a model directory (config.json and weights).")
+    if _looks_local(path) and not os.path.isdir(local):
         raise CLIError(f"--model_name_or_path {path}: no such directory.")
+    if os.path.isdir(local):
+        names = os.listdir(local)
+        ggufs = sorted(name for name in names if name.lower().endswith(".gguf"))
+        if "config.json" not in names and ggufs:
+            raise CLIError(f"--model_name_or_path {path}: no config.json, only GGUF ({', '.join(ggufs)}); {GGUF_ADVICE}")
+        if "config.json" in names and not any(name.endswith(WEIGHT_SUFFIXES) for name in names):
+            raise CLIError(f"--model_name_or_path {path}: a config.json but no weights (model.safetensors, "
+                           "pytorch_model.bin, or a sharded *.index.json); was the save interrupted?")  # fmt: skip
     try:
         return AutoConfig.from_pretrained(path, revision=model_args.model_revision,
                                           trust_remote_code=training_args.trust_remote_code)  # fmt: skip
     except (OSError, ValueError) as exc:
         where = "" if os.path.exists(path) else "no such local directory, and as a Hub id: "
         raise CLIError(f"--model_name_or_path {path}: {where}{_one_line(exc)}") from exc
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth")
+GGUF_ADVICE = (
+    "llama.cpp's quantized format, which TRL does not train. Dequantize it into a transformers model directory first: "
+    "AutoModelForCausalLM.from_pretrained(folder, gguf_file=name) and AutoTokenizer likewise, then save a plain "
+    "LlamaForCausalLM copy (`python -m trl_prob.smollm2` does this for SmolLM2-135M-Instruct)."
+)
 
 
 def check_dataset(script_args, dataset_args) -> None:
