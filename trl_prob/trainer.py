@@ -40,6 +40,15 @@ LEGACY_SCHEDULE_STATE_FILE = "trl_prob_schedule.json"  # checkpoints written bef
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
+ASSISTANT_ONLY_LOSS_ADVICE = (
+    "assistant_only_loss needs {% generation %} markers in the chat template to find the assistant turns. For a model "
+    "whose template has none (SmolLM2, many others): give the data as conversational prompt/completion rows (prompt: "
+    "the messages before the answer; completion: the assistant turn) and drop assistant_only_loss: TRL's default "
+    "completion_only_loss then trains exactly the assistant turn. Or pass --chat_template_path with a template that "
+    "has the markers."
+)
+
+
 class CheckpointError(ValueError):
     """A checkpoint whose schedule state is missing, unreadable or ill-typed; raised before any step runs."""
 
@@ -140,7 +149,14 @@ class ProbObjectiveMixin:
             )
 
         self._init_objective_state(config)
-        super().__init__(*args, **kwargs)
+        raw_train = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+        try:
+            super().__init__(*args, **kwargs)
+        except ValueError as exc:
+            if "{% generation %}" not in str(exc):
+                raise
+            raise ValueError(f"{exc} {ASSISTANT_ONLY_LOSS_ADVICE}") from exc
+        self._check_truncation(raw_train)
 
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and getattr(parallelism, "sp_enabled", False) and config.uses_objective:
@@ -153,6 +169,33 @@ class ProbObjectiveMixin:
         precision = getattr(self.args, "_cpu_precision", None)  # which precision a CPU run uses, and why
         if precision is not None and self.is_world_process_zero():
             logger.log(*precision)
+
+    def _check_truncation(self, raw) -> None:
+        """Rows that ``max_length`` cuts, said before any step: none left to train is an error (TRL would fail later in
+        its sampler), completions cut short are one warning line (their end and EOS are not trained)."""
+        args, prepared = self.args, self.train_dataset
+        if args.packing or args.max_length is None or (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            return
+        if not (hasattr(raw, "__len__") and hasattr(prepared, "__len__")):
+            return
+        dropped = len(raw) - len(prepared)
+        if len(raw) and not len(prepared):
+            raise ValueError(
+                f"max_length={args.max_length} leaves none of the {len(raw):,} training rows a completion token (TRL "
+                "keeps the start of each row, and the prompt fills max_length): raise --max_length or shorten the prompts."
+            )
+        if "input_ids" not in (prepared.column_names or ()):
+            return
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(prepared.with_format("arrow")["input_ids"])
+        cut = pc.sum(pc.greater_equal(lengths, args.max_length)).as_py() or 0
+        if (cut or dropped) and self.is_world_process_zero():
+            lost = f", and leaves {dropped:,} more without any completion token (TRL drops them)" if dropped else ""
+            logger.warning(
+                "trl-prob: max_length=%d cuts %d of %d training rows short (the end of the completion and its EOS are "
+                "not trained)%s; raise --max_length to train them whole.", args.max_length, cut, len(raw), lost
+            )
 
     def _init_objective_state(self, config: ProbSFTConfig) -> None:
         """The mixin's own state; also used by the benchmarks' trainer-less stand-ins, so they cannot drift."""
