@@ -228,6 +228,7 @@ def test_missing_config_file(capsys, tmp_path):
 def test_output_dir_with_a_run_is_refused_and_left_untouched(capsys, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoint-10").mkdir(parents=True)
+    (run / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10, "max_steps": 20}))
     (run / "model.safetensors").write_bytes(b"weights of an earlier run")
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
 
@@ -274,7 +275,8 @@ def test_resume_from_a_checkpoint_without_schedule_state_is_one_line(capsys, tmp
 @pytest.mark.parametrize(
     "trainer_state, message",
     [
-        ('{"stateful_callbacks": {"ProbObjectiveSch', "cannot read its schedule state"),
+        # cut short, as a run killed while writing it leaves it: an incomplete checkpoint
+        ('{"stateful_callbacks": {"ProbObjectiveSch', "an incomplete checkpoint (trainer_state.json is cut short"),
         (json.dumps({"stateful_callbacks": {"ProbObjectiveSchedule": {"args": {}, "attributes": {"schedule": {
             "step": 4, "p_ema": "high", "objective_lambda": 0.5}}}}}), "p_ema must be null or a number in [0, 1], got 'high'"),
     ],

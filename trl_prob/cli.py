@@ -310,14 +310,22 @@ def resolve_resume(value, output_dir: str):
     """``--resume_from_checkpoint``: ``true``/``last`` means the last checkpoint in ``output_dir``, else a path."""
     if value in (None, False) or str(value).lower() in ("false", "no", "0", "none"):
         return None
-    if value is True or str(value).lower() in ("true", "last", "yes", "1"):
-        from transformers.trainer_utils import get_last_checkpoint
+    from .checkpoints import checkpoint_problem, last_complete_checkpoint
 
-        if not os.path.isdir(output_dir) or get_last_checkpoint(output_dir) is None:
+    if value is True or str(value).lower() in ("true", "last", "yes", "1"):
+        checkpoint, skipped = last_complete_checkpoint(output_dir)
+        if checkpoint is None and skipped:
+            incomplete = "; ".join(f"{os.path.basename(c)}: {problem}" for c, problem in skipped)
+            raise CLIError(f"--resume_from_checkpoint {value}: no complete checkpoint in --output_dir {output_dir} "
+                           f"({incomplete}); start afresh with --overwrite_output_dir.")  # fmt: skip
+        if checkpoint is None:
             raise CLIError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in --output_dir {output_dir}.")
         return True
     if not os.path.isdir(value):
         raise CLIError(f"--resume_from_checkpoint {value}: no such checkpoint directory.")
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise CLIError(f"--resume_from_checkpoint {value}: an incomplete checkpoint ({problem}).")
     return value
 
 
@@ -339,19 +347,25 @@ def check_output_dir(training_args, run_args: RunArguments):
 
 
 def _last_checkpoint(output_dir: str) -> str:
-    from transformers.trainer_utils import get_last_checkpoint
+    from .checkpoints import last_complete_checkpoint
 
-    return get_last_checkpoint(output_dir)
+    return last_complete_checkpoint(output_dir)[0]
 
 
 def check_resumable(checkpoint: str, training_args) -> None:
-    """The checkpoint's schedule state is there and well-formed (or a restart of the schedule was asked for)."""
+    """The checkpoint's schedule state is there and well-formed (or a restart of the schedule was asked for), and
+    the run it belongs to has steps left."""
+    from .checkpoints import finished_problem, saved_trainer_state
     from .trainer import CheckpointError, saved_schedule_state
 
     try:
         saved_schedule_state(checkpoint, training_args)
     except CheckpointError as exc:
         raise CLIError(str(exc)) from exc
+    finished = finished_problem(checkpoint, saved_trainer_state(checkpoint), training_args.max_steps,
+                                training_args.num_train_epochs)  # fmt: skip
+    if finished is not None:
+        raise CLIError(f"--resume_from_checkpoint: {finished}")
 
 
 def _looks_local(path: str) -> bool:

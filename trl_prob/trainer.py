@@ -23,9 +23,18 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
+from .checkpoints import (
+    COMPLETION_CALLBACK,
+    checkpoint_problem,
+    completion_callback,
+    finished_problem,
+    last_complete_checkpoint,
+    saved_train_tokens,
+    saved_trainer_state,
+    skipped_line,
+)
 from .config import ProbSFTConfig
 from .loss import distributed_sum, objective_loss
 from .measure import measure, num_samples, per_sample_stats, sample_index
@@ -335,10 +344,28 @@ class ProbObjectiveMixin:
     # ------------------------------------------------------------------------------------- checkpoints
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # Checkpoints this run writes say when they are complete; `True` resumes from the newest complete one.
+        completion = next((cb for cb in self.callback_handler.callbacks if type(cb).__name__ == COMPLETION_CALLBACK), None)
+        if completion is None:
+            completion = completion_callback(self)
+            self.add_callback(completion)
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            checkpoint, skipped = last_complete_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                found = "".join(f"; {os.path.basename(c)}: {problem}" for c, problem in skipped)
+                raise CheckpointError(f"no complete checkpoint in {self.args.output_dir} to resume from{found}.")
+            if skipped and self.is_world_process_zero():
+                logger.warning("trl-prob: %s", skipped_line(skipped, checkpoint))
+            resume_from_checkpoint = checkpoint
+        elif isinstance(checkpoint, str) and (problem := checkpoint_problem(checkpoint)) is not None:
+            raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {problem}.")
         if isinstance(checkpoint, str):
+            trainer_state = saved_trainer_state(checkpoint)
+            finished = finished_problem(checkpoint, trainer_state, self.args.max_steps, self.args.num_train_epochs)
+            if finished is not None:
+                raise CheckpointError(finished)
+            completion.train_tokens = saved_train_tokens(trainer_state)
             state = saved_schedule_state(checkpoint, self.args)
             if state is not None:
                 self.schedule.load_state_dict(state)

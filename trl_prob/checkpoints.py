@@ -1,0 +1,153 @@
+"""Checkpoints a killed run cannot leave half-written for ``--resume_from_checkpoint true`` to pick up.
+
+transformers writes ``checkpoint-N/`` in place, file after file (weights, optimizer, scheduler, RNG states, then
+``trainer_state.json``), so a run killed mid-save leaves a directory that looks like a checkpoint and that
+``get_last_checkpoint`` returns: resuming from it fails on a truncated file or, worse, silently continues from a mix of
+steps. trl-prob tells complete checkpoints from incomplete ones:
+
+- a single-process checkpoint is complete when its ``trainer_state.json`` (the last file transformers writes) parses;
+- a multi-process one also needs ``trl_prob_complete.json``, written by the main process after every rank finished its
+  part of the save (other ranks write their own RNG states, FSDP/DeepSpeed their own shards): a barrier, then an
+  atomic rename;
+- the world size that decides between the two is saved in ``trainer_state.json`` (``stateful_callbacks.
+  CheckpointCompletion``); checkpoints written without it (earlier trl-prob versions, plain transformers) are judged
+  by ``trainer_state.json`` alone.
+
+``--resume_from_checkpoint true`` resumes from the newest *complete* checkpoint and says in one line which newer ones it
+skipped; a named checkpoint that is incomplete is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+TRAINER_STATE_FILE = "trainer_state.json"
+COMPLETE_MARKER = "trl_prob_complete.json"
+COMPLETION_CALLBACK = "CheckpointCompletion"  # its key in trainer_state.json's `stateful_callbacks`
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def completion_callback(trainer) -> TrainerCallback:
+    """The callback that records the world size in each checkpoint's trainer state and marks a checkpoint complete
+    once every rank saved it.
+
+    It also carries TRL's ``num_tokens`` counter across a resume: ``SFTTrainer`` counts the tokens it trained on in an
+    attribute it neither saves nor restores, so a resumed run would log ``num_tokens`` from 0 again. Made per trainer,
+    like the schedule's callback, so the instance transformers re-creates from a checkpoint still reaches it.
+    """
+
+    class CheckpointCompletion(TrainerCallback, ExportableState):
+        def __init__(self, world_size: int = 1):
+            self.world_size = world_size
+            self.train_tokens = None  # TRL's counter at the checkpoint a run resumes from (set by the trainer)
+
+        def state(self) -> dict:
+            tokens = getattr(trainer, "_total_train_tokens", None)
+            return {"args": {"world_size": trainer.args.world_size}, "attributes": {"train_tokens": tokens}}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.train_tokens is not None and hasattr(trainer, "_total_train_tokens"):
+                trainer._total_train_tokens = self.train_tokens
+
+        def on_save(self, args, state, control, **kwargs):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # every rank has written its files
+            if state.is_world_process_zero:
+                checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                if os.path.isdir(checkpoint):
+                    write_marker(checkpoint, state.global_step, args.world_size)
+
+    assert CheckpointCompletion.__name__ == COMPLETION_CALLBACK
+    return CheckpointCompletion(trainer.args.world_size)
+
+
+def write_marker(checkpoint: str, step: int, world_size: int) -> None:
+    tmp = os.path.join(checkpoint, COMPLETE_MARKER + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"global_step": step, "world_size": world_size}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(checkpoint, COMPLETE_MARKER))
+
+
+def checkpoint_problem(checkpoint: str) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from as a complete checkpoint, or None if it can."""
+    path = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    if not os.path.isfile(path):
+        return f"no {TRAINER_STATE_FILE} (the run stopped before the save finished)"
+    try:
+        with open(path, encoding="utf-8") as f:
+            trainer_state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{TRAINER_STATE_FILE} is cut short or unreadable (the run stopped while writing it)"
+    if not isinstance(trainer_state, dict):
+        return f"{TRAINER_STATE_FILE} is not a trainer state"
+    recorded = (trainer_state.get("stateful_callbacks") or {}).get(COMPLETION_CALLBACK)
+    world_size = recorded.get("args", {}).get("world_size", 1) if isinstance(recorded, dict) else 1
+    if isinstance(world_size, int) and world_size > 1 and not os.path.isfile(os.path.join(checkpoint, COMPLETE_MARKER)):
+        return (
+            f"no {COMPLETE_MARKER}: a {world_size}-process save that did not finish on every rank (the run stopped "
+            "while saving)"
+        )
+    return None
+
+
+def saved_trainer_state(checkpoint: str) -> dict:
+    with open(os.path.join(checkpoint, TRAINER_STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def saved_train_tokens(trainer_state: dict) -> int | None:
+    recorded = (trainer_state.get("stateful_callbacks") or {}).get(COMPLETION_CALLBACK)
+    tokens = recorded.get("attributes", {}).get("train_tokens") if isinstance(recorded, dict) else None
+    return tokens if isinstance(tokens, (int, float)) else None
+
+
+def finished_problem(checkpoint: str, trainer_state: dict, max_steps: int, num_train_epochs: float) -> str | None:
+    """Why resuming from ``checkpoint`` would not continue the run: it is the run's last step already (transformers
+    would train one step past it), unless this run asks for more steps or epochs. None if there is more to train."""
+    step, saved_max = trainer_state.get("global_step"), trainer_state.get("max_steps")
+    if not (isinstance(step, int) and isinstance(saved_max, int)):
+        return None
+    if max_steps is not None and max_steps > 0:
+        finished = step >= max_steps
+    else:
+        finished = step >= saved_max and num_train_epochs <= (trainer_state.get("num_train_epochs") or 0)
+    if not finished:
+        return None
+    return (
+        f"{checkpoint} is the run's last step ({step} of {saved_max}): the run finished and there is nothing to resume "
+        "(its model is in that checkpoint). Raise --max_steps or --num_train_epochs to train on."
+    )
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """``output_dir``'s ``checkpoint-N`` directories, newest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found, reverse=True)
+            if os.path.isdir(os.path.join(output_dir, name))]  # fmt: skip
+
+
+def last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete checkpoint in ``output_dir`` (None if there is none), and the newer incomplete ones with
+    what is wrong with each."""
+    skipped = []
+    for checkpoint in checkpoints(output_dir):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, skipped
+        skipped.append((checkpoint, problem))
+    return None, skipped
+
+
+def skipped_line(skipped: list[tuple[str, str]], chosen: str) -> str:
+    names = "; ".join(f"{os.path.basename(c)}: {problem}" for c, problem in skipped)
+    return f"resuming from {chosen}, skipping the newer incomplete checkpoint(s) ({names})."
