@@ -197,9 +197,7 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
                 logger.warning("Both `datasets` and `dataset_name` are given: loading `datasets`, ignoring the other.")
             dataset, train_split, test_split = get_dataset(dataset_args), "train", "test"
         elif script_args.dataset_name:
-            dataset = load_dataset(
-                script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
-            )
+            dataset = _load_dataset(load_dataset, script_args)
         else:
             raise CLIError(NO_DATASET)
         train_dataset = _split(dataset, train_split, "--dataset_train_split")
@@ -207,6 +205,7 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
         summary = probe_args is None and run_args.summary
         if training_args.eval_strategy != "no" or summary:
             eval_dataset = _split(dataset, test_split, "--dataset_test_split")
+        _check_rows(script_args, training_args, train_split, train_dataset, test_split, eval_dataset)
         check_probe_inputs(train_dataset, _tokenizer(model_args, training_args), training_args)
 
         trainer = ProbSFTTrainer(
@@ -254,6 +253,36 @@ def print_summary(trainer, summary, output_dir: str) -> None:
 
 
 NO_DATASET = "Give a dataset: --dataset_name PATH_OR_HUB_ID, or a `datasets:` list in the --config YAML."
+
+
+def _load_dataset(load_dataset, script_args):
+    """``load_dataset`` of ``--dataset_name``; a local file it cannot read is one line naming the file and line."""
+    from .data import empty_files, locate_load_error
+
+    name = script_args.dataset_name
+    try:
+        return load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+    except Exception as exc:  # datasets wraps the reader's error (DatasetGenerationError, pyarrow, UnicodeDecodeError)
+        where = locate_load_error(name)
+        if where is not None:
+            raise CLIError(f"--dataset_name {name}: {where}") from exc
+        empty = empty_files(name)
+        if empty:
+            raise CLIError(f"--dataset_name {name}: {', '.join(empty)} holds no rows: there is nothing to train on.") from exc
+        raise
+
+
+def _check_rows(script_args, training_args, train_split, train_dataset, test_split, eval_dataset) -> None:
+    """Rows the run cannot train on (or measure), before the trainer is built: one line naming split, row, field."""
+    from .data import DataError, check_rows, locate_load_error
+
+    source = f"--dataset_name {script_args.dataset_name}: " if script_args.dataset_name else ""
+    for split, dataset in ((train_split, train_dataset), (test_split, eval_dataset)):
+        try:
+            check_rows(dataset, split=repr(split), text_field=training_args.dataset_text_field)
+        except DataError as exc:
+            where = locate_load_error(script_args.dataset_name) if script_args.dataset_name else None
+            raise CLIError(f"{source}{exc}" + (f" ({where})" if where else "")) from exc
 
 
 def _split(dataset, name: str, flag: str):

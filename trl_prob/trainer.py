@@ -36,6 +36,7 @@ from .checkpoints import (
     skipped_line,
 )
 from .config import ProbSFTConfig
+from .data import check_rows, first_prompt_over
 from .loss import distributed_sum, objective_loss
 from .measure import measure, num_samples, per_sample_stats, sample_index
 from .objectives import get_objective
@@ -159,6 +160,10 @@ class ProbObjectiveMixin:
 
         self._init_objective_state(config)
         raw_train = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+        raw_eval = kwargs.get("eval_dataset", args[4] if len(args) > 4 else None)
+        check_rows(raw_train, "train", config.dataset_text_field)  # a row with nothing to train: one line, here
+        for name, dataset in raw_eval.items() if isinstance(raw_eval, dict) else [("eval", raw_eval)]:
+            check_rows(dataset, name, config.dataset_text_field)
         try:
             super().__init__(*args, **kwargs)
         except ValueError as exc:
@@ -200,7 +205,14 @@ class ProbObjectiveMixin:
         lengths = pc.list_value_length(prepared.with_format("arrow")["input_ids"])
         cut = pc.sum(pc.greater_equal(lengths, args.max_length)).as_py() or 0
         if (cut or dropped) and self.is_world_process_zero():
-            lost = f", and leaves {dropped:,} more without any completion token (TRL drops them)" if dropped else ""
+            lost = f", and leaves {dropped:,} more without any completion token (TRL drops them" if dropped else ""
+            if dropped:
+                found = first_prompt_over(raw, self.processing_class, args.max_length)
+                if found is not None:  # name one, and what truncation does to it
+                    lost += (f"; row {found[0]}: its 'prompt' alone is {found[1]} tokens, and truncation_mode="
+                             f"{args.truncation_mode!r} keeps only its "
+                             f"{'first' if args.truncation_mode == 'keep_start' else 'last'} {args.max_length}")  # fmt: skip
+                lost += ")"
             logger.warning(
                 "trl-prob: max_length=%d cuts %d of %d training rows short (the end of the completion and its EOS are "
                 "not trained)%s; raise --max_length to train them whole.", args.max_length, cut, len(raw), lost
