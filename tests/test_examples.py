@@ -61,3 +61,19 @@ def test_prepare_m23k(tmp_path, template):
     assert "Which vitamin deficiency causes scurvy?" in written[0]["prompt"]
     assert written[0]["prompt"].rstrip().endswith(("Answer:", "<|end_header_id|>"))
     assert written[0]["completion"] == "Scurvy is vitamin C deficiency. \\boxed{B}"
+
+
+def test_gsm8k_smollm2_scores_final_answers():
+    """The GSM8K example's scorer reads GSM8K's "#### answer" line, or else the last number, as the answer; every
+    reference solution in examples/data scores as correct against its own answer, and a wrong one does not."""
+    example = load_example("gsm8k_smollm2")
+    rows = [json.loads(line) for name in ("train", "test")
+            for line in open(os.path.join(EXAMPLES, "data", "gsm8k", f"{name}.jsonl"))]  # fmt: skip
+    assert len(rows) == 700
+    for row in rows:
+        solution = row["completion"][0]["content"]
+        assert example.same_number(example.final_answer(solution), row["answer"]), solution
+        assert not example.same_number(example.final_answer(solution), str(float(row["answer"]) + 1))
+    assert example.final_answer("So she pays $1,234.50 in total.") == "1234.50"
+    assert example.final_answer("The result is 7, not 8.\n#### $18") == "18"
+    assert example.final_answer("no number here") is None
