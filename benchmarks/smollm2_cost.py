@@ -1,0 +1,140 @@
+"""Whole optimizer steps on a real model: every objective and the adaptive blend against TRL's own `nll`, SmolLM2-135M-
+Instruct on GSM8K chat rows, LoRA and full fine-tuning, with and without flushing subnormal floats, on CPU.
+
+Each case is a fresh trainer on the same model directory and the same rows (TRL tokenises them), float32, trained for
+`--steps` optimizer steps through `Trainer.train()`; `train_step.py`'s recorder takes, per step, the period between
+consecutive `on_step_end` events (the first step of each run, which carries the set-up and the adaptive warm start,
+is dropped) and the peak resident memory above what was live at `on_step_begin` (`VmHWM - VmRSS`, with the peak
+counter reset at each step and `MALLOC_MMAP_THRESHOLD_=65536` so freed tensors leave the resident set). Cases run one
+after another in one process; `trl:nll` is plain `trl.SFTTrainer` and the reference of every ratio. Subnormal
+flushing is set for the whole process, TRL's baseline included, so every case of a run sees the same setting.
+
+    python benchmarks/smollm2_cost.py --mode lora --flush on      # writes benchmarks/results/smollm2_cost_lora_flush.json
+    python benchmarks/smollm2_cost.py --mode full --flush off --case trl:nll --case prob:p
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+from train_step import REFERENCE, StepRecorder, parse_case  # noqa: E402  (also sets the offline environment)
+
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = ("trl:nll", "prob:nll", "prob:p", "prob:power:10", "prob:top_p:0.2", "prob:bottom_p:0.8",
+         "prob:top_logp:0.2", "prob:bottom_logp:0.8", "prob:dft", "prob:p+adaptive")  # fmt: skip
+
+
+def build_trainer(case: str, model_dir: str, data, args, output_dir: str):
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_prob import ProbSFTConfig, ProbSFTTrainer
+
+    info = parse_case(case)
+    common = dict(output_dir=output_dir, per_device_train_batch_size=args.rows, max_steps=args.steps,
+                  learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                  report_to="none", use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
+                  disable_tqdm=True, max_length=args.max_length, gradient_checkpointing=False)  # fmt: skip
+    peft_config = None
+    if args.mode == "lora":
+        peft_config = LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+    if info["kind"] == "trl":
+        trainer = SFTTrainer(model=model_dir, args=SFTConfig(**common), train_dataset=data, peft_config=peft_config)
+    else:
+        config = ProbSFTConfig(**common, objective=info["objective"], objective_schedule=info["schedule"],
+                               schedule_warm_start_samples=8, flush_denormal=args.flush == "on")  # fmt: skip
+        trainer = ProbSFTTrainer(model=model_dir, args=config, train_dataset=data, peft_config=peft_config)
+    recorder = StepRecorder("cpu")
+    trainer.add_callback(recorder)
+    return trainer, recorder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["lora", "full"], default="lora")
+    parser.add_argument("--flush", choices=["on", "off"], default="on", help="torch.set_flush_denormal for the run")
+    parser.add_argument("--case", action="append", help=f"cases (default: all of {', '.join(CASES)})")
+    parser.add_argument("--rows", type=int, default=2, help="rows per optimizer step")
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per case (the first is not timed)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)], env)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    import transformers
+    import trl
+    from datasets import Dataset
+
+    from trl_prob.smollm2 import smollm2_dir
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("trl_prob").setLevel(logging.ERROR)
+    torch.set_flush_denormal(args.flush == "on")
+
+    cases = args.case or list(CASES)
+    if REFERENCE not in cases:
+        cases.insert(0, REFERENCE)
+    model_dir = smollm2_dir()
+    with open(os.path.join(ROOT, "examples", "data", "gsm8k", "train.jsonl")) as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(args.rows * args.steps))]
+    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    workdir = tempfile.mkdtemp(prefix="trl-prob-smollm2-cost-")
+
+    summary = {}
+    for case in cases:
+        trainer, recorder = build_trainer(case, model_dir, data, args, os.path.join(workdir, case.replace(":", "_")))
+        start = time.perf_counter()
+        trainer.train()
+        summary[case] = {
+            "step_s": recorder.periods,
+            "peak_mib": recorder.peaks[1:],
+            "train_call_s": time.perf_counter() - start,
+            "step_s_median": statistics.median(recorder.periods),
+            "peak_mib_median": statistics.median(recorder.peaks[1:]),
+        }
+        print(f"{case:24s} step {summary[case]['step_s_median']:.2f} s   peak +{summary[case]['peak_mib_median']:.0f} MiB",
+              flush=True)  # fmt: skip
+        del trainer
+    reference = summary[REFERENCE]
+    for case in cases:
+        summary[case]["time_ratio"] = summary[case]["step_s_median"] / reference["step_s_median"]
+        summary[case]["memory_ratio"] = summary[case]["peak_mib_median"] / reference["peak_mib_median"]
+
+    print(f"\n{'case':24s} {'step s':>8s} {'x trl:nll':>9s} {'peak MiB':>9s} {'x trl:nll':>9s}")
+    for case in cases:
+        s = summary[case]
+        print(f"{case:24s} {s['step_s_median']:8.2f} {s['time_ratio']:9.2f} {s['peak_mib_median']:9.0f} {s['memory_ratio']:9.2f}")
+    record = {
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/smollm2_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "threads": torch.get_num_threads(),
+        "model": "SmolLM2-135M-Instruct (trl_prob.smollm2), float32",
+        "mode": args.mode, "flush_denormal": args.flush == "on", "rows_per_step": args.rows,
+        "max_length": args.max_length, "timed_steps_per_case": args.steps - 1,
+        "cases": summary,
+    }  # fmt: skip
+    out = args.out or os.path.join(ROOT, "benchmarks", "results",
+                                   f"smollm2_cost_{args.mode}_{'flush' if args.flush == 'on' else 'noflush'}.json")  # fmt: skip
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
