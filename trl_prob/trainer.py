@@ -185,19 +185,19 @@ class ProbObjectiveMixin:
             logger.log(*precision)
 
     def _check_truncation(self, raw) -> None:
-        """Rows that ``max_length`` cuts, said before any step: none left to train is an error (TRL would fail later in
-        its sampler), completions cut short are one warning line (their end and EOS are not trained)."""
+        """Rows that ``max_length`` cuts, said before any step: completions cut short are one warning line (their end and
+        EOS are not trained); none left to train is an error when training starts (:meth:`train`; TRL would fail in its
+        sampler), while the probe reports it in its own words."""
         args, prepared = self.args, self.train_dataset
+        self._rows_before_truncation = None
         if args.packing or args.max_length is None or (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
             return
         if not (hasattr(raw, "__len__") and hasattr(prepared, "__len__")):
             return
         dropped = len(raw) - len(prepared)
         if len(raw) and not len(prepared):
-            raise ValueError(
-                f"max_length={args.max_length} leaves none of the {len(raw):,} training rows a completion token (TRL "
-                "keeps the start of each row, and the prompt fills max_length): raise --max_length or shorten the prompts."
-            )
+            self._rows_before_truncation = len(raw)
+            return
         if "input_ids" not in (prepared.column_names or ()):
             return
         import pyarrow.compute as pc
@@ -356,6 +356,12 @@ class ProbObjectiveMixin:
     # ------------------------------------------------------------------------------------- checkpoints
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if getattr(self, "_rows_before_truncation", None):
+            raise ValueError(
+                f"max_length={self.args.max_length} leaves none of the {self._rows_before_truncation:,} training rows a "
+                "completion token (TRL keeps the start of each row, and the prompt fills max_length): raise --max_length "
+                "or shorten the prompts."
+            )
         # Checkpoints this run writes say when they are complete; `True` resumes from the newest complete one.
         completion = next((cb for cb in self.callback_handler.callbacks if type(cb).__name__ == COMPLETION_CALLBACK), None)
         if completion is None:
