@@ -68,6 +68,8 @@ def test_max_length_that_cuts_completions_is_one_warning_line(tmp_path, tiny_mod
 
 
 def test_max_length_that_leaves_nothing_to_train_is_an_error_before_training(tmp_path, tiny_model, tokenizer):
-    data = addition_dataset(8)
+    args = ProbSFTConfig(**base_args(tmp_path, max_length=3))
+    trainer = ProbSFTTrainer(model=tiny_model, args=args, train_dataset=addition_dataset(8), processing_class=tokenizer)
     with pytest.raises(ValueError, match=r"max_length=3 leaves none of the 8 training rows a completion token"):
-        prepared_lengths(tmp_path, tiny_model, tokenizer, data, 3)
+        trainer.train()
+    assert trainer.state.global_step == 0
