@@ -2,8 +2,9 @@
 
 Usage: python tests/_ddp_train.py OUT.json OBJECTIVE SCHEDULE PER_DEVICE_BATCH [MAX_STEPS [STATISTIC]]
 
-Rank 0 writes JSON: the per-step log history, the final and initial weights flattened, the world size, the
-token ids of the first global batch (every rank's first micro-batch, gathered), and an evaluation's metrics.
+Rank 0 writes JSON: the per-step log history, the final and initial weights flattened (gathered from the shards under
+FSDP2 / ZeRO-3), the world size, whether and how the model was sharded, the token ids of the first global batch (every
+rank's first micro-batch, gathered), and an evaluation's metrics. TRL_PROB_TEST_USE_CPU=0 leaves use_cpu off.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def main():
                 max_steps=max_steps,
                 ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
                 bf16=False,  # SFTConfig's default bf16 autocast would blur the 1-vs-2-process comparison
+                # DeepSpeed runs on CPU only where the run is not use_cpu (accelerate drops DeepSpeed for use_cpu)
+                use_cpu=os.environ.get("TRL_PROB_TEST_USE_CPU", "1") == "1",
                 **extra,
             )
         )
@@ -78,14 +81,23 @@ def main():
         if distributed:
             batches = [None] * world_size
             dist.all_gather_object(batches, trainer.first_batch)
+        # the full weights on rank 0, whatever holds them (FSDP2 shards them into DTensors)
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if trainer.accelerator.is_main_process:
+            names = [name for name, _ in trainer.accelerator.unwrap_model(trainer.model).named_parameters()]
+            weights = torch.cat([state[name].detach().float().flatten().cpu() for name in names])
+            wrapped = trainer.model_wrapped
             result = dict(
+                fsdp=dict(enabled=trainer.is_fsdp_enabled, wrapped=type(wrapped).__name__,
+                          sharded=any(type(p).__name__ == "DTensor" for p in wrapped.parameters())),  # fmt: skip
+                deepspeed=dict(enabled=trainer.is_deepspeed_enabled, wrapped=type(wrapped).__name__,
+                               zero3=any(hasattr(p, "ds_id") for p in wrapped.parameters())),  # fmt: skip
                 world_size=world_size,
                 max_steps=max_steps,
                 evaluation=evaluation,
                 logs=[entry for entry in trainer.state.log_history if "loss" in entry],
                 first_batch_ids=[ids for rank_batch in batches for ids in rank_batch],
-                weights=flat(trainer.accelerator.unwrap_model(trainer.model)).tolist(),
+                weights=weights.tolist(),
                 initial_weights=initial.tolist(),
             )
             with open(out, "w") as f:

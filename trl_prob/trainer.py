@@ -180,9 +180,21 @@ class ProbObjectiveMixin:
             )
         self._wrap_fused_forward(_unwrap_peft(self.model))
         self.add_callback(_schedule_callback(self))
+        self._check_sharding()
         precision = getattr(self.args, "_cpu_precision", None)  # which precision a CPU run uses, and why
         if precision is not None and self.is_world_process_zero():
             logger.log(*precision)
+
+    def _check_sharding(self) -> None:
+        """FSDP asked for (an FSDP accelerate config, or ``fsdp`` args) on a CPU run, which accelerate does not shard:
+        one warning line, since accelerate then trains data parallel without a word."""
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(self.args.fsdp)
+        if fsdp and not self.is_fsdp_enabled and self.is_world_process_zero():
+            logger.warning(
+                "trl-prob: FSDP was asked for (ACCELERATE_USE_FSDP / fsdp) but the model is not sharded: accelerate "
+                "uses its FSDP plugin only on GPUs/accelerators, so this CPU run is plain data parallel (every process "
+                "holds the whole model)."
+            )
 
     def _check_truncation(self, raw) -> None:
         """Rows that ``max_length`` cuts, said before any step: completions cut short are one warning line (their end and
