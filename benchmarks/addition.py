@@ -15,7 +15,7 @@ and its data). This module makes them, and is what the benchmarks and the tests 
 
 Rebuild the shipped artifacts (deterministic for a given machine / torch version; a minute or two on 2 CPU cores)::
 
-    python benchmarks/addition.py build trl_prob/embedded   # writes OUT/model (+ build_info.json) and OUT/data
+    python benchmarks/addition.py build trl_prob/embedded   # writes OUT/model, OUT/model-weak (+ build_info.json), OUT/data
 
 Import it from a script in ``benchmarks/`` (``from addition import ...``: the script's folder is on ``sys.path``);
 ``tests/conftest.py`` puts ``benchmarks/`` on ``sys.path`` for the tests.
@@ -435,6 +435,10 @@ N_TRAIN, N_TEST, N_VAL, N_PRETRAIN, NOISE, DIGITS = 2000, 200, 300, 6000, 0.2, 2
 # around 0.75, leaving room for the objectives under study to differ).
 TARGET_VAL_ACCURACY = 0.7
 MAX_STEPS, CHECK_EVERY, LR, BATCH_SIZE = 5000, 50, 3e-3, 128
+# The weak checkpoint (OUT/model-weak, the quickstart's base): the same pretraining stopped early, where the model has
+# seen the task but cannot do it (exact match ~0.01) and its mean target probability on the noisy train set (~0.44)
+# lies inside the adaptive schedule's default ramp 0.30 -> 0.55.
+WEAK_STEPS = 100
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
@@ -471,7 +475,26 @@ def build(out: str) -> dict:
         steps_done += CHECK_EVERY
         acc = exact_match_accuracy(m, tokenizer, val)
         print(f"  step {steps_done:5d}  val exact match {acc:.3f}", flush=True)
+        if steps_done == WEAK_STEPS:
+            save_weak(m, acc)
         return acc >= TARGET_VAL_ACCURACY
+
+    def save_weak(m, val_accuracy: float) -> None:
+        weak_dir = os.path.join(out, "model-weak")
+        os.makedirs(weak_dir, exist_ok=True)
+        m.save_pretrained(weak_dir)
+        tokenizer.save_pretrained(weak_dir)
+        weak_metrics = {
+            "val_exact_match": val_accuracy,
+            "test_exact_match": exact_match_accuracy(m, tokenizer, test),
+            "train_mean_target_probability": mean_target_probability(m, tokenizer, train),
+            "test_mean_target_probability": mean_target_probability(m, tokenizer, test),
+        }
+        weak_info = {"pretraining": {"steps": WEAK_STEPS, "lr": LR, "batch_size": BATCH_SIZE},
+                     "metrics": {k: round(v, 4) for k, v in weak_metrics.items()}, "torch": torch.__version__}
+        with open(os.path.join(weak_dir, "build_info.json"), "w", encoding="utf-8") as f:
+            json.dump(weak_info, f, indent=2, sort_keys=True)
+            f.write("\n")
 
     print(f"pretraining on {len(pretrain_data)} clean examples ...", flush=True)
     pretrain_on_task(

@@ -367,6 +367,15 @@ def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
     # Nothing on stderr but progress bars: no bitsandbytes kernel warning (nothing is loaded in 4 bits), no accelerate
     # "values were not passed to `accelerate launch`" block (one process), no other warning the project can avoid.
     assert stderr_lines(result.stderr) == []
+    # the recipe's end-of-training summary, printed by the command itself
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["before"]["step"] == 0 and summary["after"]["step"] == 6 and summary["num_samples"] == 200
+    assert 0.0 < summary["lambda"]["first"]["value"] < 1.0  # the weak base starts inside the ramp
+    for text in ("exact match", "mean target p", "lambda", f"model        {output_dir}",
+                 f"checkpoints  {output_dir / 'checkpoint-6'}",  # transformers saves the last step too
+                 f"plot         {output_dir / 'training.png'}"):  # fmt: skip
+        assert text in result.stdout, result.stdout[-2000:]
+    assert (output_dir / "training.png").read_bytes()[:4] == b"\x89PNG"
     assert (output_dir / "model.safetensors").is_file()
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 6

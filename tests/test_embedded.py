@@ -147,7 +147,7 @@ def test_pretrain_on_task_is_deterministic_and_learns(tok):
 def test_the_installed_package_ships_the_artifacts_not_the_builders():
     import trl_prob.embedded as embedded
 
-    assert embedded.__all__ == ["default_dataset_path", "default_model_path"]
+    assert embedded.__all__ == ["default_dataset_path", "default_model_path", "weak_model_path"]
     for name in ("pretrain_on_task", "build_tokenizer", "random_tiny_llama", "make_addition_examples",
                  "greedy_completions", "exact_match_accuracy", "mean_target_probability"):
         assert not hasattr(embedded, name), name
@@ -207,3 +207,24 @@ def test_mean_target_probability_matches_full_logits_and_leaves_the_model_bare(s
             count += len(ids) - start
     assert mean_target_probability(model, tokenizer, rows, batch_size=5) == pytest.approx(total / count, abs=1e-6)
     assert "forward" not in vars(model)  # the fused head was added for the call only
+
+
+def test_the_weak_checkpoint_starts_inside_the_default_ramp():
+    """The quickstart's base: its mean target probability on the shipped training data lies between the adaptive
+    schedule's default p_low and p_high (so lambda starts strictly between NLL and the objective), and it cannot do
+    the task yet, unlike the default model."""
+    from addition import exact_match_accuracy, mean_target_probability
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_prob import ProbSFTConfig
+    from trl_prob.embedded import weak_model_path
+
+    defaults = ProbSFTConfig(output_dir="unused", objective="p", objective_schedule="adaptive")
+    data = load_dataset(default_dataset_path())
+    model, tok = AutoModelForCausalLM.from_pretrained(weak_model_path()), AutoTokenizer.from_pretrained(weak_model_path())
+    train = [dict(row) for row in data["train"].select(range(512))]
+    assert defaults.schedule_p_low < mean_target_probability(model, tok, train) < defaults.schedule_p_high
+    test = [dict(row) for row in data["test"]]
+    strong = AutoModelForCausalLM.from_pretrained(default_model_path())
+    assert exact_match_accuracy(model, tok, test) < 0.05 < 0.5 < exact_match_accuracy(strong, tok, test)
