@@ -57,6 +57,11 @@ FIELDS = {
                            "resume_from_checkpoint", "push_to_hub", "bf16"),  # fmt: skip
 }
 
+# Module-level values cli.py reads, and their type.
+CONSTANTS = {
+    ("accelerate.commands.config", "default_config_file"): str,  # accelerate's own config file: it decides defaults
+}
+
 
 def resolve(module: str, attribute: str):
     value = importlib.import_module(module)
@@ -87,8 +92,13 @@ def test_cli_imports_only_pinned_public_names():
             assert not [a.name for a in node.names if a.name.split(".")[0] in LIBRARIES], "import names from modules"
     private = [f"{m}.{n}" for m, n in imported if any(part.startswith("_") for part in [*m.split("."), n])]
     assert not private, f"private imports: {private}"
-    pinned = {(module, attribute.split(".")[0]) for module, attribute in [*CALLABLES, *FIELDS]}
+    pinned = {(module, attribute.split(".")[0]) for module, attribute in [*CALLABLES, *FIELDS, *CONSTANTS]}
     assert imported - pinned == set(), "pin these in CALLABLES or FIELDS"
+
+
+@pytest.mark.parametrize("name", CONSTANTS, ids=lambda name: ".".join(name))
+def test_pinned_constant_exists_with_its_type(name):
+    assert isinstance(resolve(*name), CONSTANTS[name])
 
 
 def test_mixture_entries_carry_what_check_dataset_reads():
