@@ -412,11 +412,18 @@ def test_two_cpu_processes_agree_on_the_schedule(tmp_path):
          # a ramp around the tiny model's mean target probability, so lambda is strictly between 0 and 1 and moves
          "--schedule_p_low", "0.6", "--schedule_p_high", "0.95", "--schedule_ema_decay", "0.5",
          "--max_steps", "4", "--logging_steps", "1", "--save_strategy", "no", "--rank_log_dir", str(rank_logs),
+         "--summary", "true", "--summary_samples", "41",
          "--multi_gpu", "--num_processes", "2", "--main_process_port", "29531"],  # fmt: skip
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output_dir / "model.safetensors").is_file()
+    # the summary: printed once (main process), each of the 41 held-out samples counted once over the 2 ranks
+    assert result.stdout.count("Summary (41 'test' samples") == 1, result.stdout[-3000:]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["after"]["step"] == 4
+    right = summary["after"]["exact_match"] * 41
+    assert abs(right - round(right)) < 1e-9, summary  # a whole number of the 41 samples
 
     per_rank = {}
     for rank in (0, 1):

@@ -248,6 +248,8 @@ def print_summary(trainer, summary, output_dir: str) -> None:
     from .plots import plot_training
 
     plot = plot_training(output_dir)
+    if os.path.abspath(os.path.dirname(plot)) == os.path.abspath(output_dir):
+        plot = os.path.join(output_dir, os.path.basename(plot))  # as the user gave the directory
     summary.save(output_dir)
     print(summary.format(output_dir=output_dir, plot=plot), flush=True)
 
