@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .measure import Measurement, measure
+from .measure import Measurement
 from .stats import CONFIDENT_P, HISTOGRAM_BINS, TokenProbStats
 
 logger = logging.getLogger(__name__)
@@ -482,14 +482,7 @@ def _measure_with_batch_size(trainer, dataset, batch_size: int | None, progress:
     if batch_size is not None:
         args.per_device_eval_batch_size = batch_size
     try:
-        dataloader = trainer.get_eval_dataloader(dataset)
-        return measure(
-            trainer.model_wrapped,
-            dataloader,
-            prepare=trainer._prepare_inputs,
-            gather=trainer.accelerator.gather_for_metrics,
-            progress=progress,
-        )
+        return trainer.measure_dataset(dataset, progress=progress)
     finally:
         args.per_device_eval_batch_size = previous
 

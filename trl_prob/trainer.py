@@ -38,7 +38,7 @@ from .checkpoints import (
 from .config import ProbSFTConfig
 from .data import check_rows, first_prompt_over
 from .loss import distributed_sum, objective_loss
-from .measure import measure, num_samples, per_sample_stats, sample_index
+from .measure import Measurement, measure, num_samples, per_sample_stats, sample_index
 from .objectives import get_objective
 from .schedules import STATISTIC_METRICS, Schedule, ScheduleStateError, build_schedule
 from .stats import TokenProbStats
@@ -345,14 +345,18 @@ class ProbObjectiveMixin:
                 dataset = dataset.select(range(min(num_samples, len(dataset))))
             else:
                 dataset = dataset.take(num_samples)
-        dataloader = self.get_eval_dataloader(dataset)
+        return self.measure_dataset(dataset, progress=progress).stats
+
+    def measure_dataset(self, dataset, progress: bool = True) -> Measurement:
+        """:func:`trl_prob.measure.measure` of the current model over ``dataset`` through the trainer's eval
+        dataloader (TRL's preparation, collator and masks; each sample once across processes)."""
         return measure(
             self.model_wrapped,
-            dataloader,
+            self.get_eval_dataloader(dataset),
             prepare=self._prepare_inputs,
             gather=self.accelerator.gather_for_metrics,
             progress=progress,
-        ).stats
+        )
 
     # ------------------------------------------------------------------------------------- logging
 
