@@ -104,6 +104,23 @@ class ProbSFTConfig(SFTConfig):
             Resume from a checkpoint that holds no schedule state by starting the schedule afresh. Without it such
             a checkpoint is refused: the resumed run would follow a different trajectory.
 
+        > Per-source schedules (mixed data: each source at its own place on the continuum)
+
+        schedule_per_source (`bool`, *optional*, defaults to `False`):
+            One `adaptive` schedule per data source: each source's lambda follows the signal of its own target tokens
+            and applies to its own tokens, so a base strong on one source and weak on another trains the first toward
+            `objective` and the second with NLL in the same batch. With one source it is the run-wide schedule.
+            Packing is refused (it joins rows of different sources into one sequence); padding-free batching works.
+        source_column (`str`, *optional*, defaults to `"source"`):
+            Column of the training (and evaluation) data that names each row's source. `trl-prob sft` fills it from a
+            `datasets:` mixture (one source per entry) when the data have no such column.
+        schedule_sources (`list[str]`, *optional*):
+            The sources, in order (at most 64). Defaults to the distinct values of `source_column` in the training
+            data, sorted. A row whose source is not listed is an error.
+        schedule_source_lambda (`dict[str, float]` or `str`, *optional*):
+            A fixed lambda for the named sources instead of their adaptive one, e.g. `{"chat": 0.0}` or `chat=0`
+            (keep NLL on chat data whatever its confidence).
+
         > Speed
 
         flush_denormal (`bool`, *optional*, defaults to `True`):
@@ -172,6 +189,24 @@ class ProbSFTConfig(SFTConfig):
         metadata={
             "help": "Resume from a checkpoint without schedule state by restarting the schedule (otherwise refused)."
         },
+    )
+    schedule_per_source: bool = field(
+        default=False,
+        metadata={"help": "One adaptive schedule per data source (see --source_column), applied to its own tokens."},
+    )
+    source_column: str = field(
+        default="source",
+        metadata={
+            "help": "Column naming each row's source (trl-prob sft fills it from a `datasets:` mixture when absent)."
+        },
+    )
+    schedule_sources: list[str] | None = field(
+        default=None,
+        metadata={"help": "The sources, in order (default: the distinct values of --source_column, sorted)."},
+    )
+    schedule_source_lambda: dict[str, float] | str | None = field(
+        default=None,
+        metadata={"help": "Fixed lambda for named sources instead of their adaptive one, e.g. 'chat=0,code=0.5'."},
     )
     flush_denormal: bool = field(
         default=True,
@@ -279,6 +314,7 @@ class ProbSFTConfig(SFTConfig):
                 "Liger's fused linear cross-entropy replaces the model's forward and computes NLL itself; trl-prob "
                 "needs TRL's fused log-prob head. Set liger_kernel_config={'fused_linear_cross_entropy': False}."
             )
+        self._validate_source_fields()
         parallelism = getattr(self, "parallelism_config", None)
         if parallelism is not None and getattr(parallelism, "sp_enabled", False) and self.uses_objective:
             raise ValueError(
@@ -286,7 +322,85 @@ class ProbSFTConfig(SFTConfig):
                 f"objective {target.spec!r} cannot be applied. Disable sequence parallelism."
             )
 
+    def _validate_source_fields(self) -> None:
+        from .stats import MAX_SOURCES
+
+        self.schedule_source_lambda = parse_source_lambda(self.schedule_source_lambda)
+        if not self.schedule_per_source:
+            for name in ("schedule_sources", "schedule_source_lambda"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is set but schedule_per_source is off: pass --schedule_per_source true.")
+            return
+        if self.objective_schedule != "adaptive":
+            raise ValueError(
+                f"schedule_per_source needs objective_schedule='adaptive' (got {self.objective_schedule!r}): only the "
+                "adaptive schedule reads each source's own statistics."
+            )
+        if self.packing:
+            raise ValueError(
+                "schedule_per_source cannot be used with packing: packing joins rows of different sources into one "
+                "sequence. Use padding_free=True for the same padding savings, or turn packing off."
+            )
+        if not isinstance(self.source_column, str) or not self.source_column:
+            raise ValueError(f"source_column must name a column, got {self.source_column!r}.")
+        if self.schedule_sources is not None:
+            sources = list(self.schedule_sources)
+            bad = [s for s in sources if not isinstance(s, str) or not s]
+            if bad or not sources:
+                raise ValueError(f"schedule_sources must be non-empty names, got {sources!r}.")
+            repeated = sorted({s for s in sources if sources.count(s) > 1})
+            if repeated:
+                raise ValueError(f"schedule_sources names {', '.join(repeated)} more than once.")
+            if len(sources) > MAX_SOURCES:
+                raise ValueError(
+                    f"schedule_sources lists {len(sources)} sources; at most {MAX_SOURCES} are allowed (one statistics "
+                    "row each, reduced together every step)."
+                )
+            check_source_names(self.schedule_source_lambda, sources, "schedule_source_lambda")
+
     @property
     def uses_objective(self) -> bool:
         """False only for plain NLL, where the trainer leaves TRL's loss untouched."""
         return not (get_objective(self.objective).family == "nll" and self.objective_schedule == "none")
+
+
+def parse_source_lambda(value) -> dict[str, float] | None:
+    """``schedule_source_lambda`` as a dict: given as one, as JSON, or as ``name=lambda,name=lambda``."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, str):
+        import json
+
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"schedule_source_lambda {value!r} is not valid JSON ({exc}).") from None
+        else:
+            pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError(f"schedule_source_lambda {value!r}: expected name=lambda pairs, e.g. 'chat=0,code=0.5'.")
+            value = {name.strip(): number.strip() for name, number in pairs}
+    if not isinstance(value, dict):
+        raise ValueError(f"schedule_source_lambda must map source names to lambdas, got {value!r}.")
+    parsed = {}
+    for name, number in value.items():
+        try:
+            number = float(number)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and 0.0 <= number <= 1.0):
+            raise ValueError(f"schedule_source_lambda[{name!r}] must be a lambda in [0, 1], got {value[name]!r}.")
+        parsed[str(name)] = number
+    return parsed
+
+
+def check_source_names(given, sources: list[str], option: str) -> None:
+    """An option naming sources the run does not have: one line naming them and the sources there are."""
+    unknown = [name for name in given or () if name not in sources]
+    if unknown:
+        raise ValueError(
+            f"{option} names unknown source(s) {', '.join(map(repr, unknown))}; the sources are "
+            f"{', '.join(map(repr, sources))}."
+        )

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .objectives import Objective, power_loss
-from .stats import TokenProbStats
+from .stats import SourceStats, TokenProbStats
 
 
 def objective_loss(
@@ -25,30 +25,47 @@ def objective_loss(
     is_top1: torch.Tensor | None = None,
     sample_index: torch.Tensor | None = None,
     num_samples: int | None = None,
-) -> tuple[torch.Tensor, TokenProbStats]:
+    sample_source: torch.Tensor | None = None,
+    num_sources: int = 1,
+) -> tuple[torch.Tensor, TokenProbStats | SourceStats]:
     """Per-token loss (fp32, 0 where ``mask`` is false) and the micro-batch's target-token statistics.
 
     Args:
         log_p: log-probability of each target token (TRL's fused head: 0 on ignored positions).
         mask: True on target tokens.
         objective: the target objective f.
-        objective_lambda: 0 is NLL, 1 the objective alone.
+        objective_lambda: 0 is NLL, 1 the objective alone; a float, or a tensor broadcastable to ``log_p`` (one lambda
+            per token: per-source schedules).
         mode: ``blend`` trains (1 - lambda) nll + lambda f; ``exponent`` trains ``power:(lambda a)`` for a
             ``power:a`` objective.
         all_reduce: sums a tensor over processes (returns it); ``None`` for one process. Thresholded objectives
             use it for the kept-token count of this micro-batch over all processes.
         is_top1, sample_index, num_samples: for the sequence statistics (TRL's fused head's ``is_top1``; which
             sample each position belongs to, for padding-free batches); statistics only, never the loss.
+        sample_source, num_sources: the source index of each sample (rows, or ``sample_index``'s samples): the
+            statistics are then :class:`SourceStats`, one row per source.
     """
     keep = objective.keep(log_p) & mask if objective.is_thresholded else None
-    stats = TokenProbStats.of(log_p, mask, keep, is_top1, sample_index, num_samples)
+    if sample_source is None:
+        stats = TokenProbStats.of(log_p, mask, keep, is_top1, sample_index, num_samples)
+        total = stats
+    else:
+        if sample_index is None:
+            num_samples = log_p.shape[0]
+            sample_index = torch.arange(num_samples, device=log_p.device)[:, None].expand_as(log_p)
+        rows = TokenProbStats.per_sample(log_p, mask, sample_index, num_samples, keep, is_top1)
+        stats = SourceStats.from_rows(rows, sample_source, num_sources)
+        total = TokenProbStats.from_rows(rows)
     log_p = log_p.float()
+    per_token = isinstance(objective_lambda, torch.Tensor)
+    if per_token:
+        objective_lambda = objective_lambda.to(log_p.device, torch.float32)
     if mode == "exponent":
         return power_loss(log_p, objective_lambda * objective.param) * mask, stats
     loss = objective(log_p)
     if keep is not None:
-        loss = loss * keep * kept_token_scale(stats, all_reduce)
-    if objective_lambda < 1.0:
+        loss = loss * keep * kept_token_scale(total, all_reduce)
+    if per_token or objective_lambda < 1.0:
         loss = (1.0 - objective_lambda) * (-log_p) + objective_lambda * loss
     return loss * mask, stats
 

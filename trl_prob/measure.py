@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .stats import TokenProbStats
+from .sources import SOURCE_ID
+from .stats import SourceStats, TokenProbStats
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Measurement:
     stats: TokenProbStats
     num_samples: int
     num_samples_without_targets: int
+    sources: SourceStats | None = None  # per data source, when the batches carry each sample's source
 
 
 def measure(
@@ -32,6 +34,7 @@ def measure(
     prepare: Callable[[dict], dict] | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = False,
+    num_sources: int | None = None,
 ) -> Measurement:
     """Statistics of p(target token) over ``batches`` (collated SFT batches with ``labels``).
 
@@ -42,10 +45,13 @@ def measure(
         gather: all-gathers per-sample rows across processes, dropping accelerate's repeated samples
             (``accelerator.gather_for_metrics``); ``None`` for a single process.
         progress: show a progress bar (main process only).
+        num_sources: the run's number of data sources, when the batches carry each sample's source
+            (:data:`~trl_prob.sources.SOURCE_ID`): the measurement then holds statistics per source.
     """
     was_training = model.training
     model.eval()
     stats = None
+    by_source = SourceStats.zeros(num_sources) if num_sources else None
     seen = without_targets = 0
     iterator = batches
     if progress:
@@ -56,11 +62,20 @@ def measure(
         with torch.no_grad():
             for batch in iterator:
                 batch = prepare(batch) if prepare is not None else batch
+                batch = dict(batch)
+                source = batch.pop(SOURCE_ID, None)
+                if by_source is not None and source is None:
+                    raise ValueError(f"measure(num_sources={num_sources}) needs each batch's {SOURCE_ID!r}.")
                 outputs = model(**batch, fused_lm_head=True, use_cache=False)
                 rows = per_sample_stats(
                     batch, outputs.log_probs, outputs.label_mask, is_top1=getattr(outputs, "is_top1", None)
                 )
+                if by_source is not None:  # the source travels as one more column, so one gather keeps them paired
+                    rows = torch.cat([rows, source.to(rows.device, rows.dtype)[:, None]], dim=1)
                 rows = gather(rows) if gather is not None else rows
+                if by_source is not None:
+                    rows, source = rows[:, :-1], rows[:, -1].long()
+                    by_source = by_source + SourceStats.from_rows(rows, source, num_sources).to_host()
                 stats = TokenProbStats.from_rows(rows) + stats if stats is not None else TokenProbStats.from_rows(rows)
                 seen += rows.shape[0]
                 without_targets += int((rows[:, 0] == 0).sum())
@@ -68,7 +83,7 @@ def measure(
         model.train(was_training)
     if stats is None:
         stats = TokenProbStats.zeros()
-    return Measurement(stats.to_host(), seen, without_targets)
+    return Measurement(stats.to_host(), seen, without_targets, by_source)
 
 
 def per_sample_stats(

@@ -41,8 +41,11 @@ def one_minus_exp(x: Tensor) -> Tensor:
     return -torch.expm1(x).detach() - (e - e.detach())
 
 
-def power_loss(log_p: Tensor, a: float) -> Tensor:
-    """(1 - p^a) / a = (1 - e^(a log p)) / a; -log p at a = 0 (its limit)."""
+def power_loss(log_p: Tensor, a: float | Tensor) -> Tensor:
+    """(1 - p^a) / a = (1 - e^(a log p)) / a; -log p at a = 0 (its limit). ``a`` may be a tensor (one per token)."""
+    if isinstance(a, Tensor):
+        at_zero = a == 0
+        return torch.where(at_zero, -log_p, one_minus_exp(a * log_p) / torch.where(at_zero, 1.0, a))
     if a == 0:
         return -log_p
     return one_minus_exp(a * log_p) / a

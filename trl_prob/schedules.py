@@ -257,3 +257,49 @@ def build_schedule(args) -> Schedule:
         "adaptive": dict(p_low=args.schedule_p_low, p_high=args.schedule_p_high),
     }.get(kind, {})
     return SCHEDULES[kind](**specific, **common)
+
+
+class SourceSchedules:
+    """One schedule per data source, each stepped on its own source's statistics (:class:`~trl_prob.stats.SourceStats`).
+
+    Args:
+        names: the sources, in the order of their statistics rows.
+        make: builds the schedule of a source from its name (every source gets the run's schedule unless the user
+            pinned its lambda).
+    """
+
+    def __init__(self, names: list[str], make: Callable[[str], Schedule]):
+        self.names = list(names)
+        self.schedules = [make(name) for name in self.names]
+
+    @property
+    def values(self) -> list[float]:
+        return [schedule.value for schedule in self.schedules]
+
+    def warm_start(self, stats) -> None:
+        for index, schedule in enumerate(self.schedules):
+            if schedule.warm_starts and stats[index].num_tokens > 0:
+                schedule.warm_start(stats[index])
+
+    def begin(self, total_steps: int) -> list[float]:
+        return [schedule.begin(total_steps) for schedule in self.schedules]
+
+    def step(self, stats) -> list[float]:
+        """Account one optimizer step; a source without target tokens in it keeps its running statistic."""
+        return [schedule.step(stats[index]) for index, schedule in enumerate(self.schedules)]
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: schedule.state_dict() for name, schedule in zip(self.names, self.schedules)}
+
+    def load_state_dict(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise ScheduleStateError(f"per-source state must map source names to schedule states, got {state!r}")
+        if sorted(state) != sorted(self.names):
+            raise ScheduleStateError(
+                f"per-source state holds sources {sorted(state)}, this run has {sorted(self.names)}"
+            )
+        for name, schedule in zip(self.names, self.schedules):
+            try:
+                schedule.load_state_dict(state[name])
+            except ScheduleStateError as exc:
+                raise ScheduleStateError(f"source {name!r}: {exc}") from None

@@ -40,8 +40,9 @@ from .data import check_rows, first_prompt_over
 from .loss import distributed_sum, objective_loss
 from .measure import Measurement, measure, num_samples, per_sample_stats, sample_index
 from .objectives import get_objective
-from .schedules import STATISTIC_METRICS, Schedule, ScheduleStateError, build_schedule
-from .stats import TokenProbStats
+from .schedules import STATISTIC_METRICS, ConstantSchedule, Schedule, ScheduleStateError, SourceSchedules, build_schedule
+from .sources import SOURCE_ID, SourceCollator, resolve_sources, token_lambdas, with_source_ids
+from .stats import SourceStats, TokenProbStats
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,10 @@ def _schedule_callback(trainer: ProbObjectiveMixin) -> TrainerCallback:
             trainer._end_optimizer_step()
 
         def state(self) -> dict:
-            return {"args": {}, "attributes": {"schedule": trainer.schedule.state_dict()}}
+            attributes = {"schedule": trainer.schedule.state_dict()}
+            if trainer.source_schedules is not None:
+                attributes["source_schedules"] = trainer.source_schedules.state_dict()
+            return {"args": {}, "attributes": attributes}
 
     assert ProbObjectiveSchedule.__name__ == SCHEDULE_CALLBACK
     return ProbObjectiveSchedule()
@@ -128,6 +132,49 @@ def saved_schedule_state(checkpoint: str, args: ProbSFTConfig) -> dict | None:
     return state
 
 
+def source_schedules_for(args: ProbSFTConfig, sources: list[str]) -> SourceSchedules:
+    """One schedule per source: the run's adaptive schedule, or a constant one where ``schedule_source_lambda`` pins
+    the source's lambda."""
+    fixed = args.schedule_source_lambda or {}
+
+    def make(name: str) -> Schedule:
+        if name in fixed:
+            return ConstantSchedule(
+                objective_lambda=fixed[name], statistic=args.schedule_statistic, ema_decay=args.schedule_ema_decay
+            )
+        return build_schedule(args)
+
+    return SourceSchedules(sources, make)
+
+
+def saved_source_schedule_state(checkpoint: str, args: ProbSFTConfig, sources: list[str]) -> dict | None:
+    """The per-source schedule state a checkpoint holds, checked against this run's sources; ``None`` where the run
+    may start the per-source schedules afresh. Raises :class:`CheckpointError` like :func:`saved_schedule_state`."""
+    trainer_state = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    state = None
+    if os.path.isfile(trainer_state):
+        try:
+            with open(trainer_state) as f:
+                exported = json.load(f).get("stateful_callbacks", {}).get(SCHEDULE_CALLBACK)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {checkpoint}: cannot read its schedule state ({exc}).") from None
+        if isinstance(exported, dict):
+            state = exported.get("attributes", {}).get("source_schedules")
+    if state is None:
+        if args.schedule_reset_on_resume:
+            return None
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has no per-source schedule state ({TRAINER_STATE_FILE} stateful_callbacks."
+            f"{SCHEDULE_CALLBACK}.source_schedules): it was written by a run without schedule_per_source. Pass "
+            "--schedule_reset_on_resume to start each source's schedule afresh."
+        )
+    try:
+        source_schedules_for(args, sources).load_state_dict(state)
+    except ScheduleStateError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint}: bad per-source schedule state in {trainer_state}: {exc}.") from None
+    return state
+
+
 class ProbObjectiveMixin:
     """Trains ``args.objective`` (with ``args.objective_schedule``) inside an ``SFTTrainer`` or subclass of it.
 
@@ -164,6 +211,8 @@ class ProbObjectiveMixin:
         check_rows(raw_train, "train", config.dataset_text_field)  # a row with nothing to train: one line, here
         for name, dataset in raw_eval.items() if isinstance(raw_eval, dict) else [("eval", raw_eval)]:
             check_rows(dataset, name, config.dataset_text_field)
+        if config.schedule_per_source:
+            args, kwargs = self._tag_sources(config, args, kwargs, raw_train, raw_eval)
         try:
             super().__init__(*args, **kwargs)
         except ValueError as exc:
@@ -178,12 +227,46 @@ class ProbObjectiveMixin:
                 "Sequence parallelism (Ulysses/ALST) reduces the model's own NLL across ranks, so objective "
                 f"{config.objective!r} cannot be applied. Disable sequence parallelism."
             )
+        if self.sources is not None:
+            self.data_collator = SourceCollator(self.data_collator)
         self._wrap_fused_forward(_unwrap_peft(self.model))
         self.add_callback(_schedule_callback(self))
         self._check_sharding()
         precision = getattr(self.args, "_cpu_precision", None)  # which precision a CPU run uses, and why
         if precision is not None and self.is_world_process_zero():
             logger.log(*precision)
+
+    def _tag_sources(self, config, args, kwargs, raw_train, raw_eval):
+        """Per-source runs: the run's sources from the training data, and every raw dataset with its integer
+        source column (TRL's preparation keeps it)."""
+        from .config import check_source_names
+
+        if raw_train is None:
+            raise ValueError("schedule_per_source needs a train_dataset (the sources are read from it).")
+        column = config.source_column
+        self.sources = resolve_sources(raw_train, column, config.schedule_sources)
+        check_source_names(config.schedule_source_lambda, self.sources, "schedule_source_lambda")
+        self.source_schedules = source_schedules_for(config, self.sources)
+        self._source_lambdas = torch.tensor(self.source_schedules.values, dtype=torch.float32)
+        train = with_source_ids(raw_train, column, self.sources)
+        if isinstance(raw_eval, dict):
+            evaluation = {name: with_source_ids(d, column, self.sources, name) for name, d in raw_eval.items()}
+        elif raw_eval is not None:
+            evaluation = with_source_ids(raw_eval, column, self.sources, "eval")
+        else:
+            evaluation = None
+        args, kwargs = list(args), dict(kwargs)
+        for position, key, value in ((3, "train_dataset", train), (4, "eval_dataset", evaluation)):
+            if len(args) > position:
+                args[position] = value
+            elif value is not None or key in kwargs:
+                kwargs[key] = value
+        return tuple(args), kwargs
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.sources is not None and SOURCE_ID not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, SOURCE_ID]
 
     def _check_sharding(self) -> None:
         """FSDP asked for (an FSDP accelerate config, or ``fsdp`` args) on a CPU run, which accelerate does not shard:
@@ -239,6 +322,11 @@ class ProbObjectiveMixin:
         self._eval_stats: TokenProbStats | None = None
         self._in_compute_loss = False
         self._uses_objective = config.uses_objective
+        self.sources: list[str] | None = None  # per-source runs: the data sources, in statistics-row order
+        self.source_schedules: SourceSchedules | None = None
+        self._source_lambdas: torch.Tensor | None = None  # this step's lambda per source, on the device
+        self._batch_sources: torch.Tensor | None = None
+        self._silent_sources: set[str] = set()  # sources already reported as absent from a step
 
     # ----------------------------------------------------------------------------------------- the loss
 
@@ -259,10 +347,14 @@ class ProbObjectiveMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._in_compute_loss = True
+        if SOURCE_ID in inputs:  # the batch's source ids are ours: the model must not see them
+            self._batch_sources = inputs[SOURCE_ID]
+            inputs = {key: value for key, value in inputs.items() if key != SOURCE_ID}
         try:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         finally:
             self._in_compute_loss = False
+            self._batch_sources = None
 
     @property
     def objective_lambda(self) -> float:
@@ -275,18 +367,30 @@ class ProbObjectiveMixin:
         """The per-token loss TRL will sum and normalise; records the statistics on the way."""
         objective = self._objective if self._uses_objective else get_objective("nll")
         padding_free = batch.get("cu_seq_lens_q") is not None
+        index = sample_index(batch, mask) if padding_free else None
+        sources = self._batch_sources
+        if self.sources is not None and sources is None:
+            raise RuntimeError(f"schedule_per_source: a batch came without its {SOURCE_ID!r} (a custom collator?).")
+        objective_lambda = self.objective_lambda
+        if sources is not None:
+            objective_lambda = token_lambdas(self._source_lambdas, sources, index)
         loss, stats = objective_loss(
-            log_p, mask, objective, self.objective_lambda, self.args.schedule_mode, all_reduce=distributed_sum,
-            is_top1=is_top1,
-            sample_index=sample_index(batch, mask) if padding_free else None,
-            num_samples=num_samples(batch) if padding_free else None,
+            log_p, mask, objective, objective_lambda, self.args.schedule_mode, all_reduce=distributed_sum,
+            is_top1=is_top1, sample_index=index, num_samples=num_samples(batch) if padding_free else None,
+            sample_source=sources, num_sources=len(self.sources) if sources is not None else 1,
         )  # fmt: skip
         if self.model.training:
             self._step_stats = stats if self._step_stats is None else self._step_stats + stats
         else:  # per sample, so that gather_for_metrics counts each evaluation sample once
             keep = objective.keep(log_p) & mask if objective.is_thresholded else None
-            rows = self.accelerator.gather_for_metrics(per_sample_stats(batch, log_p, mask, keep, is_top1))
-            stats = TokenProbStats.from_rows(rows)
+            rows = per_sample_stats(batch, log_p, mask, keep, is_top1)
+            if sources is not None:  # the source as one more column: one gather keeps rows and sources paired
+                rows = torch.cat([rows, sources.to(rows.device, rows.dtype)[:, None]], dim=1)
+            rows = self.accelerator.gather_for_metrics(rows)
+            if sources is not None:
+                stats = SourceStats.from_rows(rows[:, :-1], rows[:, -1].long(), len(self.sources))
+            else:
+                stats = TokenProbStats.from_rows(rows)
             self._eval_stats = stats if self._eval_stats is None else self._eval_stats + stats
         return loss
 
@@ -298,19 +402,37 @@ class ProbObjectiveMixin:
             if torch.set_flush_denormal(True):
                 logger.info("trl-prob: subnormal floats flushed to zero on CPU (pass --flush_denormal false to keep them).")
         if args.objective_schedule == "none" or self._restored_schedule:
+            self._publish_source_lambdas()
             return
         if schedule.warm_starts and args.schedule_warm_start and not schedule.warm_started:
             logger.info("trl-prob warm start: measuring p on %d training samples", args.schedule_warm_start_samples)
-            warm = self.measure_token_probs(num_samples=args.schedule_warm_start_samples, progress=not args.disable_tqdm)
-            schedule.warm_start(warm)
+            warm = self.measure_dataset(
+                self._warm_start_dataset(args.schedule_warm_start_samples), progress=not args.disable_tqdm
+            )
+            schedule.warm_start(warm.stats)
             logger.info("trl-prob warm start: %s target-token probability %.4f", args.schedule_statistic, schedule.p_ema)
+            if self.source_schedules is not None:
+                self.source_schedules.warm_start(warm.sources)
+                for name, source in zip(self.sources, self.source_schedules.schedules):
+                    logger.info("trl-prob warm start: source %s: %s %s", name, args.schedule_statistic,
+                                "not measured" if source.p_ema is None else f"{source.p_ema:.4f}")  # fmt: skip
         schedule.begin(self.state.max_steps)
+        if self.source_schedules is not None:
+            self.source_schedules.begin(self.state.max_steps)
+        self._publish_source_lambdas()
+
+    def _publish_source_lambdas(self) -> None:
+        if self.source_schedules is not None:  # one host-to-device copy per optimizer step
+            self._source_lambdas = torch.tensor(self.source_schedules.values, dtype=torch.float32).to(self.args.device)
 
     def _end_optimizer_step(self) -> None:
         args, schedule = self.args, self.schedule
-        stats = self._step_stats if self._step_stats is not None else TokenProbStats.zeros(args.device)
+        stats = self._step_stats
         self._step_stats = None
+        if stats is None:
+            stats = SourceStats.zeros(len(self.sources), args.device) if self.sources else TokenProbStats.zeros(args.device)
         stats = stats.all_reduce().to_host()  # one sync per optimizer step, however many statistics are read
+        by_source, stats = (stats, stats.total) if isinstance(stats, SourceStats) else (None, stats)
 
         metrics = self._metrics["train"]
         metrics["mean_token_prob"].append(stats.mean_p)
@@ -323,11 +445,39 @@ class ProbObjectiveMixin:
         if statistic_metric is not None:
             metrics[statistic_metric].append(schedule.signal(stats))
 
-        metrics["objective_lambda"].append(schedule.value)
-        if args.schedule_mode == "exponent":
+        if by_source is None:
+            metrics["objective_lambda"].append(schedule.value)
+        else:  # what the step trained overall: its tokens' mean lambda
+            counts = by_source.sums[:, 0]
+            lambdas = torch.tensor(self.source_schedules.values, dtype=torch.float64)
+            if counts.sum() > 0:
+                metrics["objective_lambda"].append(float((counts * lambdas).sum() / counts.sum()))
+            self._log_sources(by_source, metrics, statistic_metric)
+        if args.schedule_mode == "exponent" and by_source is None:
             metrics["objective_exponent"].append(schedule.value * self._objective.param)
         schedule.step(stats)
         metrics["ema_token_prob"].append(schedule.p_ema if schedule.p_ema is not None else math.nan)
+        if by_source is not None:
+            self.source_schedules.step(by_source)
+            self._publish_source_lambdas()
+
+    def _log_sources(self, by_source: SourceStats, metrics, statistic_metric: str | None) -> None:
+        """Per-source metrics of the step; a source without target tokens in it logs nothing (its schedule keeps its
+        running statistic and lambda), said once per source."""
+        for index, (name, source_schedule) in enumerate(zip(self.sources, self.source_schedules.schedules)):
+            stats = by_source[index]
+            if stats.num_tokens == 0:
+                if name not in self._silent_sources and self.is_world_process_zero():
+                    logger.warning(
+                        "trl-prob: source %s had no target tokens in optimizer step %d: its statistic keeps its last "
+                        "value (said once per source).", name, self.state.global_step
+                    )
+                self._silent_sources.add(name)
+                continue
+            metrics[f"mean_token_prob/{name}"].append(stats.mean_p)
+            metrics[f"objective_lambda/{name}"].append(source_schedule.value)
+            if statistic_metric is not None:
+                metrics[f"{statistic_metric}/{name}"].append(source_schedule.signal(stats))
 
     # ------------------------------------------------------------------------------------- measurement
 
@@ -340,12 +490,15 @@ class ProbObjectiveMixin:
         dataset = self.train_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("measure_token_probs needs a dataset: the trainer has no train_dataset.")
-        if num_samples is not None:
-            if hasattr(dataset, "__len__"):
-                dataset = dataset.select(range(min(num_samples, len(dataset))))
-            else:
-                dataset = dataset.take(num_samples)
-        return self.measure_dataset(dataset, progress=progress).stats
+        return self.measure_dataset(self._warm_start_dataset(num_samples, dataset), progress=progress).stats
+
+    def _warm_start_dataset(self, num_samples: int | None, dataset=None):
+        dataset = self.train_dataset if dataset is None else dataset
+        if num_samples is None:
+            return dataset
+        if hasattr(dataset, "__len__"):
+            return dataset.select(range(min(num_samples, len(dataset))))
+        return dataset.take(num_samples)
 
     def measure_dataset(self, dataset, progress: bool = True) -> Measurement:
         """:func:`trl_prob.measure.measure` of the current model over ``dataset`` through the trainer's eval
@@ -356,6 +509,7 @@ class ProbObjectiveMixin:
             prepare=self._prepare_inputs,
             gather=self.accelerator.gather_for_metrics,
             progress=progress,
+            num_sources=len(self.sources) if self.sources is not None else None,
         )
 
     # ------------------------------------------------------------------------------------- logging
@@ -363,6 +517,11 @@ class ProbObjectiveMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not self.model.training and self._eval_stats is not None:
             stats, self._eval_stats = self._eval_stats, None
+            if isinstance(stats, SourceStats):
+                for index, name in enumerate(self.sources):
+                    if stats[index].num_tokens:
+                        self._metrics["eval"][f"mean_token_prob/{name}"] = [stats[index].mean_p]
+                stats = stats.total
             self._metrics["eval"]["mean_token_prob"] = [stats.mean_p]
             self._metrics["eval"]["nll"] = [stats.nll]
             if self._objective.is_thresholded:
@@ -401,8 +560,11 @@ class ProbObjectiveMixin:
                 raise CheckpointError(finished)
             completion.train_tokens = saved_train_tokens(trainer_state)
             state = saved_schedule_state(checkpoint, self.args)
-            if state is not None:
+            source_state = saved_source_schedule_state(checkpoint, self.args, self.sources) if self.sources else None
+            if state is not None and (self.sources is None or source_state is not None):
                 self.schedule.load_state_dict(state)
+                if source_state is not None:
+                    self.source_schedules.load_state_dict(source_state)
                 self._restored_schedule = True
             elif self.args.objective_schedule != "none":
                 logger.warning("%s: no schedule state; the schedule restarts (--schedule_reset_on_resume).", checkpoint)
