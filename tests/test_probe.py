@@ -412,3 +412,40 @@ def test_probe_and_warm_start_agree_on_the_signal(tmp_path, signal):
     assert 0.0 <= report.schedule_signal_value <= 1.0  # the trainer's head reports is_top1: a real value
     trainer._begin_schedule()  # what train() runs first: the warm start on the same 24 samples
     assert trainer.schedule.p_ema == pytest.approx(report.schedule_signal_value, rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ per source
+
+
+def test_per_source_probe_places_each_source_as_its_rows_alone_do(tmp_path, capsys, trained_model, trained_tokenizer):
+    from datasets import concatenate_datasets
+
+    from trl_prob.schedules import adaptive_lambda
+
+    clean, noisy = addition(24, noise=0.0, seed=1), addition(24, noise=1.0, seed=2)  # every answer wrong
+    mixed = concatenate_datasets([clean.add_column("source", ["clean"] * 24), noisy.add_column("source", ["noisy"] * 24)])
+    trainer = make_trainer(tmp_path / "mixed", trained_model, mixed, trained_tokenizer, objective="p",
+                           objective_schedule="adaptive", schedule_per_source=True, schedule_source_lambda="noisy=0")  # fmt: skip
+    # 16 of 48 rows: the first 16 rows are all `clean`; the probe takes each source's share, 8 and 8
+    report = run_probe(trainer, num_samples=16, output_dir=str(tmp_path / "probe"), progress=False)
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "probe" / PROBE_JSON).read_text())
+
+    assert list(saved["sources"]) == ["clean", "noisy"]
+    for name, rows in (("clean", clean), ("noisy", noisy)):
+        alone = run_probe(make_trainer(tmp_path / name, trained_model, rows.select(range(8)), trained_tokenizer),
+                          num_samples=None, output_dir=None, progress=False)  # fmt: skip
+        entry = saved["sources"][name]
+        assert entry["num_samples"] == 8 and entry["num_tokens"] == alone.num_tokens
+        assert entry["mean_p"] == pytest.approx(alone.mean_p, abs=1e-6)
+        assert entry["schedule_signal_value"] == pytest.approx(alone.schedule_signal_value, abs=1e-6)
+        assert (entry["continuum"], entry["recommended_flags"]) == (alone.continuum, alone.recommended_flags)
+        assert f"  {name}  " in printed and entry["recommended_flags"] in " ".join(printed.split())
+    assert saved["num_samples"] == 16
+    assert saved["num_tokens"] == sum(entry["num_tokens"] for entry in saved["sources"].values())
+    assert (saved["sources"]["clean"]["continuum"], saved["sources"]["noisy"]["continuum"]) == ("model-strong", "model-weak")
+    # step 1's lambda per source: the warm-started adaptive one, or the one schedule_source_lambda pins
+    clean_entry = saved["sources"]["clean"]
+    assert clean_entry["start_lambda"] == pytest.approx(adaptive_lambda(clean_entry["mean_p"], 0.30, 0.55))
+    assert saved["sources"]["noisy"]["start_lambda"] == 0.0 and saved["sources"]["noisy"]["lambda_fixed"] is True
+    assert ProbeReport(**saved).format_table() == report.format_table()

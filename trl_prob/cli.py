@@ -195,7 +195,7 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
         if dataset_args.datasets:
             if script_args.dataset_name:
                 logger.warning("Both `datasets` and `dataset_name` are given: loading `datasets`, ignoring the other.")
-            dataset, train_split, test_split = get_dataset(dataset_args), "train", "test"
+            dataset, train_split, test_split = _load_mixture(get_dataset, dataset_args, training_args), "train", "test"
         elif script_args.dataset_name:
             dataset = _load_dataset(load_dataset, script_args)
         else:
@@ -272,6 +272,16 @@ def _load_dataset(load_dataset, script_args):
         if empty:
             raise CLIError(f"--dataset_name {name}: {', '.join(empty)} holds no rows: there is nothing to train on.") from exc
         raise
+
+
+def _load_mixture(get_dataset, dataset_args, training_args):
+    """TRL's ``get_dataset`` of the ``datasets:`` mixture; with per-source schedules, each row also carries its source in
+    ``--source_column``: the entry's name where the data have no such column (:func:`trl_prob.sources.load_mixture`)."""
+    if not training_args.schedule_per_source:
+        return get_dataset(dataset_args)
+    from .sources import load_mixture
+
+    return load_mixture(dataset_args, training_args.source_column)
 
 
 def _check_rows(script_args, training_args, train_split, train_dataset, test_split, eval_dataset) -> None:

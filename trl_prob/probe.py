@@ -191,6 +191,8 @@ class ProbeReport:
     reference_strong_share_confident: list[float] = field(default_factory=lambda: list(STRONG_SHARE_CONFIDENT))
     histogram: dict[str, list[float]] = field(default_factory=dict)
     histogram_fine: dict[str, list[float]] = field(default_factory=dict)
+    # schedule_per_source: each source's place on the continuum, by name (see :func:`source_report`)
+    sources: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_measurement(
@@ -204,7 +206,13 @@ class ProbeReport:
         signal: str = "mean",
         max_length: int | None = None,
         num_samples_dropped: int | None = None,
+        source_names: list[str] | None = None,
+        source_samples: list[int | None] | None = None,
+        source_lambdas: list[tuple[float, bool]] | None = None,
     ) -> ProbeReport:
+        """The report of ``measurement``; with ``source_names`` (its ``sources`` statistics, in that order) also each
+        source's, given how many samples of each were measured and the ``(lambda, fixed)`` each source's schedule
+        would start with."""
         from .schedules import SIGNALS
 
         stats = measurement.stats
@@ -239,6 +247,14 @@ class ProbeReport:
             share_above_0_9=stats.share_above(0.9),
             histogram=_histogram(stats, TABLE_BINS),
             histogram_fine=_histogram(stats, PLOT_BINS),
+            sources={
+                name: source_report(
+                    measurement.sources[index], objective, p_low, p_high, signal,
+                    num_samples=source_samples[index] if source_samples else None,
+                    start_lambda=source_lambdas[index] if source_lambdas else None,
+                )
+                for index, name in enumerate(source_names or ())
+            },
         )
 
     def to_dict(self) -> dict:
@@ -287,8 +303,14 @@ class ProbeReport:
             ("recommended", "recommended_flags", self.recommended_flags),
             ("why", "reason", self.reason),
             ("", "", ""),
-            ("histogram of p", "histogram", "share of target tokens per bin"),
         ]
+        if self.sources:
+            rows.append(("per source", "sources", f"{len(self.sources)} sources, each on its own adaptive schedule "
+                         "(schedule_per_source); alone, each would be recommended:"))  # fmt: skip
+            rows += [(f"  {name}", "sources", _source_line(entry, self.schedule_signal))
+                     for name, entry in self.sources.items()]  # fmt: skip
+            rows.append(("", "", ""))
+        rows.append(("histogram of p", "histogram", "share of target tokens per bin"))
         return rows
 
     def format_table(self) -> str:
@@ -314,6 +336,61 @@ class ProbeReport:
             f.write("\n")
         png_path = plot_probe_histogram(self, os.path.join(output_dir, PROBE_HISTOGRAM_PNG))
         return json_path, png_path
+
+
+def source_report(
+    stats: TokenProbStats,
+    objective: str | None,
+    p_low: float,
+    p_high: float,
+    signal: str,
+    num_samples: int | None = None,
+    start_lambda: tuple[float, bool] | None = None,
+) -> dict:
+    """One source's entry of ``probe.json``'s ``sources``: its statistics, place on the continuum, schedule signal and
+    what :func:`recommend` advises for it alone; ``start_lambda``: ``(lambda, fixed)`` its schedule starts the run with
+    (``fixed``: pinned by ``schedule_source_lambda``)."""
+    from .schedules import SIGNALS
+
+    mean_p = stats.mean_p
+    value = SIGNALS[signal].read(stats)
+    objective_spec, schedule, reason = recommend(mean_p, objective, p_low, p_high, signal, value)
+    return {
+        "num_samples": num_samples,
+        "num_tokens": stats.num_tokens,
+        "mean_p": mean_p,
+        "median_p": stats.median_p,
+        "share_confident": stats.share_confident,
+        "nll": stats.nll,
+        "schedule_signal_value": value,
+        "continuum": place_on_continuum(mean_p, p_low, p_high),
+        "position": describe_position(mean_p),
+        "start_lambda": None if start_lambda is None else start_lambda[0],
+        "lambda_fixed": None if start_lambda is None else start_lambda[1],
+        "recommended_objective": objective_spec,
+        "recommended_schedule": schedule,
+        "recommended_flags": f"--objective {objective_spec} --objective_schedule {schedule}",
+        "reason": reason,
+    }
+
+
+def _source_line(entry: dict, signal: str) -> str:
+    def number(value, spec: str) -> str:  # NaN became null in probe.json
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+    measured = f"{entry['num_tokens']:,} tokens"
+    if entry.get("num_samples") is not None:
+        measured = f"{entry['num_samples']:,} samples, {measured}"
+    start = ""
+    if entry.get("start_lambda") is not None:
+        start = f"; lambda {number(entry['start_lambda'], '.2f')} at step 1" + (
+            " (fixed by schedule_source_lambda)" if entry.get("lambda_fixed") else ""
+        )
+    read = "" if signal == "mean" else f", {signal} {number(entry['schedule_signal_value'], '.4f')}"
+    return (
+        f"{entry['continuum']}: mean p {number(entry['mean_p'], '.4f')}{read} ({measured}){start}; "
+        f"{entry['recommended_flags']}"
+    )
 
 
 def _histogram(stats: TokenProbStats, bins: int) -> dict[str, list[float]]:
@@ -425,11 +502,13 @@ def run_probe(
 
     The tokens are exactly those training uses (TRL's prepared dataset, collator and masks, via the trainer's eval
     dataloader), measured through the fused log-prob head, split over processes and reduced. Rank 0 prints the
-    table and, with ``output_dir``, writes ``probe.json`` and ``probe_histogram.png`` there.
+    table and, with ``output_dir``, writes ``probe.json`` and ``probe_histogram.png`` there. A per-source trainer's
+    report also places each source on the continuum (``ProbeReport.sources``).
 
     Args:
         trainer: a built ``ProbSFTTrainer`` (or any ``SFTTrainer`` with ``ProbObjectiveMixin``).
-        num_samples: probe the first ``num_samples`` samples of the (prepared) training set; ``None`` for all.
+        num_samples: probe the first ``num_samples`` samples of the (prepared) training set; ``None`` for all. In a
+            per-source run (``schedule_per_source``), the first rows of each source, in its share of the data.
         output_dir: where to write the report files; ``None`` to only print.
         batch_size: per-device batch size of the probe (overrides ``per_device_eval_batch_size`` while it runs).
         source_dataset: the raw dataset the trainer was built from, if at hand: TRL silently drops samples that
@@ -446,8 +525,9 @@ def run_probe(
     dropped = _count_dropped(source_dataset, dataset, args)
     if dataset is None or (hasattr(dataset, "__len__") and len(dataset) == 0):
         _raise_empty(source_dataset, dropped, max_length)
+    sources = getattr(trainer, "sources", None)
     if num_samples is not None:
-        dataset = dataset.select(range(min(num_samples, len(dataset)))) if hasattr(dataset, "__len__") else dataset.take(num_samples)
+        dataset = _first_samples(dataset, num_samples, per_source=sources is not None)
 
     measurement = _measure_with_batch_size(trainer, dataset, batch_size, progress)
     _check_measured(measurement, max_length, "train")
@@ -460,6 +540,9 @@ def run_probe(
         signal=getattr(args, "schedule_statistic", "mean"),
         max_length=max_length,
         num_samples_dropped=dropped,
+        source_names=sources,
+        source_samples=_samples_per_source(dataset, len(sources)) if sources is not None else None,
+        source_lambdas=_start_lambdas(args, sources, measurement) if sources is not None else None,
     )
     if measurement.num_samples_without_targets and trainer.is_world_process_zero():
         logger.warning(
@@ -474,6 +557,35 @@ def run_probe(
             json_path, png_path = report.save(output_dir)
             print(f"wrote {json_path} and {png_path}", flush=True)
     return report
+
+
+def _first_samples(dataset, num_samples: int, per_source: bool):
+    if not hasattr(dataset, "__len__"):
+        return dataset.take(num_samples)
+    if per_source:  # a mixture's first rows are its first source's: take each source's share instead
+        from .sources import first_rows_per_source
+
+        return first_rows_per_source(dataset, num_samples)
+    return dataset.select(range(min(num_samples, len(dataset))))
+
+
+def _samples_per_source(dataset, num_sources: int) -> list[int | None]:
+    from .sources import SOURCE_ID
+
+    if not hasattr(dataset, "__len__"):
+        return [None] * num_sources
+    counts = torch.bincount(torch.as_tensor(dataset[SOURCE_ID], dtype=torch.long), minlength=num_sources)
+    return counts.tolist()
+
+
+def _start_lambdas(args, sources: list[str], measurement: Measurement) -> list[tuple[float, bool]]:
+    """The lambda each source's schedule would train step 1 with, warm-started from this measurement."""
+    from .trainer import source_schedules_for
+
+    schedules = source_schedules_for(args, sources)
+    schedules.warm_start(measurement.sources)
+    fixed = args.schedule_source_lambda or {}
+    return [(value, name in fixed) for name, value in zip(sources, schedules.begin(1))]
 
 
 def _measure_with_batch_size(trainer, dataset, batch_size: int | None, progress: bool) -> Measurement:

@@ -122,3 +122,104 @@ def mixture_source_name(dataset_config) -> str:
         first = first if isinstance(first, str) else first[0]
         return os.path.splitext(os.path.basename(first))[0]
     return os.path.basename(str(path).rstrip("/")) or str(path)
+
+
+def load_mixture(mixture, column: str = "source"):
+    """TRL's ``get_dataset(mixture)`` with each row's source in ``column``: the rows of a ``datasets:`` entry whose
+    data have no such column are named after the entry (:func:`mixture_source_name`); an entry whose data carry the
+    column keeps it. Same rows, in the same order, as ``get_dataset`` (``fraction`` and ``test_split_size`` included).
+
+    Each entry is loaded by TRL's own ``get_dataset`` on its own (whole, all columns), so that it can be named before
+    the entries are joined; TRL's documented ``columns``, ``fraction`` and split rules are then applied as it applies
+    them. Raises ``ValueError`` for two tagged entries with the same name, and for an entry whose ``columns`` drop the
+    source column its data carry (the rows would lose the sources they name).
+    """
+    import dataclasses
+
+    import datasets
+    from trl import DatasetMixtureConfig, get_dataset
+
+    entries = list(mixture.datasets)
+    loaded, tagged = [], {}
+    for index, entry in enumerate(entries):
+        whole = DatasetMixtureConfig(datasets=[dataclasses.replace(entry, columns=None, fraction=None)],
+                                     streaming=mixture.streaming)  # fmt: skip
+        dataset = get_dataset(whole)["train"]
+        carried = column in _loaded_columns(dataset)
+        if entry.columns is not None:
+            if carried and column not in entry.columns:
+                raise ValueError(
+                    f"datasets[{index}] ({_describe(entry)}): its `columns` {list(entry.columns)} drop the source "
+                    f"column {column!r} its data carry. Add {column!r} to `columns` to keep the data's own sources, or "
+                    f"set source_column to a column the data lack to name every row after its entry."
+                )
+            dataset = dataset.select_columns(entry.columns)
+        if not carried:
+            name = mixture_source_name(entry)
+            if name in tagged:
+                first = tagged[name]
+                raise ValueError(
+                    f"datasets[{first}] ({_describe(entries[first])}) and datasets[{index}] ({_describe(entry)}) both "
+                    f"have the source name {name!r}: give each entry a distinct `name:`, or a {column!r} column."
+                )
+            tagged[name] = index
+        loaded.append((dataset, None if carried else mixture_source_name(entry)))
+
+    # TRL's fraction rule (trl.get_dataset, DatasetConfig.fraction): the first round(weight * total) rows of each entry,
+    # with total the largest mixture size that oversamples none.
+    fractions = [entry.fraction for entry in entries]
+    if any(fraction is not None for fraction in fractions):
+        if any(fraction is None for fraction in fractions):
+            raise ValueError("`fraction` must be set for either all datasets in the mixture or none of them.")
+        if mixture.streaming:
+            raise ValueError("Using a dataset `fraction` is not supported with streaming datasets.")
+        weights = [fraction / sum(fractions) for fraction in fractions]
+        total = min(len(dataset) / weight for (dataset, _), weight in zip(loaded, weights) if weight > 0)
+        loaded = [(dataset.select(range(round(weight * total))), name) for (dataset, name), weight in zip(loaded, weights)]
+
+    parts = [dataset if name is None else _with_source(dataset, column, name) for dataset, name in loaded]
+    combined = datasets.concatenate_datasets(parts)
+    if mixture.test_split_size is not None:
+        return combined.train_test_split(test_size=mixture.test_split_size)
+    return datasets.DatasetDict({"train": combined})
+
+
+def _loaded_columns(dataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)  # a streaming dataset whose features are not known before it is read
+    return list(first or ())
+
+
+def _with_source(dataset, column: str, name: str):
+    if hasattr(dataset, "__len__"):
+        return dataset.add_column(column, [name] * len(dataset))
+    return dataset.map(lambda _: {column: name})
+
+
+def _describe(entry) -> str:
+    where = [str(entry.path)]
+    if entry.name:
+        where.append(f"name {entry.name}")
+    if entry.data_files:
+        where.append(f"data_files {entry.data_files}")
+    return ", ".join(where)
+
+
+def first_rows_per_source(dataset, num_samples: int):
+    """About ``num_samples`` rows of a dataset with :data:`SOURCE_ID`, every source in its share of the data (at least
+    one row of each): the first rows of each source, in dataset order.
+
+    The first ``num_samples`` rows of a mixture are the first entry's rows alone (TRL concatenates the entries); a
+    measurement of them would leave the other sources out.
+    """
+    ids = dataset[SOURCE_ID]
+    if num_samples >= len(ids):
+        return dataset
+    rows_of: dict[int, list[int]] = {}
+    for row, source in enumerate(ids):
+        rows_of.setdefault(source, []).append(row)
+    keep = []
+    for rows in rows_of.values():
+        keep += rows[: max(1, round(num_samples * len(rows) / len(ids)))]
+    return dataset.select(sorted(keep))
