@@ -63,6 +63,18 @@ def test_prepare_m23k(tmp_path, template):
     assert written[0]["completion"] == "Scurvy is vitamin C deficiency. \\boxed{B}"
 
 
+def test_prepare_m23k_as_messages(tmp_path):
+    source = tmp_path / "m23k.jsonl"
+    row = {"prompt": "Which vitamin deficiency causes scurvy?\nA. A\nB. C", "reasoning": "Collagen needs vitamin C.",
+           "distilled_answer_string": "Scurvy is vitamin C deficiency. \\boxed{B}"}  # fmt: skip
+    source.write_text(json.dumps(row) + "\n")
+    load_example("prepare_m23k").main(["--source", str(source), "--out", str(tmp_path / "out"), "--format", "messages"])
+
+    written = json.loads((tmp_path / "out" / "train.jsonl").read_text())
+    assert written == {"messages": [{"role": "user", "content": row["prompt"]},
+                                    {"role": "assistant", "content": row["distilled_answer_string"]}]}  # fmt: skip
+
+
 def test_gsm8k_smollm2_scores_final_answers():
     """The GSM8K example's scorer reads GSM8K's "#### answer" line, or else the last number, as the answer; every
     reference solution in examples/data scores as correct against its own answer, and a wrong one does not."""

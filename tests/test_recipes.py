@@ -56,7 +56,8 @@ def parser_dests(command: str = "sft") -> set[str]:
 def test_recipes_found():
     assert "recipes/quickstart.yaml" in RECIPES
     assert {"recipes/math/qwen2.5-math-1.5b-full.yaml", "recipes/math/qwen2.5-math-7b-qlora.yaml",
-            "recipes/medical/llama-3.1-8b-qlora.yaml"} <= set(RECIPES)  # fmt: skip
+            "recipes/medical/llama-3.1-8b-qlora.yaml", "recipes/mixture/qwen2.5-math-1.5b-math-medical.yaml"} <= set(
+        RECIPES)  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -106,14 +107,33 @@ def test_accelerate_configs_parse(config):
     assert loaded.num_processes == 8 and loaded.mixed_precision == "bf16"
 
 
-def _messages_dataset(tmp_path) -> str:
+def _messages_dataset(tmp_path, name: str = "messages", seed: int = 0) -> str:
     """The embedded task as `messages` (what NuminaMath-CoT provides), for the math recipes' assistant-only loss."""
-    directory = tmp_path / "messages"
+    directory = tmp_path / name
     directory.mkdir()
     with open(directory / "train.jsonl", "w") as f:
-        for row in make_addition_examples(64, noise=0.2, seed=0, format="messages"):
+        for row in make_addition_examples(64, noise=0.2, seed=seed, format="messages"):
             f.write(json.dumps({"messages": row["messages"]}) + "\n")
     return str(directory)
+
+
+def _local_mixture(config: dict, tmp_path) -> tuple[str, list[str]]:
+    """A copy of a `datasets:` recipe whose entries read local `messages` files, each under its entry's source name
+    (its `columns`, `fraction` and `name` kept); returns the copy's path and the source names."""
+    from trl.scripts.utils import DatasetConfig
+
+    from trl_prob.sources import mixture_source_name
+
+    entries, names = [], []
+    for index, entry in enumerate(config["datasets"]):
+        name = mixture_source_name(DatasetConfig(**entry))
+        local = os.path.join(_messages_dataset(tmp_path, f"entry{index}", seed=index), f"{name}.jsonl")
+        os.rename(os.path.join(os.path.dirname(local), "train.jsonl"), local)
+        entries.append({**entry, "path": "json", "data_files": local, "split": "train"})
+        names.append(name)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**config, "datasets": entries}))
+    return str(path), names
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -121,10 +141,15 @@ def test_recipe_trains_two_steps(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     with open(os.path.join(ROOT, recipe)) as f:
         config = yaml.safe_load(f)
-    dataset = _messages_dataset(tmp_path) if config.get("assistant_only_loss") else default_dataset_path()
     output_dir = tmp_path / "run"
-    argv = ["--config", recipe, *CPU_OVERRIDES, "--model_name_or_path", default_model_path(),
-            "--dataset_name", dataset, "--output_dir", str(output_dir)]  # fmt: skip
+    argv = ["--config", recipe, *CPU_OVERRIDES, "--model_name_or_path", default_model_path(), "--output_dir",
+            str(output_dir)]  # fmt: skip
+    sources = []
+    if "datasets" in config:  # a mixture: the same entries, on local files
+        argv[1], sources = _local_mixture(config, tmp_path)
+    else:
+        dataset = _messages_dataset(tmp_path) if config.get("assistant_only_loss") else default_dataset_path()
+        argv += ["--dataset_name", dataset]
 
     assert cli.run_worker("sft", argv) == 0
 
@@ -132,6 +157,8 @@ def test_recipe_trains_two_steps(recipe, tmp_path, monkeypatch):
     assert state["global_step"] == 2
     logged = [entry for entry in state["log_history"] if "objective_lambda" in entry]
     assert logged and all(0.0 <= entry["objective_lambda"] <= 1.0 for entry in logged)
+    for name in sources:
+        assert any(0.0 <= entry.get(f"objective_lambda/{name}", -1) <= 1.0 for entry in logged), name
     if config.get("use_peft"):
         assert (output_dir / "adapter_model.safetensors").is_file()
         _reload_adapter(output_dir)
