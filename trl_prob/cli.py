@@ -108,7 +108,11 @@ class ProbeArguments:
     _argument_group_name = "trl-prob probe"
 
     num_samples: int | None = field(
-        default=1024, metadata={"help": "Training samples to measure (None: the whole training split)."}
+        default=1024,
+        metadata={
+            "help": "Training samples to measure (None: the whole training split); with --schedule_per_source, spread "
+            "over the sources in their shares of the data."
+        },
     )
     batch_size: int | None = field(
         default=None,
