@@ -58,15 +58,16 @@ def objective_loss(
         total = TokenProbStats.from_rows(rows)
     log_p = log_p.float()
     per_token = isinstance(objective_lambda, torch.Tensor)
-    if per_token:
-        objective_lambda = objective_lambda.to(log_p.device, torch.float32)
+    # lambda in fp32 either way, so a per-token lambda equal to a float one gives the same bits (one source == global)
+    lam = torch.as_tensor(objective_lambda, dtype=torch.float32, device=log_p.device)
     if mode == "exponent":
-        return power_loss(log_p, objective_lambda * objective.param) * mask, stats
+        a = lam * torch.tensor(objective.param, dtype=torch.float32)
+        return power_loss(log_p, a if per_token else float(a)) * mask, stats
     loss = objective(log_p)
     if keep is not None:
         loss = loss * keep * kept_token_scale(total, all_reduce)
     if per_token or objective_lambda < 1.0:
-        loss = (1.0 - objective_lambda) * (-log_p) + objective_lambda * loss
+        loss = (1.0 - lam) * (-log_p) + lam * loss
     return loss * mask, stats
 
 
