@@ -141,3 +141,61 @@ def test_an_unknown_adaptive_option_is_refused_before_anything_runs(continuum, t
         continuum.main(["--adaptive-option", "schedule_statistc=median", "--cache-dir", str(tmp_path)])
     assert "schedule_statistc=median" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+# benchmarks/sources.py: per-source schedules on a two-source mixture.
+@pytest.fixture(scope="module")
+def sources_bench():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        yield importlib.import_module("sources")
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+
+def _cell(mean, se):
+    return dict(mean=mean, se=se, accs=[])
+
+
+def test_sources_verdict_matches_each_source_within_one_combined_se(sources_bench):
+    table = {
+        "nll": dict(add=_cell(0.60, 0.02), new=_cell(0.50, 0.02)),
+        "p": dict(add=_cell(0.80, 0.02), new=_cell(0.10, 0.02)),
+        "per_source": dict(add=_cell(0.78, 0.02), new=_cell(0.45, 0.03)),  # gaps 0.02 and 0.05 vs 1 s.e. 0.028, 0.036
+        "adaptive": dict(add=_cell(0.79, 0.01), new=_cell(0.20, 0.01)),
+    }
+    v = sources_bench.verdict(table)
+    assert v["best_fixed"] == {"add": "p", "new": "nll"}
+    assert v["setup_separates"]
+    assert not v["candidates"]["nll"]["meets_goal"] and not v["candidates"]["p"]["meets_goal"]
+    per = v["candidates"]["per_source"]
+    assert per["sources"]["add"]["matches"] and not per["sources"]["new"]["matches"] and not per["meets_goal"]
+    table["per_source"]["new"] = _cell(0.47, 0.03)  # gap 0.03 <= 0.036
+    assert sources_bench.verdict(table)["candidates"]["per_source"]["meets_goal"]
+
+
+@pytest.mark.timeout(300)
+def test_sources_tiny_end_to_end_has_every_candidate_per_source_and_resumes(sources_bench, tmp_path):
+    from addition import random_tiny_llama
+
+    base = tmp_path / "base"
+    random_tiny_llama(seed=0).save_pretrained(base)
+    out = tmp_path / "sources.json"
+    argv = ["--base", str(base), "--seeds", "1", "--n-train", "24", "--n-test", "8", "--batch-size", "16",
+            "--epochs", "1", "--workers", "1", "--out", str(out)]
+    sources_bench.main(argv)
+    result = json.loads(out.read_text())
+    assert set(result["table"]) == set(sources_bench.CANDIDATES)
+    for name, row in result["table"].items():
+        for source in ("add", "new"):
+            assert 0.0 <= row[source]["mean"] <= 1.0 and len(row[source]["accs"]) == 1
+        # Fixed objectives have no lambda; every adaptive candidate logs one per source (global: the same for both).
+        assert ("lambda_first_mid_last" in row) == (name not in ("nll", "p"))
+    lam = result["table"]["adaptive"]["lambda_first_mid_last"]
+    assert lam["add"] == lam["new"]
+    assert set(result["verdict"]["candidates"]) == set(sources_bench.CANDIDATES)
+    runs = (tmp_path / "sources.json.runs.jsonl").read_text().splitlines()
+    assert len(runs) == len(sources_bench.CANDIDATES) and all(json.loads(r)["steps"] == 3 for r in runs)
+    assert (tmp_path / "sources.png").stat().st_size > 0
+    sources_bench.main(argv)  # everything is in the runs file: nothing runs again
+    assert len((tmp_path / "sources.json.runs.jsonl").read_text().splitlines()) == len(runs)
