@@ -2,6 +2,9 @@
 
 Usage: python tests/_ddp_train.py OUT.json OBJECTIVE SCHEDULE PER_DEVICE_BATCH [MAX_STEPS [STATISTIC]]
 
+STATISTIC ``per_source``: the mean signal, one schedule per source, on two sources (addition, and addition with the
+answers reversed, which the shipped model has not learnt).
+
 Rank 0 writes JSON: the per-step log history, the final and initial weights flattened (gathered from the shards under
 FSDP2 / ZeRO-3), the world size, whether and how the model was sharded, the token ids of the first global batch (every
 rank's first micro-batch, gathered), and an evaluation's metrics. TRL_PROB_TEST_USE_CPU=0 leaves use_cpu off.
@@ -44,12 +47,27 @@ def flat(model):
     return torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
 
 
+def two_sources(dataset):
+    """Every other row becomes source ``rev``, its answer written backwards."""
+
+    def tag(row, index):
+        if index % 2:
+            return {"completion": row["completion"][::-1], "source": "rev"}
+        return {"completion": row["completion"], "source": "add"}
+
+    return dataset.map(tag, with_indices=True)
+
+
 def main():
     out, objective, schedule, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     max_steps = int(sys.argv[5]) if len(sys.argv) > 5 else 3
     statistic = sys.argv[6] if len(sys.argv) > 6 else "mean"
     torch.set_num_threads(1)
+    per_source = statistic == "per_source"
+    statistic = "mean" if per_source else statistic
     extra = dict(schedule_p_low=0.2, schedule_p_high=0.95, schedule_statistic=statistic) if schedule == "adaptive" else {}
+    if per_source:
+        extra["schedule_per_source"] = True
     with tempfile.TemporaryDirectory() as tmp:
         args = ProbSFTConfig(
             **base_args(
@@ -68,12 +86,13 @@ def main():
         )
         model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
         initial = flat(model)
-        trainer = FirstBatchTrainer(
-            model=model, args=args, train_dataset=addition_dataset(32), processing_class=build_tokenizer()
-        )
+        train, evaluation = addition_dataset(32), addition_dataset(7, seed=11)
+        if per_source:
+            train, evaluation = two_sources(train), two_sources(evaluation)
+        trainer = FirstBatchTrainer(model=model, args=args, train_dataset=train, processing_class=build_tokenizer())
         trainer.train()
         # 7 samples over 2 processes x 2: accelerate repeats one to even the last batch; it must count once.
-        evaluation = trainer.evaluate(eval_dataset=addition_dataset(7, seed=11))
+        evaluation = trainer.evaluate(eval_dataset=evaluation)
 
         distributed = dist.is_available() and dist.is_initialized()
         world_size = dist.get_world_size() if distributed else 1

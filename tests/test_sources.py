@@ -300,3 +300,16 @@ def test_padding_free_batches_carry_sources(tmp_path, shipped_tokenizer):
         assert stats[source].num_tokens == targets > 0
     trainer.train()  # and a padding-free step runs with both sources
     assert {"objective_lambda/add", "objective_lambda/rev"} <= set(step_logs(trainer)[1])
+
+
+def test_warm_start_measures_every_source_of_a_concatenated_mixture(tmp_path, shipped_tokenizer):
+    """TRL concatenates a mixture's entries: the first rows are all one source. The warm start takes each source's
+    share instead, so every source starts from its own measurement."""
+    add = addition_dataset(24, noise=0.0).add_column("source", ["add"] * 24)
+    rev = reversed_answers(addition_dataset(8, noise=0.0, seed=1)).add_column("source", ["rev"] * 8)
+    trainer = make(tmp_path, concatenate_datasets([add, rev]), shipped_tokenizer, max_steps=1,
+                   schedule_warm_start_samples=8)  # fmt: skip
+    measured = trainer._warm_start_dataset(8)[SOURCE_ID]
+    assert sorted(measured) == [0] * 6 + [1] * 2
+    trainer.train()
+    assert all(state["warm_started"] for state in trainer.source_schedules.state_dict().values())

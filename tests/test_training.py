@@ -293,8 +293,10 @@ def launch(out, objective, schedule, per_device_batch, num_processes, statistic=
     "objective, schedule, statistic",
     # adaptive p: the step statistics and lambda are all-reduced; top_p: the kept-token normaliser is all-reduced;
     # sequence_top1: the per-sequence counts travel in the same all-reduced vector.
-    [("p", "adaptive", "mean"), ("top_p:0.6", "none", "mean"), ("p", "adaptive", "sequence_top1")],
-    ids=["adaptive-p", "top_p", "adaptive-sequence_top1"],
+    # per_source: one statistics row per source in the same all-reduce, a lambda per source applied per token.
+    [("p", "adaptive", "mean"), ("top_p:0.6", "none", "mean"), ("p", "adaptive", "sequence_top1"),
+     ("p", "adaptive", "per_source")],
+    ids=["adaptive-p", "top_p", "adaptive-sequence_top1", "adaptive-per_source"],
 )
 def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule, statistic):
     one = launch(tmp_path / "one.json", objective, schedule, 4, num_processes=1, statistic=statistic)
@@ -309,6 +311,9 @@ def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule, stat
     keys = ["loss", "mean_token_prob", "nll", "grad_norm"]
     if schedule == "adaptive":
         keys += ["objective_lambda", "ema_token_prob"] + (["sequence_top1_share"] if statistic == "sequence_top1" else [])
+        if statistic == "per_source":
+            keys += [f"{metric}/{source}" for metric in ("objective_lambda", "mean_token_prob") for source in ("add", "rev")]
+            assert all(entry["objective_lambda/add"] != entry["objective_lambda/rev"] for entry in one_logs)
         lambdas = [entry["objective_lambda"] for entry in one_logs]
         assert any(0.0 < lam < 1.0 for lam in lambdas), f"lambda should be strictly inside (0, 1): {lambdas}"
     else:
@@ -321,7 +326,8 @@ def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule, stat
     w1, w2 = torch.tensor(one["weights"]), torch.tensor(two["weights"])
     torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-5)
     # Evaluation on 7 samples: the sample accelerate repeats on the second process counts once (gather_for_metrics).
-    for key in ("eval_mean_token_prob", "eval_nll"):
+    for key in ("eval_mean_token_prob", "eval_nll") + (("eval_mean_token_prob/add", "eval_mean_token_prob/rev")
+                                                       if statistic == "per_source" else ()):
         assert two["evaluation"][key] == pytest.approx(one["evaluation"][key], rel=1e-5), key
     assert not torch.equal(w1, torch.tensor(one["initial_weights"]))
 

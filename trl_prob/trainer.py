@@ -41,7 +41,14 @@ from .loss import distributed_sum, objective_loss
 from .measure import Measurement, measure, num_samples, per_sample_stats, sample_index
 from .objectives import get_objective
 from .schedules import STATISTIC_METRICS, ConstantSchedule, Schedule, ScheduleStateError, SourceSchedules, build_schedule
-from .sources import SOURCE_ID, SourceCollator, resolve_sources, token_lambdas, with_source_ids
+from .sources import (
+    SOURCE_ID,
+    SourceCollator,
+    first_rows_per_source,
+    resolve_sources,
+    token_lambdas,
+    with_source_ids,
+)
 from .stats import SourceStats, TokenProbStats
 
 logger = logging.getLogger(__name__)
@@ -496,6 +503,8 @@ class ProbObjectiveMixin:
         dataset = self.train_dataset if dataset is None else dataset
         if num_samples is None:
             return dataset
+        if self.sources is not None and hasattr(dataset, "__len__") and SOURCE_ID in (dataset.column_names or ()):
+            return first_rows_per_source(dataset, num_samples)  # a mixture's first rows are its first source's
         if hasattr(dataset, "__len__"):
             return dataset.select(range(min(num_samples, len(dataset))))
         return dataset.take(num_samples)
@@ -511,6 +520,20 @@ class ProbObjectiveMixin:
             progress=progress,
             num_sources=len(self.sources) if self.sources is not None else None,
         )
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if self.sources is not None and eval_dataset is not None and not isinstance(eval_dataset, str):
+            def tagged(dataset, name):  # a dataset first seen here carries names in source_column, not ids yet
+                columns = getattr(dataset, "column_names", None) or ()
+                if SOURCE_ID in columns:
+                    return dataset
+                return with_source_ids(dataset, self.args.source_column, self.sources, name)
+
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {name: tagged(dataset, name) for name, dataset in eval_dataset.items()}
+            else:
+                eval_dataset = tagged(eval_dataset, metric_key_prefix)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     # ------------------------------------------------------------------------------------- logging
 
