@@ -108,3 +108,28 @@ def test_empty_log_history_is_a_clear_error(tmp_path):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": []}))
     with pytest.raises(ValueError, match="empty log_history"):
         plot_training(str(tmp_path))
+
+
+def test_per_source_run_draws_a_line_per_source(tmp_path, monkeypatch):
+    rows = [dict(r, source="add") for r in _addition(16, seed=0)]
+    rows += [dict(prompt=r["prompt"], completion=r["completion"][::-1], source="rev") for r in _addition(16, seed=1)]
+    args = ProbSFTConfig(output_dir=str(tmp_path / "run"), objective="p", objective_schedule="adaptive",
+                         schedule_per_source=True, max_steps=3, per_device_train_batch_size=8, logging_steps=1,
+                         report_to="none", use_cpu=True, seed=0, disable_tqdm=True, save_strategy="no")  # fmt: skip
+    trainer = ProbSFTTrainer(model=random_tiny_llama(seed=0), args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=build_tokenizer())  # fmt: skip
+    trainer.train()
+    trainer.save_state()
+
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_training(args.output_dir)
+    probability, schedule = figures[0].axes[0], figures[0].axes[1]
+    for ax in (probability, schedule):
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert {"source add", "source rev"} <= set(labels), labels
+    lambdas = {line.get_label(): list(line.get_ydata()) for line in schedule.get_lines()}
+    logged = [e["objective_lambda/rev"] for e in trainer.state.log_history if "objective_lambda/rev" in e]
+    assert lambdas["source rev"] == pytest.approx(logged)

@@ -126,6 +126,8 @@ def _probability_panel(ax, history: list[dict]) -> None:
     plotted = _plot(ax, history, "mean_token_prob", "per-step mean", color=_COLORS["mean"], lw=1.2)
     plotted |= _plot(ax, history, "ema_token_prob", "moving average (schedule input)", color=_COLORS["ema"], lw=2.2)
     plotted |= _plot(ax, history, "eval_mean_token_prob", "eval mean", color=_COLORS["eval"], lw=1.5, marker="o", ms=4)
+    for color, source in zip(_source_colors(), _sources(history)):
+        plotted |= _plot(ax, history, f"mean_token_prob/{source}", f"source {source}", color=color, lw=1.0, alpha=0.8)
     ax.axhline(CONFIDENT_P, color="grey", ls=":", lw=1)
     ax.annotate(f"p = {CONFIDENT_P}", (1.0, CONFIDENT_P), xycoords=("axes fraction", "data"), ha="right",
                 va="bottom", fontsize=8, color="grey")
@@ -136,6 +138,9 @@ def _probability_panel(ax, history: list[dict]) -> None:
 def _schedule_panel(ax, history: list[dict]) -> None:
     plotted = _plot(ax, history, "objective_lambda", "lambda (share of the objective)", color=_COLORS["lambda"], lw=2,
                     drawstyle="steps-post")
+    for color, source in zip(_source_colors(), _sources(history)):  # per-source schedules: one lambda each
+        plotted |= _plot(ax, history, f"objective_lambda/{source}", f"source {source}", color=color, lw=1.4,
+                         ls="--", drawstyle="steps-post")
     ax.set_ylim(-0.03, 1.03)
     steps, exponent = _series(history, "objective_exponent")
     if exponent:
@@ -159,6 +164,23 @@ def _schedule_panel(ax, history: list[dict]) -> None:
     ax.set_title("Objective schedule: NLL (0) to the objective (1)", fontsize=11, loc="left")
     ax.set_ylabel("lambda")
     ax.grid(alpha=0.3)
+
+
+def _sources(history: list[dict]) -> list[str]:
+    """The sources of a per-source run, from its logged ``objective_lambda/<source>`` keys, in first-seen order."""
+    found: dict[str, None] = {}
+    for entry in history:
+        for key in entry:
+            if key.startswith("objective_lambda/"):
+                found.setdefault(key.split("/", 1)[1])
+    return list(found)
+
+
+def _source_colors():
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    return (palette[(i + 3) % len(palette)] for i in range(64))  # away from the run-wide curves' colours
 
 
 def _pair_panel(ax, history: list[dict], key: str, title: str, ylabel: str) -> None:
