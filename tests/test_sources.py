@@ -230,6 +230,7 @@ def test_a_source_without_tokens_keeps_its_statistic_and_is_said_once(tmp_path, 
     [
         (dict(objective_schedule="constant"), "schedule_per_source needs objective_schedule='adaptive'"),
         (dict(packing=True), "cannot be used with packing"),
+        (dict(eval_packing=True), "cannot be used with eval_packing"),
         (dict(schedule_sources=["a", "a"]), "names a more than once"),
         (dict(schedule_sources=[str(i) for i in range(MAX_SOURCES + 1)]), f"at most {MAX_SOURCES}"),
         (dict(schedule_sources=["a", "b"], schedule_source_lambda="c=0"), "unknown source.*'c'.*'a', 'b'"),

@@ -336,9 +336,10 @@ class ProbSFTConfig(SFTConfig):
                 f"schedule_per_source needs objective_schedule='adaptive' (got {self.objective_schedule!r}): only the "
                 "adaptive schedule reads each source's own statistics."
             )
-        if self.packing:
+        if self.packing or self.eval_packing:
+            which = "packing" if self.packing else "eval_packing"
             raise ValueError(
-                "schedule_per_source cannot be used with packing: packing joins rows of different sources into one "
+                f"schedule_per_source cannot be used with {which}: packing joins rows of different sources into one "
                 "sequence. Use padding_free=True for the same padding savings, or turn packing off."
             )
         if not isinstance(self.source_column, str) or not self.source_column:
