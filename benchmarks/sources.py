@@ -59,8 +59,9 @@ FIXED = ["nll", "p"]
 CANDIDATES = {
     "nll": dict(objective="nll"),
     "p": dict(objective="p"),
-    "adaptive": dict(objective="p", objective_schedule="adaptive"),
-    "per_source": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True),
+    # the signal named, not left to the default: the rule below was written for the mean signal, the default then
+    "adaptive": dict(objective="p", objective_schedule="adaptive", schedule_statistic="mean"),
+    "per_source": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True, schedule_statistic="mean"),
     "per_source:geomean": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True,
                                schedule_statistic="geomean"),
 }
