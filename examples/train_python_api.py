@@ -36,8 +36,8 @@ def main(argv=None):
 
     config = ProbSFTConfig(
         output_dir=args.output_dir,
-        # The objective and its schedule: start from NLL, move to 1 - p as the model's mean target-token probability
-        # (measured on the data before step 1, then tracked every step) rises from 0.30 to 0.55.
+        # The objective and its schedule: start from NLL, move to 1 - p as the share of target tokens the model ranks
+        # first (measured on the data before step 1, then tracked every step) rises from 0.30 to 0.55.
         objective="p",
         objective_schedule="adaptive",
         # Everything else is plain SFTConfig.

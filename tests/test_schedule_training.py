@@ -78,6 +78,7 @@ class _RecordBegin(TrainerCallback):
 RESUME = dict(
     objective="p",
     objective_schedule="adaptive",
+    schedule_statistic="mean",  # the band below is placed for the mean; resume is what is tested here, not the signal
     schedule_p_low=0.55,
     schedule_p_high=0.85,
     schedule_ema_decay=0.5,
@@ -295,8 +296,9 @@ def test_adaptive_follows_capability(tmp_path, shipped_tokenizer, tokenizer):
     assert all(e["ema_token_prob"] < weak.args.schedule_p_low for e in weak_logs)
 
 
-def full_logits_mean_p(trainer, num_samples: int) -> float:
-    """Mean target-token p from full logits (log_softmax + gather) on TRL's own batches and labels."""
+def full_logits_mean_p(trainer, num_samples: int, signal: str = "mean") -> float:
+    """Mean target-token p (or, for ``token_top1``, the share of target tokens that are the argmax) from full logits
+    (log_softmax + gather) on TRL's own batches and labels."""
     model = trainer.model
     was_training = model.training
     model.eval()
@@ -306,14 +308,18 @@ def full_logits_mean_p(trainer, num_samples: int) -> float:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             labels = batch["labels"][:, 1:]
             mask = labels != -100
-            log_p = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
-            total += log_p[mask].exp().sum().item()
+            if signal == "token_top1":
+                total += (logits.argmax(-1) == labels)[mask].sum().item()
+            else:
+                log_p = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+                total += log_p[mask].exp().sum().item()
             count += int(mask.sum())
     model.train(was_training)
     return total / count
 
 
-def test_warm_start_measures_the_base_model(tmp_path, shipped_tokenizer):
+@pytest.mark.parametrize("signal", ["mean", "token_top1"])
+def test_warm_start_measures_the_base_model(tmp_path, shipped_tokenizer, signal):
     n, decay = 24, 0.8
     dataset = addition_dataset(64, noise=0.2, seed=5)
     trainer = make_trainer(
@@ -325,6 +331,7 @@ def test_warm_start_measures_the_base_model(tmp_path, shipped_tokenizer):
         objective_schedule="adaptive",
         schedule_warm_start_samples=n,
         schedule_ema_decay=decay,
+        schedule_statistic=signal,
         max_steps=2,
         # SFTConfig defaults to bf16=True: on CPU, once train() has prepared the model, its forward (the warm start
         # included) runs under bf16 autocast, which moves p by ~1e-4 against these fp32 references.
@@ -332,11 +339,13 @@ def test_warm_start_measures_the_base_model(tmp_path, shipped_tokenizer):
     )
     # Probes of the base model, before any step: fused head, full logits on TRL's batches, and the embedded
     # module's own tokenisation of the raw rows.
-    probe = trainer.measure_token_probs(num_samples=n, progress=False).mean_p
-    reference = full_logits_mean_p(trainer, n)
-    independent = mean_target_probability(trainer.model, shipped_tokenizer, dataset.select(range(n)))
+    measured = trainer.measure_token_probs(num_samples=n, progress=False)
+    probe = measured.mean_p if signal == "mean" else measured.token_top1_share
+    reference = full_logits_mean_p(trainer, n, signal)
     assert probe == pytest.approx(reference, abs=1e-4)
-    assert independent == pytest.approx(reference, abs=1e-4)
+    if signal == "mean":
+        independent = mean_target_probability(trainer.model, shipped_tokenizer, dataset.select(range(n)))
+        assert independent == pytest.approx(reference, abs=1e-4)
 
     begin = _RecordBegin(trainer)
     trainer.add_callback(begin)
@@ -348,9 +357,8 @@ def test_warm_start_measures_the_base_model(tmp_path, shipped_tokenizer):
     logs = step_logs(trainer)
     assert logs[1]["objective_lambda"] == begin.objective_lambda
     # the first logged EMA continues from the warm start rather than replacing it
-    assert logs[1]["ema_token_prob"] == pytest.approx(
-        decay * begin.p_ema + (1 - decay) * logs[1]["mean_token_prob"], rel=1e-9
-    )
+    step_signal = logs[1]["mean_token_prob" if signal == "mean" else "token_top1_share"]
+    assert logs[1]["ema_token_prob"] == pytest.approx(decay * begin.p_ema + (1 - decay) * step_signal, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------ warm-up / exponent

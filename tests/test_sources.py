@@ -114,6 +114,7 @@ PER_SOURCE = dict(
     schedule_p_high=0.95,
     schedule_ema_decay=0.5,
     schedule_warm_start_samples=32,
+    schedule_statistic="mean",  # the references below compute mean p; the default signal's own test is further down
     bf16=False,  # a CPU with native bf16 would autocast training but not the references below
 )
 
@@ -314,3 +315,25 @@ def test_warm_start_measures_every_source_of_a_concatenated_mixture(tmp_path, sh
     assert sorted(measured) == [0] * 6 + [1] * 2
     trainer.train()
     assert all(state["warm_started"] for state in trainer.source_schedules.state_dict().values())
+
+
+# ----------------------------------------------------------------------------------- the default signal's input
+
+
+def test_a_top1_signal_without_is_top1_is_refused_before_step_1(tmp_path, shipped_tokenizer):
+    """token_top1 (the default) reads TRL's `is_top1`; a forward that drops it would leave the signal NaN and the
+    schedule at NLL for the whole run without a word. (TRL's own metric needs it too, but only inside the first step.)"""
+    trainer = make(tmp_path, addition_dataset(16), shipped_tokenizer, max_steps=1, schedule_per_source=False,
+                   schedule_statistic="token_top1")  # fmt: skip
+    model = trainer.model
+    forward = model.forward
+
+    def without_top1(*args, **kwargs):
+        outputs = forward(*args, **kwargs)
+        outputs.is_top1 = None
+        return outputs
+
+    model.forward = without_top1
+    with pytest.raises(ValueError, match="schedule_statistic='token_top1' reads .*is_top1.*--schedule_statistic mean"):
+        trainer.train()
+    assert trainer.state.global_step == 0

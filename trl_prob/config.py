@@ -13,7 +13,7 @@ check_trl_version()
 from trl import SFTConfig  # noqa: E402
 
 from .objectives import get_objective, objective_help  # noqa: E402
-from .schedules import MODES, SCHEDULES, SIGNALS  # noqa: E402
+from .schedules import DEFAULT_SIGNAL, MODES, SCHEDULES, SIGNALS  # noqa: E402
 
 
 def has_accelerator() -> bool:
@@ -70,11 +70,13 @@ class ProbSFTConfig(SFTConfig):
             Lambda of the `constant` schedule, in [0, 1] (1 = the objective alone).
         schedule_warmup_ratio (`float`, *optional*, defaults to `0.1`):
             Share of the optimizer steps over which `linear` / `cosine` lambda rises from 0 to 1.
-        schedule_statistic (`str`, *optional*, defaults to `"mean"`):
-            Per-step signal that `adaptive` follows (`trl_prob.schedules.SIGNALS`): `mean` (the paper's proxy),
-            `median`, `share_confident` (share of tokens with p > 0.55, the paper's cut-off), `geomean`
-            (exp(-NLL)), `p25` (25th percentile of p), `token_top1` (share of target tokens that are the model's
-            top-1) or `sequence_top1` (share of completions whose every target token is the model's top-1).
+        schedule_statistic (`str`, *optional*, defaults to `"token_top1"`):
+            Per-step signal that `adaptive` follows (`trl_prob.schedules.SIGNALS`): `token_top1` (share of target
+            tokens that are the model's top-1; the default, chosen by benchmarks/signals.py's rule over 9 rows of 3
+            task families: behind the best fixed objective in 1 row, `mean` in 2), `mean` (the paper's proxy, its
+            Eq. 5; the default before), `median`, `share_confident` (share of tokens with p > 0.55, the paper's
+            cut-off), `geomean` (exp(-NLL)), `p25` (25th percentile of p) or `sequence_top1` (share of completions
+            whose every target token is the model's top-1).
         schedule_p_low (`float`, *optional*):
             Signal at and below which `adaptive` lambda is 0 (pure NLL). Defaults to the signal's own ramp
             (0.30 for the p statistics, 0.20 for `sequence_top1`).
@@ -152,7 +154,7 @@ class ProbSFTConfig(SFTConfig):
         default=0.1, metadata={"help": "Share of optimizer steps over which linear/cosine lambda rises 0 -> 1."}
     )
     schedule_statistic: str = field(
-        default="mean",
+        default=DEFAULT_SIGNAL,
         metadata={
             "help": "Signal the adaptive schedule follows: "
             + "; ".join(f"{name}: {signal.help}" for name, signal in SIGNALS.items())

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .measure import Measurement
+from .schedules import DEFAULT_SIGNAL
 from .stats import CONFIDENT_P, HISTOGRAM_BINS, TokenProbStats
 
 logger = logging.getLogger(__name__)
@@ -537,7 +538,7 @@ def run_probe(
         objective=getattr(args, "objective", None),
         p_low=getattr(args, "schedule_p_low", 0.30),
         p_high=getattr(args, "schedule_p_high", 0.55),
-        signal=getattr(args, "schedule_statistic", "mean"),
+        signal=getattr(args, "schedule_statistic", DEFAULT_SIGNAL),
         max_length=max_length,
         num_samples_dropped=dropped,
         source_names=sources,

@@ -62,6 +62,10 @@ SIGNALS: dict[str, Signal] = {
                metric="sequence_top1_share"),
     )
 }
+# The adaptive schedule's default signal: first by benchmarks/signals.py's selection rule (benchmarks/README.md).
+DEFAULT_SIGNAL = "token_top1"
+# Signals read from TRL's fused head's `is_top1`: NaN for a forward that does not return it.
+NEEDS_TOP1 = ("token_top1", "sequence_top1")
 # Name -> read function, as the config and older code call them.
 STATISTICS: dict[str, Callable[[TokenProbStats], float]] = {name: signal.read for name, signal in SIGNALS.items()}
 STATISTIC_METRICS: dict[str, str | None] = {name: signal.metric for name, signal in SIGNALS.items()}
@@ -113,7 +117,7 @@ class Schedule:
     name: ClassVar[str]
     warm_starts: ClassVar[bool] = False  # whether a probe of the base model before step 1 initialises p_ema
 
-    def __init__(self, *, statistic: str = "mean", ema_decay: float = 0.9, monotone: bool = False):
+    def __init__(self, *, statistic: str = DEFAULT_SIGNAL, ema_decay: float = 0.9, monotone: bool = False):
         self.statistic = statistic
         self.ema_decay = ema_decay
         self.monotone = monotone

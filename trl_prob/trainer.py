@@ -40,7 +40,15 @@ from .data import check_rows, first_prompt_over
 from .loss import distributed_sum, objective_loss
 from .measure import Measurement, measure, num_samples, per_sample_stats, sample_index
 from .objectives import get_objective
-from .schedules import STATISTIC_METRICS, ConstantSchedule, Schedule, ScheduleStateError, SourceSchedules, build_schedule
+from .schedules import (
+    NEEDS_TOP1,
+    STATISTIC_METRICS,
+    ConstantSchedule,
+    Schedule,
+    ScheduleStateError,
+    SourceSchedules,
+    build_schedule,
+)
 from .sources import (
     SOURCE_ID,
     SourceCollator,
@@ -416,6 +424,7 @@ class ProbObjectiveMixin:
             warm = self.measure_dataset(
                 self._warm_start_dataset(args.schedule_warm_start_samples), progress=not args.disable_tqdm
             )
+            self._check_signal_readable(warm.stats)
             schedule.warm_start(warm.stats)
             logger.info("trl-prob warm start: %s target-token probability %.4f", args.schedule_statistic, schedule.p_ema)
             if self.source_schedules is not None:
@@ -427,6 +436,17 @@ class ProbObjectiveMixin:
         if self.source_schedules is not None:
             self.source_schedules.begin(self.state.max_steps)
         self._publish_source_lambdas()
+
+    def _check_signal_readable(self, stats: TokenProbStats) -> None:
+        """A signal that reads ``is_top1`` from a forward that does not return it would stay NaN, and the schedule
+        would train NLL all run without a word: refused before step 1."""
+        signal = self.args.schedule_statistic
+        if signal in NEEDS_TOP1 and stats.num_tokens > 0 and math.isnan(self.schedule.signal(stats)):
+            raise ValueError(
+                f"schedule_statistic={signal!r} reads which target tokens are the model's top-1 (`is_top1` from TRL's "
+                "fused log-prob head), and this model's forward did not return it. Use a signal read from p alone, "
+                "e.g. --schedule_statistic mean."
+            )
 
     def _publish_source_lambdas(self) -> None:
         if self.source_schedules is not None:  # one host-to-device copy per optimizer step
