@@ -167,7 +167,7 @@ class Stats:
     """Stand-in for TokenProbStats: the statistic a step measured."""
 
     def __init__(self, mean_p: float):
-        self.mean_p = self.median_p = self.share_confident = mean_p
+        self.mean_p = self.median_p = self.share_confident = self.token_top1_share = mean_p
 
 
 def run(schedule, statistics, total_steps=None):
