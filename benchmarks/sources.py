@@ -23,11 +23,13 @@ Candidates, all through ``ProbSFTTrainer``:
 - ``per_source:geomean``: the same with ``schedule_statistic="geomean"`` (an extra; signals.py's curriculum row found
   geomean switching later than mean);
 - ``adaptive:token_top1``, ``per_source:token_top1``: the global and per-source schedules on ``token_top1``, the
-  default signal since signals.py's grid (extras, added after the rule and the first 50 runs).
+  default signal since signals.py's grid (extras, added after the rule and the first 50 runs);
+- ``per_source:geomean+add=1``: ``add`` pinned at lambda 1 (``schedule_source_lambda``), ``new`` on ``geomean``
+  (exploratory, chosen after seeing the first 70 runs).
 
 The selection rule is in benchmarks/README.md ("Per-source schedules"), written before the comparison ran.
 
-    python benchmarks/sources.py            # every candidate, 10 seeds (70 runs of 504 steps, about 20 minutes
+    python benchmarks/sources.py            # every candidate, 10 seeds (80 runs of 504 steps, about 22 minutes
                                             # on 2 free CPU cores)
     python benchmarks/sources.py --quick    # 2 seeds
 
@@ -72,6 +74,9 @@ CANDIDATES = {
     "adaptive:token_top1": dict(objective="p", objective_schedule="adaptive", schedule_statistic="token_top1"),
     "per_source:token_top1": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True,
                                   schedule_statistic="token_top1"),
+    # Exploratory, chosen after seeing the first 70 runs (not in the verdict): add pinned to -p, new on geomean.
+    "per_source:geomean+add=1": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True,
+                                     schedule_statistic="geomean", schedule_source_lambda={"add": 1.0}),
 }
 TRAJECTORY_POINTS = 21  # lambda per source at 0%, 5%, ..., 100% of the run, kept per run for the plot
 
@@ -232,14 +237,14 @@ def verdict(table):
 
 def format_table(table, v):
     cols = list(SOURCES)
-    lines = [f"{'candidate':20s} " + " ".join(f"{s + ' exact match':>17s}" for s in cols)
+    lines = [f"{'candidate':25s} " + " ".join(f"{s + ' exact match':>17s}" for s in cols)
              + "   " + "   ".join(f"lambda {s} first/mid/last" for s in cols) + "   goal met"]
     for c, row in table.items():
         cells = " ".join(f"{row[s]['mean']:.3f} ± {row[s]['se']:.3f}".rjust(17) for s in cols)
         lam = row.get("lambda_first_mid_last")
         lam_text = "   ".join(("/".join(f"{x:.2f}" for x in lam[s]) if lam else "-").ljust(26) for s in cols)
         met = "" if v is None else ("yes" if v["candidates"][c]["meets_goal"] else "no")
-        lines.append(f"{c:20s} {cells}   {lam_text}   {met}")
+        lines.append(f"{c:25s} {cells}   {lam_text}   {met}")
     if v is not None:
         lines.append("")
         lines.append("best fixed objective per source: " + ", ".join(f"{s}: {f}" for s, f in v["best_fixed"].items())
@@ -247,7 +252,7 @@ def format_table(table, v):
         for c, cv in v["candidates"].items():
             parts = [f"{s} gap {g['gap']:+.3f} vs 1 s.e. {g['combined_se']:.3f} "
                      f"({'matches' if g['matches'] else 'BEHIND'})" for s, g in cv["sources"].items()]
-            lines.append(f"  {c:20s} " + " | ".join(parts))
+            lines.append(f"  {c:25s} " + " | ".join(parts))
     return "\n".join(lines)
 
 
@@ -259,11 +264,13 @@ def plot(table, path):
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw=dict(width_ratios=[1.1, 1]))
     cands = list(table)
+    colors = {"nll": "#888888", "p": "#333333"}
+    colors.update({c: f"C{k}" for k, c in enumerate(c for c in cands if c not in colors)})
     width = 0.8 / len(cands)
     for i, c in enumerate(cands):
         xs = [j + i * width for j in range(len(SOURCES))]
         ax.bar(xs, [table[c][s]["mean"] for s in SOURCES], width, yerr=[table[c][s]["se"] for s in SOURCES],
-               capsize=2, label=c, color={"nll": "#888888", "p": "#333333"}.get(c))
+               capsize=2, label=c, color=colors[c])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SOURCES))], [f"{s}: {SOURCES[s]}" for s in SOURCES])
     ax.set_ylabel("held-out exact match after SFT")
     ax.set_title("Mixture SFT: accuracy per source (mean ± s.e. over seeds)", fontsize=9)
@@ -271,16 +278,16 @@ def plot(table, path):
     ax.grid(axis="y", alpha=0.3)
     styles = {"add": "-", "new": "--"}
     xs = [i / (TRAJECTORY_POINTS - 1) for i in range(TRAJECTORY_POINTS)]
-    for i, c in enumerate(cands):
+    for c in cands:
         if "lambda_trajectory" not in table[c]:
             continue
         for s in SOURCES:
-            ax2.plot(xs, table[c]["lambda_trajectory"][s], styles.get(s, ":"), color=f"C{i}", label=f"{c} / {s}")
+            ax2.plot(xs, table[c]["lambda_trajectory"][s], styles.get(s, ":"), color=colors[c], label=f"{c} / {s}")
     ax2.set_xlabel("share of the run")
     ax2.set_ylabel("lambda (1 = pure -p)")
     ax2.set_title("lambda per source, mean over seeds (global adaptive: one lambda)", fontsize=9)
     ax2.set_ylim(-0.03, 1.03)
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=6.5, loc="center right", bbox_to_anchor=(1.0, 0.72))
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -370,7 +377,7 @@ def main(argv=None):
                     lam = " lambda " + " ".join(f"{s} {t[0]:.2f}/{t[TRAJECTORY_POINTS // 2]:.2f}/{t[-1]:.2f}"
                                                 for s, t in r["lambda_trajectory"].items())
                 acc = " ".join(f"{s} {a:.3f}" for s, a in r["test_acc"].items())
-                print(f"  [{len(runs):3d}/{len(jobs)}] {r['candidate']:20s} seed={r['seed']}: {acc} "
+                print(f"  [{len(runs):3d}/{len(jobs)}] {r['candidate']:25s} seed={r['seed']}: {acc} "
                       f"({r['seconds']:.0f}s, {r['steps']} steps){lam}", flush=True)
 
     table = summarise(runs, args.candidates)
