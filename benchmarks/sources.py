@@ -8,7 +8,7 @@ source at once. Set-up (char-level tiny Llama, greedy exact match on clean held-
   snapshotted at validation exact match >= 0.7 (signals.py's ``add2`` ``strong`` base, built by the same code and
   cached in the same place): strong, where -p ignores the label noise and NLL fits it.
 - source ``new``: the same problems asked with ``==`` and answered with the sum's digits reversed (``37+45==`` ->
-  ``28``): the base has not learnt it (exact match 0): weak, where NLL learns it within the budget and -p, whose
+  ``28``): the base has not learnt it (exact match 0.006): weak, where NLL learns it within the budget and -p, whose
   gradient is weighted by the small p, barely moves. (3-digit addition, tried first, was not learnt by NLL within
   750 steps of the mixture; this task needs only the tokenizer's characters.)
 
