@@ -187,9 +187,10 @@ class RunSummary(TrainerCallback):
                 f"{last['step']}; 0 = nll, 1 = {objective})"
             )
             if first.get("ema_token_prob") is not None and last.get("ema_token_prob") is not None:
+                signal = getattr(args, "schedule_statistic", "")
                 lines.append(
-                    f"  {'training p (moving)':<22}{first['ema_token_prob']:>18.3f}{last['ema_token_prob']:>18.3f}"
-                    f"   (the {getattr(args, 'objective_schedule', '')} schedule's signal; ramp "
+                    f"  {'signal (moving avg.)':<22}{first['ema_token_prob']:>18.3f}{last['ema_token_prob']:>18.3f}"
+                    f"   ({signal}, what the {getattr(args, 'objective_schedule', '')} schedule follows; ramp "
                     f"{getattr(args, 'schedule_p_low', 0):.2f} -> {getattr(args, 'schedule_p_high', 0):.2f})"
                 )
         else:
