@@ -8,7 +8,9 @@ same ``SFTConfig`` fields) for a few optimizer steps through the real ``Trainer.
   cost with the objective switched off: its statistics and per-step logging only);
 - ``prob:<spec>+adaptive``: the same with ``objective_schedule="adaptive"`` (its warm-start probe runs in
   ``train()`` before the first step: it shows in the whole ``train()`` call time, reported too, not in the step
-  time).
+  time);
+- ``prob:<spec>+per_source``: adaptive with ``schedule_per_source=True`` over ``--sources`` sources (rows take
+  them in turn): per-source statistics rows, a lambda per token, per-source metrics.
 
 Cases are interleaved: each round calls ``train()`` with ``--steps`` optimizer steps on every trainer in turn
 (order reversed every other round), ``--rounds`` times; a callback records, per optimizer step,
@@ -126,8 +128,10 @@ def build_dataset(args, model):
     noisy[:, :prompt_len] = False
     ids = torch.where(noisy, torch.randint(3, args.vocab, ids.shape, generator=g), ids)
     rows = [
-        {"input_ids": row.tolist(), "completion_mask": [0] * prompt_len + [1] * (args.seq_len - prompt_len)} for row in ids
-    ]
+        {"input_ids": row.tolist(), "completion_mask": [0] * prompt_len + [1] * (args.seq_len - prompt_len),
+         "source": f"s{i % args.sources}"}  # read only by the +per_source cases; the others drop the column
+        for i, row in enumerate(ids)
+    ]  # fmt: skip
     return Dataset.from_list(rows)
 
 
@@ -182,6 +186,8 @@ def parse_case(case: str) -> dict:
         raise ValueError(f"Unknown case {case!r}: trl:nll or prob:<spec>[+adaptive]")
     if rest.endswith("+adaptive"):
         return {"kind": "prob", "objective": rest[: -len("+adaptive")], "schedule": "adaptive"}
+    if rest.endswith("+per_source"):
+        return {"kind": "prob", "objective": rest[: -len("+per_source")], "schedule": "adaptive", "per_source": True}
     return {"kind": "prob", "objective": rest, "schedule": "none"}
 
 
@@ -221,6 +227,7 @@ def build_trainer(case: str, model, dataset, tokenizer, args, output_dir: str):
             objective_schedule=info["schedule"],
             schedule_warm_start_samples=args.warm_start_samples,
             flush_denormal=bool(args.flush_denormal),  # the same setting for the TRL baseline and every case
+            schedule_per_source=info.get("per_source", False),
         )
         trainer = ProbSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     recorder = StepRecorder(args.device)
@@ -387,6 +394,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per train() call")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of train() calls per case")
     parser.add_argument("--warm-start-samples", type=int, default=16, help="adaptive warm-start probe size")
+    parser.add_argument("--sources", type=int, default=4, help="data sources of the +per_source cases")
     parser.add_argument("--head-scale", type=float, default=32.0, help="LM head weight multiplier (confident model)")
     parser.add_argument("--label-noise", type=float, default=0.2, help="share of completion tokens made random")
     parser.add_argument("--seed", type=int, default=0)
