@@ -337,3 +337,36 @@ def test_a_top1_signal_without_is_top1_is_refused_before_step_1(tmp_path, shippe
     with pytest.raises(ValueError, match="schedule_statistic='token_top1' reads .*is_top1.*--schedule_statistic mean"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_a_source_can_follow_its_own_signal(tmp_path, shipped_tokenizer):
+    """schedule_source_statistic: `rev` follows geomean on geomean's ramp, `add` the run's signal; each source's
+    logged signal and lambda are its own, and the probe reads each source as its schedule does."""
+    from trl_prob.probe import run_probe
+    from trl_prob.schedules import SIGNALS, adaptive_lambda
+
+    trainer = make(tmp_path, mixture(8), shipped_tokenizer, max_steps=2, schedule_p_low=None, schedule_p_high=None,
+                   schedule_source_statistic="rev=geomean")  # fmt: skip
+    schedules = dict(zip(trainer.sources, trainer.source_schedules.schedules))
+    assert schedules["rev"].statistic == "geomean" and schedules["add"].statistic == "mean"
+    assert (schedules["rev"].p_low, schedules["rev"].p_high) == (SIGNALS["geomean"].p_low, SIGNALS["geomean"].p_high)
+    report = run_probe(trainer, num_samples=None, output_dir=None, progress=False)
+    assert report.sources["rev"]["schedule_signal"] == "geomean"
+    measured = trainer.measure_dataset(trainer.train_dataset, progress=False).sources
+    rev = trainer.sources.index("rev")
+    assert report.sources["rev"]["schedule_signal_value"] == pytest.approx(measured[rev].geometric_mean_p, rel=1e-9)
+    trainer.train()
+    logs = step_logs(trainer)
+    assert "geomean_token_prob/rev" in logs[1] and "geomean_token_prob/add" not in logs[1]
+    p_ema = schedules["rev"].p_ema
+    assert schedules["rev"].value == pytest.approx(adaptive_lambda(p_ema, schedules["rev"].p_low, schedules["rev"].p_high))
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("rev=nope", "schedule_source_statistic\\['rev'\\] = 'nope' is not a signal"),
+     ("rev", "expected name=signal pairs")],
+)
+def test_bad_source_statistic_is_one_clear_error(tmp_path, value, message):
+    with pytest.raises(ValueError, match=message):
+        ProbSFTConfig(**base_args(tmp_path, **{**PER_SOURCE, "schedule_source_statistic": value}))

@@ -122,6 +122,10 @@ class ProbSFTConfig(SFTConfig):
         schedule_source_lambda (`dict[str, float]` or `str`, *optional*):
             A fixed lambda for the named sources instead of their adaptive one, e.g. `{"chat": 0.0}` or `chat=0`
             (keep NLL on chat data whatever its confidence).
+        schedule_source_statistic (`dict[str, str]` or `str`, *optional*):
+            The signal of the named sources' schedules instead of `schedule_statistic`, e.g. `new=geomean`: a source
+            the probe reads as weak can wait for its hard tokens while the others follow the default. Each is read
+            on its own registered ramp unless `schedule_p_low` / `schedule_p_high` are given.
 
         > Speed
 
@@ -210,6 +214,10 @@ class ProbSFTConfig(SFTConfig):
         default=None,
         metadata={"help": "Fixed lambda for named sources instead of their adaptive one, e.g. 'chat=0,code=0.5'."},
     )
+    schedule_source_statistic: dict[str, str] | str | None = field(
+        default=None,
+        metadata={"help": "Signal of named sources' schedules instead of --schedule_statistic, e.g. 'new=geomean'."},
+    )
     flush_denormal: bool = field(
         default=True,
         metadata={
@@ -267,6 +275,7 @@ class ProbSFTConfig(SFTConfig):
         choice("schedule_mode", MODES)
         choice("schedule_statistic", tuple(SIGNALS))
         signal = SIGNALS[self.schedule_statistic]
+        self._ramp_given = (self.schedule_p_low, self.schedule_p_high)  # before the signal's ramp fills them in
         if self.schedule_p_low is None:
             self.schedule_p_low = signal.p_low
         if self.schedule_p_high is None:
@@ -328,8 +337,9 @@ class ProbSFTConfig(SFTConfig):
         from .stats import MAX_SOURCES
 
         self.schedule_source_lambda = parse_source_lambda(self.schedule_source_lambda)
+        self.schedule_source_statistic = parse_source_statistic(self.schedule_source_statistic)
         if not self.schedule_per_source:
-            for name in ("schedule_sources", "schedule_source_lambda"):
+            for name in ("schedule_sources", "schedule_source_lambda", "schedule_source_statistic"):
                 if getattr(self, name):
                     raise ValueError(f"{name} is set but schedule_per_source is off: pass --schedule_per_source true.")
             return
@@ -360,6 +370,7 @@ class ProbSFTConfig(SFTConfig):
                     "row each, reduced together every step)."
                 )
             check_source_names(self.schedule_source_lambda, sources, "schedule_source_lambda")
+            check_source_names(self.schedule_source_statistic, sources, "schedule_source_statistic")
 
     @property
     def uses_objective(self) -> bool:
@@ -396,6 +407,31 @@ def parse_source_lambda(value) -> dict[str, float] | None:
         if not (math.isfinite(number) and 0.0 <= number <= 1.0):
             raise ValueError(f"schedule_source_lambda[{name!r}] must be a lambda in [0, 1], got {value[name]!r}.")
         parsed[str(name)] = number
+    return parsed
+
+
+def parse_source_statistic(value) -> dict[str, str] | None:
+    """``schedule_source_statistic`` as a dict: given as one, as JSON, or as ``name=signal,name=signal``."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, str):
+        import json
+
+        text = value.strip()
+        try:
+            value = json.loads(text) if text.startswith("{") else dict(part.split("=", 1) for part in text.split(",") if part.strip())
+        except (json.JSONDecodeError, ValueError):
+            raise ValueError(
+                f"schedule_source_statistic {value!r}: expected name=signal pairs, e.g. 'new=geomean'."
+            ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"schedule_source_statistic must map source names to signals, got {value!r}.")
+    parsed = {str(name).strip(): str(signal).strip() for name, signal in value.items()}
+    for name, signal in parsed.items():
+        if signal not in SIGNALS:
+            raise ValueError(
+                f"schedule_source_statistic[{name!r}] = {signal!r} is not a signal; allowed: {', '.join(SIGNALS)}."
+            )
     return parsed
 
 

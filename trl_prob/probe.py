@@ -210,10 +210,11 @@ class ProbeReport:
         source_names: list[str] | None = None,
         source_samples: list[int | None] | None = None,
         source_lambdas: list[tuple[float, bool]] | None = None,
+        source_signals: list[tuple[str, float, float]] | None = None,
     ) -> ProbeReport:
         """The report of ``measurement``; with ``source_names`` (its ``sources`` statistics, in that order) also each
         source's, given how many samples of each were measured and the ``(lambda, fixed)`` each source's schedule
-        would start with."""
+        would start with, and ``(signal, p_low, p_high)`` each source's schedule reads (default: the run's)."""
         from .schedules import SIGNALS
 
         stats = measurement.stats
@@ -221,6 +222,7 @@ class ProbeReport:
         signals = {name: s.read(stats) for name, s in SIGNALS.items()}
         objective_spec, schedule, reason = recommend(mean_p, objective, p_low, p_high, signal, signals[signal])
         flags = f"--objective {objective_spec} --objective_schedule {schedule}"
+        read_as = source_signals or [(signal, p_low, p_high)] * len(source_names or ())
         return cls(
             model=model,
             num_samples=measurement.num_samples,
@@ -250,7 +252,7 @@ class ProbeReport:
             histogram_fine=_histogram(stats, PLOT_BINS),
             sources={
                 name: source_report(
-                    measurement.sources[index], objective, p_low, p_high, signal,
+                    measurement.sources[index], objective, read_as[index][1], read_as[index][2], read_as[index][0],
                     num_samples=source_samples[index] if source_samples else None,
                     start_lambda=source_lambdas[index] if source_lambdas else None,
                 )
@@ -363,6 +365,7 @@ def source_report(
         "median_p": stats.median_p,
         "share_confident": stats.share_confident,
         "nll": stats.nll,
+        "schedule_signal": signal,
         "schedule_signal_value": value,
         "continuum": place_on_continuum(mean_p, p_low, p_high),
         "position": describe_position(mean_p),
@@ -387,6 +390,7 @@ def _source_line(entry: dict, signal: str) -> str:
         start = f"; lambda {number(entry['start_lambda'], '.2f')} at step 1" + (
             " (fixed by schedule_source_lambda)" if entry.get("lambda_fixed") else ""
         )
+    signal = entry.get("schedule_signal", signal)
     read = "" if signal == "mean" else f", {signal} {number(entry['schedule_signal_value'], '.4f')}"
     return (
         f"{entry['continuum']}: mean p {number(entry['mean_p'], '.4f')}{read} ({measured}){start}; "
@@ -544,6 +548,7 @@ def run_probe(
         source_names=sources,
         source_samples=_samples_per_source(dataset, len(sources)) if sources is not None else None,
         source_lambdas=_start_lambdas(args, sources, measurement) if sources is not None else None,
+        source_signals=_source_signals(args, sources) if sources is not None else None,
     )
     if measurement.num_samples_without_targets and trainer.is_world_process_zero():
         logger.warning(
@@ -587,6 +592,15 @@ def _start_lambdas(args, sources: list[str], measurement: Measurement) -> list[t
     schedules.warm_start(measurement.sources)
     fixed = args.schedule_source_lambda or {}
     return [(value, name in fixed) for name, value in zip(sources, schedules.begin(1))]
+
+
+def _source_signals(args, sources: list[str]) -> list[tuple[str, float, float]]:
+    """``(signal, p_low, p_high)`` each source's schedule reads (``schedule_source_statistic`` may name its own)."""
+    from .trainer import source_schedules_for
+
+    schedules = source_schedules_for(args, sources).schedules
+    return [(s.statistic, getattr(s, "p_low", args.schedule_p_low), getattr(s, "p_high", args.schedule_p_high))
+            for s in schedules]  # fmt: skip
 
 
 def _measure_with_batch_size(trainer, dataset, batch_size: int | None, progress: bool) -> Measurement:

@@ -42,7 +42,9 @@ from .measure import Measurement, measure, num_samples, per_sample_stats, sample
 from .objectives import get_objective
 from .schedules import (
     NEEDS_TOP1,
+    SIGNALS,
     STATISTIC_METRICS,
+    AdaptiveSchedule,
     ConstantSchedule,
     Schedule,
     ScheduleStateError,
@@ -151,12 +153,21 @@ def source_schedules_for(args: ProbSFTConfig, sources: list[str]) -> SourceSched
     """One schedule per source: the run's adaptive schedule, or a constant one where ``schedule_source_lambda`` pins
     the source's lambda."""
     fixed = args.schedule_source_lambda or {}
+    statistics = args.schedule_source_statistic or {}
+    p_low_given, p_high_given = getattr(args, "_ramp_given", (args.schedule_p_low, args.schedule_p_high))
 
     def make(name: str) -> Schedule:
         if name in fixed:
             return ConstantSchedule(
                 objective_lambda=fixed[name], statistic=args.schedule_statistic, ema_decay=args.schedule_ema_decay
             )
+        if name in statistics:  # its own signal, on that signal's ramp unless the run gave one
+            signal = SIGNALS[statistics[name]]
+            return AdaptiveSchedule(
+                p_low=signal.p_low if p_low_given is None else p_low_given,
+                p_high=signal.p_high if p_high_given is None else p_high_given,
+                statistic=signal.name, ema_decay=args.schedule_ema_decay, monotone=args.schedule_monotone,
+            )  # fmt: skip
         return build_schedule(args)
 
     return SourceSchedules(sources, make)
@@ -261,6 +272,7 @@ class ProbObjectiveMixin:
         column = config.source_column
         self.sources = resolve_sources(raw_train, column, config.schedule_sources)
         check_source_names(config.schedule_source_lambda, self.sources, "schedule_source_lambda")
+        check_source_names(config.schedule_source_statistic, self.sources, "schedule_source_statistic")
         self.source_schedules = source_schedules_for(config, self.sources)
         self._source_lambdas = torch.tensor(self.source_schedules.values, dtype=torch.float32)
         train = with_source_ids(raw_train, column, self.sources)
@@ -479,7 +491,7 @@ class ProbObjectiveMixin:
             lambdas = torch.tensor(self.source_schedules.values, dtype=torch.float64)
             if counts.sum() > 0:
                 metrics["objective_lambda"].append(float((counts * lambdas).sum() / counts.sum()))
-            self._log_sources(by_source, metrics, statistic_metric)
+            self._log_sources(by_source, metrics)
         if args.schedule_mode == "exponent" and by_source is None:
             metrics["objective_exponent"].append(schedule.value * self._objective.param)
         schedule.step(stats)
@@ -488,7 +500,7 @@ class ProbObjectiveMixin:
             self.source_schedules.step(by_source)
             self._publish_source_lambdas()
 
-    def _log_sources(self, by_source: SourceStats, metrics, statistic_metric: str | None) -> None:
+    def _log_sources(self, by_source: SourceStats, metrics) -> None:
         """Per-source metrics of the step; a source without target tokens in it logs nothing (its schedule keeps its
         running statistic and lambda), said once per source."""
         for index, (name, source_schedule) in enumerate(zip(self.sources, self.source_schedules.schedules)):
@@ -503,8 +515,9 @@ class ProbObjectiveMixin:
                 continue
             metrics[f"mean_token_prob/{name}"].append(stats.mean_p)
             metrics[f"objective_lambda/{name}"].append(source_schedule.value)
-            if statistic_metric is not None:
-                metrics[f"{statistic_metric}/{name}"].append(source_schedule.signal(stats))
+            own_metric = STATISTIC_METRICS[source_schedule.statistic]
+            if own_metric is not None:
+                metrics[f"{own_metric}/{name}"].append(source_schedule.signal(stats))
 
     # ------------------------------------------------------------------------------------- measurement
 
