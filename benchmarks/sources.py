@@ -77,6 +77,11 @@ CANDIDATES = {
     # Exploratory, chosen after seeing the first 70 runs (not in the verdict): add pinned to -p, new on geomean.
     "per_source:geomean+add=1": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True,
                                      schedule_statistic="geomean", schedule_source_lambda={"add": 1.0}),
+    # Exploratory, after all 80 runs above (not in the verdict): the default signal on add, geomean on new, with the
+    # per-source signal option built for this (schedule_source_statistic).
+    "per_source:token_top1+new=geomean": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True,
+                                              schedule_statistic="token_top1",
+                                              schedule_source_statistic={"new": "geomean"}),
 }
 TRAJECTORY_POINTS = 21  # lambda per source at 0%, 5%, ..., 100% of the run, kept per run for the plot
 
