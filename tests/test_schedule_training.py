@@ -465,3 +465,14 @@ def test_ema_follows_the_configured_statistic(tmp_path, shipped_tokenizer, stati
     for entry in logs:
         ema = decay * ema + (1 - decay) * entry[key]
         assert entry["ema_token_prob"] == pytest.approx(ema, rel=1e-9, abs=1e-12)
+
+
+def test_default_signal_equals_trls_own_token_accuracy(tmp_path, shipped_tokenizer):
+    """The default signal, token_top1, is read from our statistics; TRL computes mean_token_accuracy its own way from the
+    same `is_top1`. On every step of one process they must agree."""
+    trainer = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, objective="p", objective_schedule="adaptive",
+                           max_steps=4, bf16=False)  # fmt: skip
+    assert trainer.args.schedule_statistic == "token_top1"
+    trainer.train()
+    for step, entry in step_logs(trainer).items():
+        assert entry["token_top1_share"] == pytest.approx(entry["mean_token_accuracy"], rel=1e-6), step
