@@ -56,7 +56,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from signals import build_bases, make_examples, mean_se, splits  # noqa: E402
+from signals import _WORKER, _init_worker, build_bases, make_examples, mean_se, splits  # noqa: E402
 
 SOURCES = {"add": "37+45= -> 82", "new": "37+45== -> 28"}  # source name -> what its rows look like
 MAX_NEW_TOKENS = 6  # greedy decoding budget: a 3-digit answer and the stop token fit
@@ -122,18 +122,6 @@ def make_data(args):
 # One SFT run (in a worker process)
 # ------------------------------------------------------------------------------------------------------------------
 
-_WORKER = {}
-
-
-def _init_worker(threads, test):
-    torch.set_num_threads(threads)
-    from continuum import _quiet
-
-    _quiet()
-    from addition import build_tokenizer
-
-    _WORKER.update(tok=build_tokenizer(), test=test)
-
 
 def _trajectory(values):
     if not values:
@@ -149,7 +137,7 @@ def run_one(job):
     from addition import exact_match_accuracy
     from trl_prob import ProbSFTConfig, ProbSFTTrainer
 
-    tok, test = _WORKER["tok"], _WORKER["test"]
+    tok, test = _WORKER["tok"], _WORKER["evaluation"]  # signals.py's worker state: one initialiser for both
     t0 = time.time()
     options = CANDIDATES[job["candidate"]]
     per_source = options.get("schedule_per_source", False)

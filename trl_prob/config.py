@@ -378,8 +378,8 @@ class ProbSFTConfig(SFTConfig):
         return not (get_objective(self.objective).family == "nll" and self.objective_schedule == "none")
 
 
-def parse_source_lambda(value) -> dict[str, float] | None:
-    """``schedule_source_lambda`` as a dict: given as one, as JSON, or as ``name=lambda,name=lambda``."""
+def _source_map(value, option: str, pair: str, example: str) -> dict | None:
+    """A per-source option as a dict: given as one, as JSON, or as ``pair`` items joined by commas (``example``)."""
     if value is None or value == "" or value == {}:
         return None
     if isinstance(value, str):
@@ -390,49 +390,41 @@ def parse_source_lambda(value) -> dict[str, float] | None:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"schedule_source_lambda {value!r} is not valid JSON ({exc}).") from None
+                raise ValueError(f"{option} {value!r} is not valid JSON ({exc}).") from None
         else:
             pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
             if any(len(pair) != 2 for pair in pairs):
-                raise ValueError(f"schedule_source_lambda {value!r}: expected name=lambda pairs, e.g. 'chat=0,code=0.5'.")
-            value = {name.strip(): number.strip() for name, number in pairs}
+                raise ValueError(f"{option} {value!r}: expected {pair} pairs, e.g. {example!r}.")
+            value = {name.strip(): item.strip() for name, item in pairs}
     if not isinstance(value, dict):
-        raise ValueError(f"schedule_source_lambda must map source names to lambdas, got {value!r}.")
+        raise ValueError(f"{option} must map source names to values, got {value!r}.")
+    return {str(name).strip(): item for name, item in value.items()}
+
+
+def parse_source_lambda(value) -> dict[str, float] | None:
+    """``schedule_source_lambda`` as a dict of lambdas in [0, 1]."""
+    given = _source_map(value, "schedule_source_lambda", "name=lambda", "chat=0,code=0.5")
     parsed = {}
-    for name, number in value.items():
+    for name, number in (given or {}).items():
         try:
-            number = float(number)
+            parsed[name] = float(number)
         except (TypeError, ValueError):
-            number = math.nan
-        if not (math.isfinite(number) and 0.0 <= number <= 1.0):
-            raise ValueError(f"schedule_source_lambda[{name!r}] must be a lambda in [0, 1], got {value[name]!r}.")
-        parsed[str(name)] = number
-    return parsed
+            parsed[name] = math.nan
+        if not (math.isfinite(parsed[name]) and 0.0 <= parsed[name] <= 1.0):
+            raise ValueError(f"schedule_source_lambda[{name!r}] must be a lambda in [0, 1], got {number!r}.")
+    return parsed or None
 
 
 def parse_source_statistic(value) -> dict[str, str] | None:
-    """``schedule_source_statistic`` as a dict: given as one, as JSON, or as ``name=signal,name=signal``."""
-    if value is None or value == "" or value == {}:
-        return None
-    if isinstance(value, str):
-        import json
-
-        text = value.strip()
-        try:
-            value = json.loads(text) if text.startswith("{") else dict(part.split("=", 1) for part in text.split(",") if part.strip())
-        except (json.JSONDecodeError, ValueError):
-            raise ValueError(
-                f"schedule_source_statistic {value!r}: expected name=signal pairs, e.g. 'new=geomean'."
-            ) from None
-    if not isinstance(value, dict):
-        raise ValueError(f"schedule_source_statistic must map source names to signals, got {value!r}.")
-    parsed = {str(name).strip(): str(signal).strip() for name, signal in value.items()}
+    """``schedule_source_statistic`` as a dict of signal names (:data:`~trl_prob.schedules.SIGNALS`)."""
+    given = _source_map(value, "schedule_source_statistic", "name=signal", "new=geomean")
+    parsed = {name: str(signal).strip() for name, signal in (given or {}).items()}
     for name, signal in parsed.items():
         if signal not in SIGNALS:
             raise ValueError(
                 f"schedule_source_statistic[{name!r}] = {signal!r} is not a signal; allowed: {', '.join(SIGNALS)}."
             )
-    return parsed
+    return parsed or None
 
 
 def check_source_names(given, sources: list[str], option: str) -> None:

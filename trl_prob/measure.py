@@ -70,11 +70,8 @@ def measure(
                 rows = per_sample_stats(
                     batch, outputs.log_probs, outputs.label_mask, is_top1=getattr(outputs, "is_top1", None)
                 )
-                if by_source is not None:  # the source travels as one more column, so one gather keeps them paired
-                    rows = torch.cat([rows, source.to(rows.device, rows.dtype)[:, None]], dim=1)
-                rows = gather(rows) if gather is not None else rows
+                rows, source = gather_rows(rows, gather, source if by_source is not None else None)
                 if by_source is not None:
-                    rows, source = rows[:, :-1], rows[:, -1].long()
                     by_source = by_source + SourceStats.from_rows(rows, source, num_sources).to_host()
                 stats = TokenProbStats.from_rows(rows) + stats if stats is not None else TokenProbStats.from_rows(rows)
                 seen += rows.shape[0]
@@ -97,6 +94,19 @@ def per_sample_stats(
     return TokenProbStats.per_sample(
         log_p, label_mask, sample_index(batch, label_mask), num_samples(batch), keep, is_top1
     )
+
+
+def gather_rows(
+    rows: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None, source: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-sample rows (and each sample's source) from every process. The source travels as one more column, so one
+    gather keeps rows and sources paired, whatever samples ``gather`` drops."""
+    if source is not None:
+        rows = torch.cat([rows, source.to(rows.device, rows.dtype)[:, None]], dim=1)
+    rows = gather(rows) if gather is not None else rows
+    if source is None:
+        return rows, None
+    return rows[:, :-1], rows[:, -1].long()
 
 
 def num_samples(batch: dict) -> int:

@@ -19,6 +19,11 @@ _COUNT, _SUM_P, _SUM_NLL, _ABOVE, _KEPT, _SEQS, _SEQS_TOP1, _TOP1 = range(8)
 _HIST = 8
 
 
+def _sum_over_processes(sums: torch.Tensor) -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+
+
 @dataclass
 class TokenProbStats:
     """Sums over target tokens: count, sum p, sum -log p, tokens with p > 0.55, kept tokens, sequences with a target,
@@ -93,8 +98,7 @@ class TokenProbStats:
 
     def all_reduce(self) -> TokenProbStats:
         """Sum over all processes (no-op without an initialised process group)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.sums, op=torch.distributed.ReduceOp.SUM)
+        _sum_over_processes(self.sums)
         return self
 
     def to_host(self) -> TokenProbStats:
@@ -224,8 +228,7 @@ class SourceStats:
         return SourceStats(self.sums + other.sums.to(self.sums.device))
 
     def all_reduce(self) -> SourceStats:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.sums, op=torch.distributed.ReduceOp.SUM)
+        _sum_over_processes(self.sums)
         return self
 
     def to_host(self) -> SourceStats:

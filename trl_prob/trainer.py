@@ -38,7 +38,7 @@ from .checkpoints import (
 from .config import ProbSFTConfig
 from .data import check_rows, first_prompt_over
 from .loss import distributed_sum, objective_loss
-from .measure import Measurement, measure, num_samples, per_sample_stats, sample_index
+from .measure import Measurement, gather_rows, measure, num_samples, per_sample_stats, sample_index
 from .objectives import get_objective
 from .schedules import (
     NEEDS_TOP1,
@@ -111,6 +111,12 @@ def _schedule_callback(trainer: ProbObjectiveMixin) -> TrainerCallback:
     return ProbObjectiveSchedule()
 
 
+def _exported_schedule(trainer_state: str):
+    """The schedule callback's entry in a checkpoint's ``trainer_state.json`` (``stateful_callbacks``), or None."""
+    with open(trainer_state) as f:
+        return json.load(f).get("stateful_callbacks", {}).get(SCHEDULE_CALLBACK)
+
+
 def saved_schedule_state(checkpoint: str, args: ProbSFTConfig) -> dict | None:
     """The schedule state a checkpoint holds, checked; ``None`` where the run may start the schedule afresh.
 
@@ -122,8 +128,7 @@ def saved_schedule_state(checkpoint: str, args: ProbSFTConfig) -> dict | None:
     state = None
     try:
         if os.path.isfile(trainer_state):
-            with open(trainer_state) as f:
-                exported = json.load(f).get("stateful_callbacks", {}).get(SCHEDULE_CALLBACK)
+            exported = _exported_schedule(trainer_state)
             if exported is not None:
                 state = exported.get("attributes", {}).get("schedule") if isinstance(exported, dict) else exported
                 where = f"{trainer_state} (stateful_callbacks.{SCHEDULE_CALLBACK})"
@@ -180,8 +185,7 @@ def saved_source_schedule_state(checkpoint: str, args: ProbSFTConfig, sources: l
     state = None
     if os.path.isfile(trainer_state):
         try:
-            with open(trainer_state) as f:
-                exported = json.load(f).get("stateful_callbacks", {}).get(SCHEDULE_CALLBACK)
+            exported = _exported_schedule(trainer_state)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"checkpoint {checkpoint}: cannot read its schedule state ({exc}).") from None
         if isinstance(exported, dict):
@@ -411,11 +415,9 @@ class ProbObjectiveMixin:
         else:  # per sample, so that gather_for_metrics counts each evaluation sample once
             keep = objective.keep(log_p) & mask if objective.is_thresholded else None
             rows = per_sample_stats(batch, log_p, mask, keep, is_top1)
-            if sources is not None:  # the source as one more column: one gather keeps rows and sources paired
-                rows = torch.cat([rows, sources.to(rows.device, rows.dtype)[:, None]], dim=1)
-            rows = self.accelerator.gather_for_metrics(rows)
+            rows, gathered_sources = gather_rows(rows, self.accelerator.gather_for_metrics, sources)
             if sources is not None:
-                stats = SourceStats.from_rows(rows[:, :-1], rows[:, -1].long(), len(self.sources))
+                stats = SourceStats.from_rows(rows, gathered_sources, len(self.sources))
             else:
                 stats = TokenProbStats.from_rows(rows)
             self._eval_stats = stats if self._eval_stats is None else self._eval_stats + stats
