@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 
 import torch
@@ -107,7 +108,9 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_prob.probe import run_probe
-    from trl_prob.smollm2 import smollm2_dir
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the SmolLM2 builder is a benchmark fixture, not the package
+    from smollm2 import smollm2_dir
 
     args.model = args.model or smollm2_dir()
     os.makedirs(args.output_dir, exist_ok=True)

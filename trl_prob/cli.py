@@ -453,7 +453,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth")
 GGUF_ADVICE = (
     "llama.cpp's quantized format, which TRL does not train. Dequantize it into a transformers model directory first: "
     "AutoModelForCausalLM.from_pretrained(folder, gguf_file=name) and AutoTokenizer likewise, then save a plain "
-    "LlamaForCausalLM copy (`python -m trl_prob.smollm2` does this for SmolLM2-135M-Instruct)."
+    "LlamaForCausalLM copy (`python benchmarks/smollm2.py` does this for SmolLM2-135M-Instruct)."
 )
 
 

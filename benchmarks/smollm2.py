@@ -12,8 +12,8 @@ the GGUF-loaded object itself), and both are saved. It is built once per machine
 (``$TRL_PROB_CACHE``, else ``$XDG_CACHE_HOME/trl-prob``, else ``~/.cache/trl-prob``) and reused; a build takes about
 30 s and 270 MB of disk. Concurrent callers wait for one build (a file lock) and the directory appears atomically.
 
-    python -m trl_prob.smollm2          # builds if needed, prints the directory
-    trl-prob probe --model_name_or_path "$(python -m trl_prob.smollm2)" ...
+    python benchmarks/smollm2.py          # builds if needed, prints the directory
+    trl-prob probe --model_name_or_path "$(python benchmarks/smollm2.py)" ...
 
 The model: 135M parameters, 30 layers, a 49,152-token BPE vocabulary, a ChatML template with a default system prompt,
 ``<|im_end|>`` as EOS and padding token, tied embeddings. Its template has no ``{% generation %}`` markers, so TRL's
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(smollm2_dir(argv[0] if argv else None))
     except SmolLM2Unavailable as exc:
-        print(f"trl_prob.smollm2: error: {exc}", file=sys.stderr)
+        print(f"smollm2.py: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
