@@ -363,7 +363,7 @@ def main(argv=None):
                     help="learning rates per (base, noise, objective) that get the remaining seeds after a first "
                          "round with one seed (0: every learning rate with every seed)")
     ap.add_argument("--adaptive-option", type=_config_option, action="append", default=[], metavar="FIELD=VALUE",
-                    help="a ProbSFTConfig field for the adaptive runs, e.g. schedule_statistic=median (repeatable; "
+                    help="a ProbSFTConfig field for the adaptive runs, e.g. schedule_signal=median (repeatable; "
                          "the table's adaptive uses the defaults)")
     ap.add_argument("--workers", type=int, default=2, help="SFT runs in parallel (one CPU thread each)")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "trl_prob_continuum"))

@@ -163,7 +163,7 @@ def run_one(job):
     t0 = time.time()
     objective = job["objective"]
     if objective.startswith("adaptive:"):
-        kwargs = dict(objective="p", objective_schedule="adaptive", schedule_statistic=objective.split(":", 1)[1])
+        kwargs = dict(objective="p", objective_schedule="adaptive", schedule_signal=objective.split(":", 1)[1])
     else:
         kwargs = dict(objective=objective)
     with open(job["data"]) as f:

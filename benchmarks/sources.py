@@ -20,7 +20,7 @@ Candidates, all through ``ProbSFTTrainer``:
 - ``adaptive``: one global adaptive schedule toward ``p`` (mean signal, the default when the rule was written; every
   other setting default), read from the whole mixture;
 - ``per_source``: ``schedule_per_source=True``, mean signal, every other setting default: one lambda per source;
-- ``per_source:geomean``: the same with ``schedule_statistic="geomean"`` (an extra; signals.py's curriculum row found
+- ``per_source:geomean``: the same with ``schedule_signal="geomean"`` (an extra; signals.py's curriculum row found
   geomean switching later than mean);
 - ``adaptive:token_top1``, ``per_source:token_top1``: the global and per-source schedules on ``token_top1``, the
   default signal since signals.py's grid (extras, added after the rule and the first 50 runs);
@@ -65,23 +65,23 @@ CANDIDATES = {
     "nll": dict(objective="nll"),
     "p": dict(objective="p"),
     # the signal named, not left to the default: the rule below was written for the mean signal, the default then
-    "adaptive": dict(objective="p", objective_schedule="adaptive", schedule_statistic="mean"),
+    "adaptive": dict(objective="p", objective_schedule="adaptive", schedule_signal="mean"),
     "per_source": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True,
-                       schedule_statistic="mean"),
+                       schedule_signal="mean"),
     "per_source:geomean": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True,
-                               schedule_statistic="geomean"),
+                               schedule_signal="geomean"),
     # Added after the rule and the first 50 runs, when token_top1 became the default signal: extras, not in the verdict.
-    "adaptive:token_top1": dict(objective="p", objective_schedule="adaptive", schedule_statistic="token_top1"),
+    "adaptive:token_top1": dict(objective="p", objective_schedule="adaptive", schedule_signal="token_top1"),
     "per_source:token_top1": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True,
-                                  schedule_statistic="token_top1"),
+                                  schedule_signal="token_top1"),
     # Exploratory, chosen after seeing the first 70 runs (not in the verdict): add pinned to -p, new on geomean.
     "per_source:geomean+add=1": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True,
-                                     schedule_statistic="geomean", schedule_source_lambda={"add": 1.0}),
+                                     schedule_signal="geomean", schedule_source_lambda={"add": 1.0}),
     # Exploratory, after all 80 runs above (not in the verdict): the default signal on add, geomean on new, with the
-    # per-source signal option built for this (schedule_source_statistic).
+    # per-source signal option built for this (schedule_source_signal).
     "per_source:token_top1+new=geomean": dict(objective="p", objective_schedule="adaptive", schedule_per_source=True,
-                                              schedule_statistic="token_top1",
-                                              schedule_source_statistic={"new": "geomean"}),
+                                              schedule_signal="token_top1",
+                                              schedule_source_signal={"new": "geomean"}),
 }
 TRAJECTORY_POINTS = 21  # lambda per source at 0%, 5%, ..., 100% of the run, kept per run for the plot
 
@@ -167,7 +167,7 @@ def run_one(job):
         probs[source] = _trajectory([e[f"mean_token_prob/{source}"] for e in logs if f"mean_token_prob/{source}" in e])
     return dict(
         {k: job[k] for k in ("candidate", "seed", "setup_key")},
-        schedule_statistic=config.schedule_statistic if config.objective_schedule == "adaptive" else None,
+        schedule_signal=config.schedule_signal if config.objective_schedule == "adaptive" else None,
         test_acc={s: exact_match_accuracy(model, tok, test[s], max_new_tokens=MAX_NEW_TOKENS) for s in SOURCES},
         lambda_trajectory=lambdas if any(v is not None for v in lambdas.values()) else None,
         mean_p_trajectory=probs if any(v is not None for v in probs.values()) else None,

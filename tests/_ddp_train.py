@@ -65,7 +65,7 @@ def main():
     torch.set_num_threads(1)
     per_source = statistic == "per_source"
     statistic = "mean" if per_source else statistic
-    extra = dict(schedule_p_low=0.2, schedule_p_high=0.95, schedule_statistic=statistic) if schedule == "adaptive" else {}
+    extra = dict(schedule_ramp_low=0.2, schedule_ramp_high=0.95, schedule_signal=statistic) if schedule == "adaptive" else {}
     if per_source:
         extra["schedule_per_source"] = True
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,10 +7,11 @@ import importlib
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
+
+from _launch import python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +95,7 @@ def test_tiny_end_to_end_run_writes_table_json_and_plot(continuum, tmp_path):
         (row,) = [r for r in result["summary"] if r["objective"] == obj]
         assert sorted(seeds_by_lr[row["lr"]]) == [0, 1]
     row = next(r for r in result["summary"] if r["objective"] == "adaptive")
-    # A random init puts its probe far below schedule_p_low: the adaptive schedule must start at pure NLL.
+    # A random init puts its probe far below schedule_ramp_low: the adaptive schedule must start at pure NLL.
     assert row["probe_mean_p"] < 0.3
     assert row["lambda_path_mean"][0] == 0.0
     assert result["setup"]["adaptive_option"] == {"schedule_ema_decay": 0.5}
@@ -107,8 +108,7 @@ def test_tiny_end_to_end_run_writes_table_json_and_plot(continuum, tmp_path):
 # drifted from the mixin once broke both), not their numbers.
 def _run_script(args, tmp_path, timeout=300):
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = python(*args, "--out", out, timeout=timeout, threads=None)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -4,8 +4,6 @@ tokenizer, chat template, data generator, generation-based scoring, pretraining)
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,6 +24,7 @@ from addition import (  # noqa: E402
     stop_ids,
     tiny_llama_config,
 )
+from _launch import python  # noqa: E402
 from trl_prob.embedded import default_dataset_path, default_model_path  # noqa: E402
 
 
@@ -163,7 +162,7 @@ def test_the_installed_package_ships_the_artifacts_not_the_builders():
         "print(sorted(m for m in ('torch', 'transformers', 'tokenizers', 'trl') if m in sys.modules))\n"
         "print(default_model_path())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = python("-c", code, timeout=120, check=True)
     assert out.stdout.splitlines() == ["[]", default_model_path()]
 
 
@@ -224,7 +223,7 @@ def test_the_weak_checkpoint_starts_inside_the_default_ramp():
     data = load_dataset(default_dataset_path())
     model, tok = AutoModelForCausalLM.from_pretrained(weak_model_path()), AutoTokenizer.from_pretrained(weak_model_path())
     train = [dict(row) for row in data["train"].select(range(512))]
-    assert defaults.schedule_p_low < mean_target_probability(model, tok, train) < defaults.schedule_p_high
+    assert defaults.schedule_ramp_low < mean_target_probability(model, tok, train) < defaults.schedule_ramp_high
     test = [dict(row) for row in data["test"]]
     strong = AutoModelForCausalLM.from_pretrained(default_model_path())
     assert exact_match_accuracy(model, tok, test) < 0.05 < 0.5 < exact_match_accuracy(strong, tok, test)

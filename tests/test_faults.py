@@ -21,12 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+import _launch  # noqa: E402
 from trl_prob.embedded import default_dataset_path, default_model_path  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HARNESS = os.path.join(HERE, "_fault_train.py")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-       "TRL_PROB_HIDE_BITSANDBYTES": "1"}  # as `trl-prob sft` starts its workers for a run without 4-bit loading
 STEPS, SAVE_STEPS, TIMEOUT = 12, 2, 240
 FLAGS = [
     "--model_name_or_path", default_model_path(), "--dataset_name", default_dataset_path(),
@@ -36,7 +35,7 @@ FLAGS = [
     "--seed", "0", "--data_seed", "0",
     # a ramp around the shipped model's statistic, so lambda moves strictly inside (0, 1) and the trajectory depends
     # on the restored schedule state
-    "--objective", "p", "--objective_schedule", "adaptive", "--schedule_p_low", "0.55", "--schedule_p_high", "0.85",
+    "--objective", "p", "--objective_schedule", "adaptive", "--schedule_ramp_low", "0.55", "--schedule_ramp_high", "0.85",
     "--schedule_ema_decay", "0.5", "--schedule_warm_start_samples", "16",
 ]  # fmt: skip
 # per-step entries; wall-clock fields left out
@@ -48,11 +47,8 @@ def run(fault: str, output_dir, *flags: str, kill_after: float | None = None) ->
     after its first logged step."""
     command = [sys.executable, HARNESS, fault, "sft", *FLAGS, "--output_dir", str(output_dir), *flags]
     if kill_after is None:
-        try:
-            return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"{fault}: no exit within {TIMEOUT}s:\n{(exc.stderr or '')[-3000:]}")
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return _launch.run(command, TIMEOUT, cwd=None)
+    process = _launch.start(command, cwd=None)
     deadline = time.monotonic() + TIMEOUT
     try:
         for line in process.stdout:  # progress is off: stdout carries the logged dicts

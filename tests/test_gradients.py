@@ -10,40 +10,11 @@ import torch
 
 from addition import random_tiny_llama
 from conftest import addition_dataset, base_args
-from test_objectives import paper_formula
+from _reference import reference_loss
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
 
 # Thresholds are placed at the batch's median p, so each thresholded objective keeps some tokens and drops others.
 SPECS = ["nll", "p", "power:0.5", "power:10", "top_p:MED", "bottom_p:MED", "top_logp:MED", "bottom_logp:MED", "dft"]
-
-
-def completion_mask(input_ids, attention_mask, tokenizer):
-    """Positions of completion tokens (after '='), as the targets of the shifted next-token prediction."""
-    equals = tokenizer.convert_tokens_to_ids("=")
-    after_equals = (input_ids == equals).long().cumsum(dim=1) - (input_ids == equals).long() > 0
-    return (after_equals & attention_mask.bool())[:, 1:]
-
-
-def reference_loss(model, inputs, spec, tokenizer, lam=1.0):
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    targets = inputs["input_ids"][:, 1:]
-    mask = completion_mask(inputs["input_ids"], inputs["attention_mask"], tokenizer)
-    log_p = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    p = log_p.exp()
-    family, _, param = spec.partition(":")
-    if family == "dft":
-        per_token = -log_p * p.detach()
-    else:
-        per_token = paper_formula(spec, p)  # differentiable through p
-    if family.startswith(("top", "bottom")):
-        q = float(param)
-        keep = ((p >= q) if family.startswith("top") else (p <= q)) & mask
-        target = (per_token * keep).sum() / keep.sum()
-    else:
-        target = (per_token * mask).sum() / mask.sum()
-    nll = (-log_p * mask).sum() / mask.sum()
-    return (1 - lam) * nll + lam * target, per_token * mask, mask
 
 
 def grads(model):
@@ -97,7 +68,7 @@ def test_loss_and_gradients_match_full_logits_reference(tmp_path, tokenizer, spe
         trainer._in_compute_loss = False
     per_token = -out.log_probs
     assert per_token[~mask].abs().max().item() == 0.0
-    if not trainer._objective.is_thresholded:  # thresholded tokens carry the kept-token rescaling
+    if not trainer.objective_hook.objective.is_thresholded:  # thresholded tokens carry the kept-token rescaling
         torch.testing.assert_close(per_token[mask], ref_per_token[mask].detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -118,7 +89,7 @@ def _gradient_error_vs_reference(trainer, tokenizer, reference_spec, **reference
 def test_blend_matches_reference(tmp_path, tokenizer, spec):
     """objective_schedule='constant': (1 - lambda) nll + lambda f."""
     trainer = make_trainer(tmp_path, tokenizer, spec, objective_schedule="constant", objective_lambda=0.3)
-    trainer._begin_schedule()
+    trainer.begin_objective()
     assert trainer.objective_lambda == pytest.approx(0.3)
     assert _gradient_error_vs_reference(trainer, tokenizer, spec, lam=0.3) <= 1e-5
 
@@ -128,5 +99,5 @@ def test_exponent_mode_matches_reference(tmp_path, tokenizer):
     trainer = make_trainer(
         tmp_path, tokenizer, "power:10", objective_schedule="constant", objective_lambda=0.25, schedule_mode="exponent"
     )
-    trainer._begin_schedule()
+    trainer.begin_objective()
     assert _gradient_error_vs_reference(trainer, tokenizer, "power:2.5") <= 1e-5

@@ -9,7 +9,9 @@ count as TRL does. Values and gradients w.r.t. the logits must agree.
 import pytest
 import torch
 
-from test_objectives import paper_formula
+from trl_prob.head import HeadTokens
+
+from _reference import paper_formula
 from trl_prob.loss import kept_token_scale, objective_loss
 from trl_prob.objectives import get_objective
 from trl_prob.stats import TokenProbStats
@@ -44,7 +46,7 @@ def reference(logits, targets, mask, spec, lam):
 def ours(logits, targets, mask, spec, lam, mode="blend"):
     log_p = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
     log_p = torch.where(mask, log_p, 0.0)  # TRL's fused head returns 0 on ignored positions
-    loss, stats = objective_loss(log_p.float(), mask, get_objective(spec), lam, mode)
+    loss, stats = objective_loss(HeadTokens(log_p.float(), mask), get_objective(spec), lam, mode)
     return loss.sum() / mask.sum(), stats
 
 
@@ -73,7 +75,7 @@ def test_ignored_tokens_give_zero_loss_and_no_gradient():
     logits, targets, mask = batch(seed=2)
     for spec in SPECS:
         log_p = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1).float()
-        loss, _ = objective_loss(torch.where(mask, log_p, 0.0), mask, get_objective(spec), 0.5)
+        loss, _ = objective_loss(HeadTokens(torch.where(mask, log_p, 0.0), mask), get_objective(spec), 0.5)
         assert (loss[~mask] == 0).all(), spec
         (grad,) = torch.autograd.grad(loss.sum(), logits)
         assert (grad[~mask] == 0).all(), spec
@@ -84,7 +86,7 @@ def test_finite_at_the_ends():
     mask = torch.tensor([True, True, True, True])
     for spec in SPECS:
         x = log_p.clone().requires_grad_(True)
-        loss, _ = objective_loss(x, mask, get_objective(spec), 0.5)
+        loss, _ = objective_loss(HeadTokens(x, mask), get_objective(spec), 0.5)
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all(), spec
 

@@ -5,25 +5,11 @@ import math
 import pytest
 import torch
 
+from _reference import paper_formula
 from trl_prob import get_objective
 from trl_prob.objectives import VALID_SPECS
 
 P = torch.tensor([1e-30, 1e-8, 1e-3, 0.05, 0.2, 0.5, 0.55, 0.9, 1 - 1e-6, 1.0], dtype=torch.float64)
-
-
-def paper_formula(spec: str, p: torch.Tensor) -> torch.Tensor:
-    """f(p) straight from the paper's table, in float64 and in p space."""
-    family, _, param = spec.partition(":")
-    q = float(param) if param else None
-    if family in ("nll", "dft"):
-        return -torch.log(p)
-    if family == "p":
-        return 1 - p
-    if family == "power":
-        return (1 - p**q) / q
-    keep = (p >= q) if family.startswith("top") else (p <= q)
-    base = (1 - p) if family.endswith("_p") else -torch.log(p)
-    return base * keep
 
 
 SPECS = ["nll", "p", "power:0.5", "power:10", "top_p:0.2", "bottom_p:0.2", "top_logp:0.2", "bottom_logp:0.55", "dft"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +15,7 @@ import torch  # noqa: E402
 from datasets import Dataset, load_dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from _launch import accelerate_launch  # noqa: E402
 from addition import build_tokenizer, make_addition_examples, random_tiny_llama  # noqa: E402
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 from trl_prob.embedded import default_dataset_path, default_model_path  # noqa: E402
@@ -183,7 +182,7 @@ def test_continuum_and_recommendation(mean_p, continuum, objective, schedule):
 def test_recommendation_keeps_a_prior_leaning_target_and_the_configured_ramp():
     assert recommend(0.45, "power:10")[:2] == ("power:10", "adaptive")
     assert recommend(0.45, "bottom_p:0.5")[0] == "p"  # prior-averse targets are not a recommendation
-    assert place_on_continuum(0.45, p_low=0.2, p_high=0.4) == "model-strong"
+    assert place_on_continuum(0.45, ramp_low=0.2, ramp_high=0.4) == "model-strong"
 
 
 @pytest.mark.parametrize(
@@ -359,15 +358,11 @@ def _run_two_processes(tmp_path, num_samples: int) -> dict:
     script.write_text(DISTRIBUTED_SCRIPT)
     out = tmp_path / "report"
     # accelerate 1.15 has no --use_cpu: --multi_gpu launches torchrun, and the config's use_cpu picks gloo.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "0", str(script), str(out), str(num_samples)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    try:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        failure = result.returncode != 0 and f"exit {result.returncode}:\n{result.stderr[-4000:]}"
-    except subprocess.TimeoutExpired:
-        failure = "timed out"  # the known gloo hang at exit: the results were written before it
+    result = accelerate_launch("--multi_gpu", "--num_processes", 2, "--num_machines", 1, "--mixed_precision", "no",
+                               "--dynamo_backend", "no", "--main_process_port", 0, script, out, num_samples,
+                               timeout=120, cwd=None, fail_on_timeout=False)  # fmt: skip
+    # a timeout: the known gloo hang at exit, the results were written before it
+    failure = "timed out" if result is None else result.returncode != 0 and f"exit {result.returncode}:\n{result.stderr[-4000:]}"
     reports = [tmp_path / f"{out.name}.rank{rank}" for rank in range(2)]
     if not all(r.exists() for r in reports):
         pytest.fail(f"2-process probe wrote no report ({failure})")
@@ -404,13 +399,13 @@ def test_recommendation_reads_the_schedules_signal():
 def test_probe_and_warm_start_agree_on_the_signal(tmp_path, signal):
     from trl_prob.schedules import SIGNALS
 
-    trainer = make_trainer(tmp_path, objective="p", objective_schedule="adaptive", schedule_statistic=signal,
+    trainer = make_trainer(tmp_path, objective="p", objective_schedule="adaptive", schedule_signal=signal,
                            schedule_warm_start_samples=24)
     report = run_probe(trainer, num_samples=24, output_dir=None, progress=False)
     assert set(report.signals) == set(SIGNALS)
     assert report.schedule_signal == signal and report.schedule_signal_value == report.signals[signal]
     assert 0.0 <= report.schedule_signal_value <= 1.0  # the trainer's head reports is_top1: a real value
-    trainer._begin_schedule()  # what train() runs first: the warm start on the same 24 samples
+    trainer.begin_objective()  # what train() runs first: the warm start on the same 24 samples
     assert trainer.schedule.p_ema == pytest.approx(report.schedule_signal_value, rel=1e-9)
 
 

@@ -26,7 +26,7 @@ from addition import mean_target_probability, random_tiny_llama  # noqa: E402
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 from trl_prob.embedded import default_model_path  # noqa: E402
 from trl_prob.schedules import warmup_lambda  # noqa: E402
-from trl_prob.trainer import (  # noqa: E402
+from trl_prob.checkpoints import (  # noqa: E402
     LEGACY_SCHEDULE_STATE_FILE,
     SCHEDULE_CALLBACK,
     TRAINER_STATE_FILE,
@@ -78,9 +78,9 @@ class _RecordBegin(TrainerCallback):
 RESUME = dict(
     objective="p",
     objective_schedule="adaptive",
-    schedule_statistic="mean",  # the band below is placed for the mean; resume is what is tested here, not the signal
-    schedule_p_low=0.55,
-    schedule_p_high=0.85,
+    schedule_signal="mean",  # the band below is placed for the mean; resume is what is tested here, not the signal
+    schedule_ramp_low=0.55,
+    schedule_ramp_high=0.85,
     schedule_ema_decay=0.5,
     schedule_warm_start_samples=16,
     max_steps=8,
@@ -238,7 +238,7 @@ def test_lambda_is_constant_within_an_optimizer_step_under_accumulation(tmp_path
     extra = (
         dict(schedule_warmup_ratio=1.0)
         if schedule == "linear"
-        else dict(schedule_p_low=0.55, schedule_p_high=0.85, schedule_ema_decay=0.5, schedule_warm_start_samples=16)
+        else dict(schedule_ramp_low=0.55, schedule_ramp_high=0.85, schedule_ema_decay=0.5, schedule_warm_start_samples=16)
     )
     trainer = make_trainer(
         tmp_path,
@@ -286,14 +286,14 @@ def test_adaptive_follows_capability(tmp_path, shipped_tokenizer, tokenizer):
     strong_logs = step_logs(strong).values()
     strong_lambdas = [e["objective_lambda"] for e in strong_logs]
     assert sum(strong_lambdas) / len(strong_lambdas) > 0.9, strong_lambdas
-    assert all(e["ema_token_prob"] > strong.args.schedule_p_low for e in strong_logs)
+    assert all(e["ema_token_prob"] > strong.args.schedule_ramp_low for e in strong_logs)
 
     weak = make_trainer(tmp_path / "weak", random_tiny_llama(seed=0), tokenizer, **common)
     weak.train()
     weak_logs = step_logs(weak).values()
     weak_lambdas = [e["objective_lambda"] for e in weak_logs]
     assert sum(weak_lambdas) / len(weak_lambdas) < 0.05, weak_lambdas
-    assert all(e["ema_token_prob"] < weak.args.schedule_p_low for e in weak_logs)
+    assert all(e["ema_token_prob"] < weak.args.schedule_ramp_low for e in weak_logs)
 
 
 def full_logits_mean_p(trainer, num_samples: int, signal: str = "mean") -> float:
@@ -331,7 +331,7 @@ def test_warm_start_measures_the_base_model(tmp_path, shipped_tokenizer, signal)
         objective_schedule="adaptive",
         schedule_warm_start_samples=n,
         schedule_ema_decay=decay,
-        schedule_statistic=signal,
+        schedule_signal=signal,
         max_steps=2,
         # SFTConfig defaults to bf16=True: on CPU, once train() has prepared the model, its forward (the warm start
         # included) runs under bf16 autocast, which moves p by ~1e-4 against these fp32 references.
@@ -448,7 +448,7 @@ def test_ema_follows_the_configured_statistic(tmp_path, shipped_tokenizer, stati
         shipped_tokenizer,
         objective="p",
         objective_schedule="adaptive",
-        schedule_statistic=statistic,
+        schedule_signal=statistic,
         schedule_ema_decay=decay,
         schedule_warm_start_samples=16,
         max_steps=4,
@@ -472,7 +472,7 @@ def test_default_signal_equals_trls_own_token_accuracy(tmp_path, shipped_tokeniz
     same `is_top1`. On every step of one process they must agree."""
     trainer = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, objective="p", objective_schedule="adaptive",
                            max_steps=4, bf16=False)  # fmt: skip
-    assert trainer.args.schedule_statistic == "token_top1"
+    assert trainer.args.schedule_signal == "token_top1"
     trainer.train()
     for step, entry in step_logs(trainer).items():
         assert entry["token_top1_share"] == pytest.approx(entry["mean_token_accuracy"], rel=1e-6), step

@@ -13,9 +13,9 @@ import pytest
 
 from trl_prob import ProbSFTConfig
 from trl_prob.schedules import (
+    SIGNALS,
     MODES,
     SCHEDULES,
-    STATISTICS,
     AdaptiveSchedule,
     ConstantSchedule,
     CosineSchedule,
@@ -198,7 +198,7 @@ def test_warmup_matches_warmup_lambda(cls, shape):
 
 
 def test_adaptive_follows_the_ema_through_the_ramp():
-    schedule = AdaptiveSchedule(p_low=0.2, p_high=0.6, ema_decay=0.0)  # decay 0: p_ema is the last statistic
+    schedule = AdaptiveSchedule(ramp_low=0.2, ramp_high=0.6, ema_decay=0.0)  # decay 0: p_ema is the last statistic
     assert schedule.begin(10) == 0.0  # nothing measured yet: NLL
     for p, expected in [(NAN, 0.0), (0.1, 0.0), (0.3, 0.25), (0.4, 0.5), (0.9, 1.0)]:
         assert schedule.step(Stats(p)) == pytest.approx(expected), p
@@ -208,7 +208,7 @@ def test_adaptive_follows_the_ema_through_the_ramp():
 
 
 def test_adaptive_ema_is_the_moving_average_of_the_statistic():
-    schedule = AdaptiveSchedule(p_low=0.0, p_high=1.0, ema_decay=0.9)
+    schedule = AdaptiveSchedule(ramp_low=0.0, ramp_high=1.0, ema_decay=0.9)
     schedule.begin(3)
     # None -> 0.4 (first) -> NaN (kept) -> 0.8: 0.9 * 0.4 + 0.1 * 0.8 = 0.44, and lambda = p_ema on a 0 -> 1 ramp
     assert [schedule.step(Stats(p)) for p in (0.4, NAN, 0.8)] == pytest.approx([0.4, 0.4, 0.44])
@@ -218,18 +218,18 @@ def test_statistic_is_chosen_by_name():
     stats = Stats(0.0)
     stats.mean_p, stats.median_p, stats.share_confident = 0.1, 0.2, 0.3
     for name, value in (("mean", 0.1), ("median", 0.2), ("share_confident", 0.3)):
-        assert AdaptiveSchedule(statistic=name).signal(stats) == value
+        assert AdaptiveSchedule(signal=name).signal(stats) == value
 
 
 def test_monotone_never_decreases():
     trajectory = [0.25, 0.45, 0.35, 0.55, 0.2, 0.4, 0.65, 0.1]
-    free = run(AdaptiveSchedule(p_low=0.2, p_high=0.6, ema_decay=0.0), trajectory)
-    held = run(AdaptiveSchedule(p_low=0.2, p_high=0.6, ema_decay=0.0, monotone=True), trajectory)
+    free = run(AdaptiveSchedule(ramp_low=0.2, ramp_high=0.6, ema_decay=0.0), trajectory)
+    held = run(AdaptiveSchedule(ramp_low=0.2, ramp_high=0.6, ema_decay=0.0, monotone=True), trajectory)
     assert any(b < a for a, b in zip(free, free[1:]))  # the free one does decrease
     assert all(b >= a for a, b in zip(held, held[1:]))
     assert held == pytest.approx([max(free[: i + 1]) for i in range(len(free))])
     # a lost statistic (NaN) holds too
-    schedule = AdaptiveSchedule(p_low=0.2, p_high=0.6, ema_decay=0.0, monotone=True)
+    schedule = AdaptiveSchedule(ramp_low=0.2, ramp_high=0.6, ema_decay=0.0, monotone=True)
     schedule.begin(3)
     assert schedule.step(Stats(0.44)) == pytest.approx(0.6)
     assert schedule.step(Stats(NAN)) == pytest.approx(0.6)
@@ -243,7 +243,7 @@ def test_monotone_constant_keeps_the_larger_restored_value():
 
 def test_build_schedule_names_an_unknown_kind():
     class Args:
-        objective_schedule, schedule_statistic, schedule_ema_decay, schedule_monotone = "warmup", "mean", 0.9, False
+        objective_schedule, schedule_signal, schedule_ema_decay, schedule_monotone = "warmup", "mean", 0.9, False
 
     with pytest.raises(ValueError, match="'warmup'"):
         build_schedule(Args())
@@ -306,19 +306,19 @@ def test_valid_config_defaults(tmp_path):
     assert args.objective == "nll"
     assert args.objective_schedule == "none"
     assert args.schedule_mode == "blend"
-    assert args.schedule_p_low == 0.30 and args.schedule_p_high == 0.55
+    assert args.schedule_ramp_low == 0.30 and args.schedule_ramp_high == 0.55
     assert args.schedule_ema_decay == 0.9
     assert args.schedule_warm_start is False
     assert not args.uses_objective
     assert set(SCHEDULES) == {"none", "constant", "linear", "cosine", "adaptive"}
     assert set(MODES) == {"blend", "exponent"}
-    assert set(STATISTICS) == {"mean", "median", "share_confident", "geomean", "p25", "token_top1",
-                               "sequence_top1"}
+    assert set(SIGNALS) == {"mean", "median", "share_confident", "geomean", "p25", "token_top1",
+                            "sequence_top1", "token_top1_clean", "confidence"}
 
 
 @pytest.mark.parametrize(
     "field, value",
-    [("objective_schedule", "warmup"), ("schedule_mode", "multiply"), ("schedule_statistic", "mode")],
+    [("objective_schedule", "warmup"), ("schedule_mode", "multiply"), ("schedule_signal", "mode")],
 )
 def test_unknown_choice_is_named(tmp_path, field, value):
     with raises_naming(value):
@@ -330,11 +330,11 @@ def test_unknown_choice_is_named(tmp_path, field, value):
 @pytest.mark.parametrize("low, high", [(0.5, 0.5), (0.6, 0.4)])
 def test_p_low_must_be_below_p_high(tmp_path, low, high):
     with pytest.raises(ValueError) as info:
-        config(tmp_path, objective="p", objective_schedule="adaptive", schedule_p_low=low, schedule_p_high=high)
+        config(tmp_path, objective="p", objective_schedule="adaptive", schedule_ramp_low=low, schedule_ramp_high=high)
     assert str(low) in str(info.value) and str(high) in str(info.value)
 
 
-@pytest.mark.parametrize("field", ["objective_lambda", "schedule_warmup_ratio", "schedule_p_low", "schedule_p_high"])
+@pytest.mark.parametrize("field", ["objective_lambda", "schedule_warmup_ratio", "schedule_ramp_low", "schedule_ramp_high"])
 @pytest.mark.parametrize("value", [-0.1, 1.5, NAN, float("inf")])
 def test_unit_interval_fields(tmp_path, field, value):
     with pytest.raises(ValueError) as info:

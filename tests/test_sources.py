@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from trl_prob.head import HeadTokens  # noqa: E402
 from conftest import addition_dataset, base_args  # noqa: E402
 from datasets import Dataset, concatenate_datasets  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -27,7 +29,7 @@ from trl_prob.measure import num_samples, sample_index  # noqa: E402
 from trl_prob.objectives import get_objective  # noqa: E402
 from trl_prob.sources import SOURCE_ID, token_lambdas  # noqa: E402
 from trl_prob.stats import MAX_SOURCES, SourceStats, TokenProbStats  # noqa: E402
-from trl_prob.trainer import CheckpointError  # noqa: E402
+from trl_prob.checkpoints import CheckpointError  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- the pure parts
 
@@ -52,12 +54,12 @@ def test_per_token_lambda_equals_each_row_with_its_own_float_lambda(spec, mode):
     lambdas = torch.tensor([0.0, 0.35, 1.0])
     objective = get_objective(spec)
     log_p = target_log_p(logits, targets, mask)
-    got, _ = objective_loss(log_p, mask, objective, lambdas[sources][:, None], mode, sample_source=sources, num_sources=3)
+    got, _ = objective_loss(HeadTokens(log_p, mask), objective, lambdas[sources][:, None], mode, sample_source=sources, num_sources=3)
     (got_grad,) = torch.autograd.grad(got.sum(), logits, retain_graph=True)
 
     rows = []
     for row in range(len(sources)):
-        loss, _ = objective_loss(log_p[row : row + 1], mask[row : row + 1], objective, float(lambdas[sources[row]]), mode)
+        loss, _ = objective_loss(HeadTokens(log_p[row : row + 1], mask[row : row + 1]), objective, float(lambdas[sources[row]]), mode)
         rows.append(loss)
     want = torch.cat(rows)
     (want_grad,) = torch.autograd.grad(want.sum(), logits)
@@ -70,7 +72,7 @@ def test_source_statistics_equal_each_source_measured_alone():
     log_p = target_log_p(logits, targets, mask).detach()
     sources = torch.tensor([1, 0, 1, 1, 0, 2, 1])
     keep = get_objective("top_p:0.3").keep(log_p) & mask
-    _, by_source = objective_loss(log_p, mask, get_objective("top_p:0.3"), 1.0, sample_source=sources, num_sources=4)
+    _, by_source = objective_loss(HeadTokens(log_p, mask), get_objective("top_p:0.3"), 1.0, sample_source=sources, num_sources=4)
     assert isinstance(by_source, SourceStats) and by_source.num_sources == 4
     for source in range(4):
         rows = sources == source
@@ -110,11 +112,11 @@ PER_SOURCE = dict(
     objective="p",
     objective_schedule="adaptive",
     schedule_per_source=True,
-    schedule_p_low=0.2,
-    schedule_p_high=0.95,
+    schedule_ramp_low=0.2,
+    schedule_ramp_high=0.95,
     schedule_ema_decay=0.5,
     schedule_warm_start_samples=32,
-    schedule_statistic="mean",  # the references below compute mean p; the default signal's own test is further down
+    schedule_signal="mean",  # the references below compute mean p; the default signal's own test is further down
     bf16=False,  # a CPU with native bf16 would autocast training but not the references below
 )
 
@@ -295,7 +297,7 @@ def test_padding_free_batches_carry_sources(tmp_path, shipped_tokenizer):
     torch.testing.assert_close(per_token[0][mask[0]], want[mask[0]])
 
     log_p = torch.where(mask, -torch.rand(mask.shape), 0.0)
-    _, stats = objective_loss(log_p, mask, get_objective("p"), per_token, sample_index=index,
+    _, stats = objective_loss(HeadTokens(log_p, mask), get_objective("p"), per_token, sample_index=index,
                               num_samples=num_samples(batch), sample_source=batch[SOURCE_ID], num_sources=2)  # fmt: skip
     for source in (0, 1):
         targets = sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples if ex[SOURCE_ID] == source)
@@ -311,7 +313,7 @@ def test_warm_start_measures_every_source_of_a_concatenated_mixture(tmp_path, sh
     rev = reversed_answers(addition_dataset(8, noise=0.0, seed=1)).add_column("source", ["rev"] * 8)
     trainer = make(tmp_path, concatenate_datasets([add, rev]), shipped_tokenizer, max_steps=1,
                    schedule_warm_start_samples=8)  # fmt: skip
-    measured = trainer._warm_start_dataset(8)[SOURCE_ID]
+    measured = trainer._first_rows(8)[SOURCE_ID]
     assert sorted(measured) == [0] * 6 + [1] * 2
     trainer.train()
     assert all(state["warm_started"] for state in trainer.source_schedules.state_dict().values())
@@ -324,7 +326,7 @@ def test_a_top1_signal_without_is_top1_is_refused_before_step_1(tmp_path, shippe
     """token_top1 (the default) reads TRL's `is_top1`; a forward that drops it would leave the signal NaN and the
     schedule at NLL for the whole run without a word. (TRL's own metric needs it too, but only inside the first step.)"""
     trainer = make(tmp_path, addition_dataset(16), shipped_tokenizer, max_steps=1, schedule_per_source=False,
-                   schedule_statistic="token_top1")  # fmt: skip
+                   schedule_signal="token_top1")  # fmt: skip
     model = trainer.model
     forward = model.forward
 
@@ -334,22 +336,22 @@ def test_a_top1_signal_without_is_top1_is_refused_before_step_1(tmp_path, shippe
         return outputs
 
     model.forward = without_top1
-    with pytest.raises(ValueError, match="schedule_statistic='token_top1' reads .*is_top1.*--schedule_statistic mean"):
+    with pytest.raises(ValueError, match="schedule_signal='token_top1' reads .*is_top1.*--schedule_signal mean"):
         trainer.train()
     assert trainer.state.global_step == 0
 
 
 def test_a_source_can_follow_its_own_signal(tmp_path, shipped_tokenizer):
-    """schedule_source_statistic: `rev` follows geomean on geomean's ramp, `add` the run's signal; each source's
+    """schedule_source_signal: `rev` follows geomean on geomean's ramp, `add` the run's signal; each source's
     logged signal and lambda are its own, and the probe reads each source as its schedule does."""
     from trl_prob.probe import run_probe
     from trl_prob.schedules import SIGNALS, adaptive_lambda
 
-    trainer = make(tmp_path, mixture(8), shipped_tokenizer, max_steps=2, schedule_p_low=None, schedule_p_high=None,
-                   schedule_source_statistic="rev=geomean")  # fmt: skip
+    trainer = make(tmp_path, mixture(8), shipped_tokenizer, max_steps=2, schedule_ramp_low=None, schedule_ramp_high=None,
+                   schedule_source_signal="rev=geomean")  # fmt: skip
     schedules = dict(zip(trainer.sources, trainer.source_schedules.schedules))
-    assert schedules["rev"].statistic == "geomean" and schedules["add"].statistic == "mean"
-    assert (schedules["rev"].p_low, schedules["rev"].p_high) == (SIGNALS["geomean"].p_low, SIGNALS["geomean"].p_high)
+    assert schedules["rev"].signal_name == "geomean" and schedules["add"].signal_name == "mean"
+    assert (schedules["rev"].ramp_low, schedules["rev"].ramp_high) == (SIGNALS["geomean"].ramp_low, SIGNALS["geomean"].ramp_high)
     report = run_probe(trainer, num_samples=None, output_dir=None, progress=False)
     assert report.sources["rev"]["schedule_signal"] == "geomean"
     measured = trainer.measure_dataset(trainer.train_dataset, progress=False).sources
@@ -359,14 +361,14 @@ def test_a_source_can_follow_its_own_signal(tmp_path, shipped_tokenizer):
     logs = step_logs(trainer)
     assert "geomean_token_prob/rev" in logs[1] and "geomean_token_prob/add" not in logs[1]
     p_ema = schedules["rev"].p_ema
-    assert schedules["rev"].value == pytest.approx(adaptive_lambda(p_ema, schedules["rev"].p_low, schedules["rev"].p_high))
+    assert schedules["rev"].value == pytest.approx(adaptive_lambda(p_ema, schedules["rev"].ramp_low, schedules["rev"].ramp_high))
 
 
 @pytest.mark.parametrize(
     "value, message",
-    [("rev=nope", "schedule_source_statistic\\['rev'\\] = 'nope' is not a signal"),
+    [("rev=nope", "schedule_source_signal\\['rev'\\] = 'nope' is not a signal"),
      ("rev", "expected name=signal pairs")],
 )
 def test_bad_source_statistic_is_one_clear_error(tmp_path, value, message):
     with pytest.raises(ValueError, match=message):
-        ProbSFTConfig(**base_args(tmp_path, **{**PER_SOURCE, "schedule_source_statistic": value}))
+        ProbSFTConfig(**base_args(tmp_path, **{**PER_SOURCE, "schedule_source_signal": value}))

@@ -52,7 +52,7 @@ def test_exact_match_agrees_with_a_string_level_scorer(tmp_path, shipped_tokeniz
 
 
 def test_summary_records_before_after_and_lambda_without_changing_training(tmp_path, shipped_tokenizer, held_out):
-    common = dict(objective="p", objective_schedule="adaptive", schedule_p_low=0.6, schedule_p_high=0.95,
+    common = dict(objective="p", objective_schedule="adaptive", schedule_ramp_low=0.6, schedule_ramp_high=0.95,
                   schedule_warm_start_samples=16, max_steps=4)  # fmt: skip
     plain = trainer_on(tmp_path / "plain", held_out, shipped_tokenizer, **common)
     plain.train()

@@ -13,7 +13,17 @@ check_trl_version()
 from trl import SFTConfig  # noqa: E402
 
 from .objectives import get_objective, objective_help  # noqa: E402
-from .schedules import DEFAULT_SIGNAL, MODES, SCHEDULES, SIGNALS  # noqa: E402
+from .schedules import DEFAULT_RAMP, DEFAULT_SIGNAL, MODES, SCHEDULES, SIGNALS  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+# Old option name -> its name now; the old one is still accepted, with one deprecation line.
+DEPRECATED_FIELDS = {
+    "schedule_statistic": "schedule_signal",
+    "schedule_p_low": "schedule_ramp_low",
+    "schedule_p_high": "schedule_ramp_high",
+    "schedule_source_statistic": "schedule_source_signal",
+}
 
 
 def has_accelerator() -> bool:
@@ -62,7 +72,7 @@ class ProbSFTConfig(SFTConfig):
         objective_schedule (`str`, *optional*, defaults to `"none"`):
             `none` (train `objective` alone), `constant` (fixed blend `objective_lambda`), `linear` / `cosine`
             (lambda 0 -> 1 over `schedule_warmup_ratio` of the steps) or `adaptive` (lambda follows the running
-            target-token probability statistic from `schedule_p_low` to `schedule_p_high`).
+            signal of the model's confidence from `schedule_ramp_low` to `schedule_ramp_high`).
         schedule_mode (`str`, *optional*, defaults to `"blend"`):
             `blend`: loss = (1 - lambda) nll + lambda objective. `exponent`: train `power:(lambda k)` for a
             `power:k` objective, so the family itself slides from NLL (a = 0) to -p^k.
@@ -70,19 +80,20 @@ class ProbSFTConfig(SFTConfig):
             Lambda of the `constant` schedule, in [0, 1] (1 = the objective alone).
         schedule_warmup_ratio (`float`, *optional*, defaults to `0.1`):
             Share of the optimizer steps over which `linear` / `cosine` lambda rises from 0 to 1.
-        schedule_statistic (`str`, *optional*, defaults to `"token_top1"`):
+        schedule_signal (`str`, *optional*, defaults to `"token_top1"`):
             Per-step signal that `adaptive` follows (`trl_prob.schedules.SIGNALS`): `token_top1` (share of target
             tokens that are the model's top-1; the default, chosen by benchmarks/signals.py's rule over 9 rows of 3
             task families: behind the best fixed objective in 1 row, `mean` in 2), `mean` (the paper's proxy, its
             Eq. 5; the default before), `median`, `share_confident` (share of tokens with p > 0.55, the paper's
             cut-off), `geomean` (exp(-NLL)), `p25` (25th percentile of p) or `sequence_top1` (share of completions
-            whose every target token is the model's top-1).
-        schedule_p_low (`float`, *optional*):
+            whose every target token is the model's top-1), `token_top1_clean` (`token_top1` leaving out confident
+            conflicts), `confidence` (mean sum_v p_v^2). Formerly `schedule_statistic` (still accepted).
+        schedule_ramp_low (`float`, *optional*):
             Signal at and below which `adaptive` lambda is 0 (pure NLL). Defaults to the signal's own ramp
-            (0.30 for the p statistics, 0.20 for `sequence_top1`).
-        schedule_p_high (`float`, *optional*):
+            (0.30 for most signals, 0.20 for `sequence_top1`). Formerly `schedule_p_low`.
+        schedule_ramp_high (`float`, *optional*):
             Signal at and above which `adaptive` lambda is 1 (the objective alone). Defaults to the signal's own
-            ramp (0.55 for the p statistics, 0.50 for `sequence_top1`).
+            ramp (0.55 for most signals, 0.50 for `sequence_top1`). Formerly `schedule_p_high`.
 
             Why 0.30 -> 0.55 and not the paper's clean-data bands (strong end 0.76 - 0.81): the mean target
             probability is capped near (1 - label noise) x (probability on clean tokens), since the model
@@ -122,10 +133,11 @@ class ProbSFTConfig(SFTConfig):
         schedule_source_lambda (`dict[str, float]` or `str`, *optional*):
             A fixed lambda for the named sources instead of their adaptive one, e.g. `{"chat": 0.0}` or `chat=0`
             (keep NLL on chat data whatever its confidence).
-        schedule_source_statistic (`dict[str, str]` or `str`, *optional*):
-            The signal of the named sources' schedules instead of `schedule_statistic`, e.g. `new=geomean`: a source
+        schedule_source_signal (`dict[str, str]` or `str`, *optional*):
+            The signal of the named sources' schedules instead of `schedule_signal`, e.g. `new=geomean`: a source
             the probe reads as weak can wait for its hard tokens while the others follow the default. Each is read
-            on its own registered ramp unless `schedule_p_low` / `schedule_p_high` are given.
+            on its own registered ramp unless `schedule_ramp_low` / `schedule_ramp_high` are given. Formerly
+            `schedule_source_statistic`.
 
         > Speed
 
@@ -157,7 +169,7 @@ class ProbSFTConfig(SFTConfig):
     schedule_warmup_ratio: float = field(
         default=0.1, metadata={"help": "Share of optimizer steps over which linear/cosine lambda rises 0 -> 1."}
     )
-    schedule_statistic: str = field(
+    schedule_signal: str = field(
         default=DEFAULT_SIGNAL,
         metadata={
             "help": "Signal the adaptive schedule follows: "
@@ -166,11 +178,11 @@ class ProbSFTConfig(SFTConfig):
             "choices": list(SIGNALS),
         },
     )
-    schedule_p_low: float | None = field(
+    schedule_ramp_low: float | None = field(
         default=None,
         metadata={"help": "Adaptive: signal at and below which lambda = 0 (pure NLL); default: the signal's ramp."},
     )
-    schedule_p_high: float | None = field(
+    schedule_ramp_high: float | None = field(
         default=None,
         metadata={
             "help": "Adaptive: signal at and above which lambda = 1 (the objective alone); default: the signal's ramp."
@@ -214,9 +226,18 @@ class ProbSFTConfig(SFTConfig):
         default=None,
         metadata={"help": "Fixed lambda for named sources instead of their adaptive one, e.g. 'chat=0,code=0.5'."},
     )
-    schedule_source_statistic: dict[str, str] | str | None = field(
+    schedule_source_signal: dict[str, str] | str | None = field(
         default=None,
-        metadata={"help": "Signal of named sources' schedules instead of --schedule_statistic, e.g. 'new=geomean'."},
+        metadata={"help": "Signal of named sources' schedules instead of --schedule_signal, e.g. 'new=geomean'."},
+    )
+    # Deprecated names, still accepted (one warning line each): the values move to their new fields.
+    schedule_statistic: str | None = field(
+        default=None, metadata={"help": "Deprecated: use --schedule_signal.", "choices": [None, *SIGNALS]}
+    )
+    schedule_p_low: float | None = field(default=None, metadata={"help": "Deprecated: use --schedule_ramp_low."})
+    schedule_p_high: float | None = field(default=None, metadata={"help": "Deprecated: use --schedule_ramp_high."})
+    schedule_source_statistic: dict[str, str] | str | None = field(
+        default=None, metadata={"help": "Deprecated: use --schedule_source_signal."}
     )
     flush_denormal: bool = field(
         default=True,
@@ -227,6 +248,7 @@ class ProbSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        self._take_deprecated_fields()
         self._validate_objective_fields()
         self._cpu_precision = self._choose_cpu_precision()
         super().__post_init__()
@@ -262,6 +284,18 @@ class ProbSFTConfig(SFTConfig):
             "expect about 10x the float32 time; pass --bf16 false for float32."
         )
 
+    def _take_deprecated_fields(self) -> None:
+        for old, new in DEPRECATED_FIELDS.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            default = self.__dataclass_fields__[new].default
+            if getattr(self, new) not in (default, value):
+                raise ValueError(f"{old} (deprecated) and {new} are both set, to {value!r} and {getattr(self, new)!r}.")
+            logger.warning("trl-prob: %s is deprecated; use %s (same meaning).", old, new)
+            setattr(self, new, value)
+            setattr(self, old, None)
+
     def _validate_objective_fields(self) -> None:
         target = get_objective(self.objective)
         self.objective = target.spec
@@ -273,24 +307,25 @@ class ProbSFTConfig(SFTConfig):
 
         choice("objective_schedule", tuple(SCHEDULES))
         choice("schedule_mode", MODES)
-        choice("schedule_statistic", tuple(SIGNALS))
-        signal = SIGNALS[self.schedule_statistic]
-        self._ramp_given = (self.schedule_p_low, self.schedule_p_high)  # before the signal's ramp fills them in
-        if self.schedule_p_low is None:
-            self.schedule_p_low = signal.p_low
-        if self.schedule_p_high is None:
-            self.schedule_p_high = signal.p_high
+        choice("schedule_signal", tuple(SIGNALS))
+        signal = SIGNALS[self.schedule_signal]
+        self._ramp_given = (self.schedule_ramp_low, self.schedule_ramp_high)  # before the signal's ramp fills them in
+        if self.schedule_ramp_low is None:
+            self.schedule_ramp_low = signal.ramp_low
+        if self.schedule_ramp_high is None:
+            self.schedule_ramp_high = signal.ramp_high
 
         def unit_interval(name: str) -> None:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
 
-        for name in ("objective_lambda", "schedule_warmup_ratio", "schedule_p_low", "schedule_p_high"):
+        for name in ("objective_lambda", "schedule_warmup_ratio", "schedule_ramp_low", "schedule_ramp_high"):
             unit_interval(name)
-        if self.schedule_p_low >= self.schedule_p_high:
+        if self.schedule_ramp_low >= self.schedule_ramp_high:
             raise ValueError(
-                f"schedule_p_low ({self.schedule_p_low}) must be below schedule_p_high ({self.schedule_p_high})."
+                f"schedule_ramp_low ({self.schedule_ramp_low}) must be below schedule_ramp_high "
+                f"({self.schedule_ramp_high})."
             )
         if not (math.isfinite(self.schedule_ema_decay) and 0.0 <= self.schedule_ema_decay < 1.0):
             raise ValueError(f"schedule_ema_decay must be in [0, 1), got {self.schedule_ema_decay!r}.")
@@ -337,9 +372,9 @@ class ProbSFTConfig(SFTConfig):
         from .stats import MAX_SOURCES
 
         self.schedule_source_lambda = parse_source_lambda(self.schedule_source_lambda)
-        self.schedule_source_statistic = parse_source_statistic(self.schedule_source_statistic)
+        self.schedule_source_signal = parse_source_signal(self.schedule_source_signal)
         if not self.schedule_per_source:
-            for name in ("schedule_sources", "schedule_source_lambda", "schedule_source_statistic"):
+            for name in ("schedule_sources", "schedule_source_lambda", "schedule_source_signal"):
                 if getattr(self, name):
                     raise ValueError(f"{name} is set but schedule_per_source is off: pass --schedule_per_source true.")
             return
@@ -370,7 +405,7 @@ class ProbSFTConfig(SFTConfig):
                     "row each, reduced together every step)."
                 )
             check_source_names(self.schedule_source_lambda, sources, "schedule_source_lambda")
-            check_source_names(self.schedule_source_statistic, sources, "schedule_source_statistic")
+            check_source_names(self.schedule_source_signal, sources, "schedule_source_signal")
 
     @property
     def uses_objective(self) -> bool:
@@ -415,14 +450,14 @@ def parse_source_lambda(value) -> dict[str, float] | None:
     return parsed or None
 
 
-def parse_source_statistic(value) -> dict[str, str] | None:
-    """``schedule_source_statistic`` as a dict of signal names (:data:`~trl_prob.schedules.SIGNALS`)."""
-    given = _source_map(value, "schedule_source_statistic", "name=signal", "new=geomean")
+def parse_source_signal(value) -> dict[str, str] | None:
+    """``schedule_source_signal`` as a dict of signal names (:data:`~trl_prob.schedules.SIGNALS`)."""
+    given = _source_map(value, "schedule_source_signal", "name=signal", "new=geomean")
     parsed = {name: str(signal).strip() for name, signal in (given or {}).items()}
     for name, signal in parsed.items():
         if signal not in SIGNALS:
             raise ValueError(
-                f"schedule_source_statistic[{name!r}] = {signal!r} is not a signal; allowed: {', '.join(SIGNALS)}."
+                f"schedule_source_signal[{name!r}] = {signal!r} is not a signal; allowed: {', '.join(SIGNALS)}."
             )
     return parsed or None
 

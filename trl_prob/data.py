@@ -9,6 +9,8 @@ which file or line. :func:`check_rows` scans a split column by column with pyarr
 
 from __future__ import annotations
 
+import logging
+
 import glob
 import json
 import os
@@ -22,6 +24,8 @@ SHOWN = 3  # rows named in one line
 class DataError(ValueError):
     """A row of the data cannot be trained on (one line: split, row, field, what is wrong)."""
 
+
+logger = logging.getLogger("trl_prob.trainer")  # the trainer's logger: its lines have always come from there
 
 def _rows_text(rows: list[int]) -> str:
     first = ", ".join(str(r) for r in rows[:SHOWN])
@@ -201,4 +205,63 @@ def first_prompt_over(dataset, processing_class, max_length: int, batch_size: in
             if n >= max_length:
                 return offset + row, n
         offset += len(prompts)
+    return None
+
+
+ASSISTANT_ONLY_LOSS_ADVICE = (
+    "assistant_only_loss needs {% generation %} markers in the chat template to find the assistant turns. For a model "
+    "whose template has none (SmolLM2, many others): give the data as conversational prompt/completion rows (prompt: "
+    "the messages before the answer; completion: the assistant turn) and drop assistant_only_loss: TRL's default "
+    "completion_only_loss then trains exactly the assistant turn. Or pass --chat_template_path with a template that "
+    "has the markers."
+)
+
+
+def check_datasets(train, evaluation, text_field: str) -> None:
+    """:func:`check_rows` on the training data and every evaluation dataset (a dict of them, or one)."""
+    check_rows(train, "train", text_field)
+    for name, dataset in evaluation.items() if isinstance(evaluation, dict) else [("eval", evaluation)]:
+        check_rows(dataset, name, text_field)
+
+
+def check_assistant_only(args, processing_class) -> None:
+    """``assistant_only_loss`` with a chat template that has no ``{% generation %}`` markers: one line saying what to
+    do instead, before TRL tokenises anything (a template given by path is checked by TRL itself)."""
+    if not getattr(args, "assistant_only_loss", False) or getattr(args, "chat_template_path", None):
+        return
+    template = getattr(processing_class, "chat_template", None)
+    if isinstance(template, str) and "generation" not in template:
+        raise ValueError(f"The chat template has no {{% generation %}} markers. {ASSISTANT_ONLY_LOSS_ADVICE}")
+
+
+def truncation_check(raw, prepared, args, processing_class, warn: bool = True) -> int | None:
+    """Rows that ``max_length`` cuts, said before any step: completions cut short are one warning line (their end and
+    EOS are not trained). Returns the number of raw rows when none is left to train (the trainer refuses to start;
+    TRL would fail in its sampler; the probe reports it in its own words), else None."""
+    if args.packing or args.max_length is None or (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        return None
+    if not (hasattr(raw, "__len__") and hasattr(prepared, "__len__")):
+        return None
+    dropped = len(raw) - len(prepared)
+    if len(raw) and not len(prepared):
+        return len(raw)
+    if "input_ids" not in (prepared.column_names or ()):
+        return None
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(prepared.with_format("arrow")["input_ids"])
+    cut = pc.sum(pc.greater_equal(lengths, args.max_length)).as_py() or 0
+    if (cut or dropped) and warn:
+        lost = f", and leaves {dropped:,} more without any completion token (TRL drops them" if dropped else ""
+        if dropped:
+            found = first_prompt_over(raw, processing_class, args.max_length)
+            if found is not None:  # name one, and what truncation does to it
+                lost += (f"; row {found[0]}: its 'prompt' alone is {found[1]} tokens, and truncation_mode="
+                         f"{args.truncation_mode!r} keeps only its "
+                         f"{'first' if args.truncation_mode == 'keep_start' else 'last'} {args.max_length}")  # fmt: skip
+            lost += ")"
+        logger.warning(
+            "trl-prob: max_length=%d cuts %d of %d training rows short (the end of the completion and its EOS are "
+            "not trained)%s; raise --max_length to train them whole.", args.max_length, cut, len(raw), lost
+        )
     return None

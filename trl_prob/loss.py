@@ -1,4 +1,4 @@
-"""The per-micro-batch loss: target-token log-probabilities in, per-token loss and statistics out.
+"""The per-micro-batch loss: the head's per-token record in, per-token loss and statistics out.
 
 A pure function of tensors and numbers, so the trainer is glue and the loss is tested on its own against
 autograd through full logits. The caller (TRL's ``SFTTrainer.compute_loss``) sums the per-token loss and divides
@@ -11,18 +11,17 @@ from collections.abc import Callable
 
 import torch
 
+from .head import HeadTokens
 from .objectives import Objective, power_loss
-from .stats import SourceStats, TokenProbStats
+from .stats import SourceStats, TokenProbStats, head_fields
 
 
 def objective_loss(
-    log_p: torch.Tensor,
-    mask: torch.Tensor,
+    tokens: HeadTokens,
     objective: Objective,
-    objective_lambda: float = 1.0,
+    objective_lambda: float | torch.Tensor = 1.0,
     mode: str = "blend",
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    is_top1: torch.Tensor | None = None,
     sample_index: torch.Tensor | None = None,
     num_samples: int | None = None,
     sample_source: torch.Tensor | None = None,
@@ -31,8 +30,9 @@ def objective_loss(
     """Per-token loss (fp32, 0 where ``mask`` is false) and the micro-batch's target-token statistics.
 
     Args:
-        log_p: log-probability of each target token (TRL's fused head: 0 on ignored positions).
-        mask: True on target tokens.
+        tokens: the micro-batch's per-token head outputs: log p of each target token (TRL's fused head: 0 on ignored
+            positions), the label mask, and whatever else the head returned (``is_top1``, ``entropy``,
+            ``log_sum_sq_probs``): the objective and the statistics read what they need from it.
         objective: the target objective f.
         objective_lambda: 0 is NLL, 1 the objective alone; a float, or a tensor broadcastable to ``log_p`` (one lambda
             per token: per-source schedules).
@@ -40,20 +40,23 @@ def objective_loss(
             ``power:a`` objective.
         all_reduce: sums a tensor over processes (returns it); ``None`` for one process. Thresholded objectives
             use it for the kept-token count of this micro-batch over all processes.
-        is_top1, sample_index, num_samples: for the sequence statistics (TRL's fused head's ``is_top1``; which
-            sample each position belongs to, for padding-free batches); statistics only, never the loss.
+        sample_index, num_samples: for the sequence statistics (which sample each position belongs to, for
+            padding-free batches); statistics only, never the loss.
         sample_source, num_sources: the source index of each sample (rows, or ``sample_index``'s samples): the
             statistics are then :class:`SourceStats`, one row per source.
     """
+    log_p, mask = tokens.log_p, tokens.mask
     keep = objective.keep(log_p) & mask if objective.is_thresholded else None
     if sample_source is None:
-        stats = TokenProbStats.of(log_p, mask, keep, is_top1, sample_index, num_samples)
+        stats = TokenProbStats.of_tokens(tokens, keep, sample_index, num_samples)
         total = stats
     else:
         if sample_index is None:
             num_samples = log_p.shape[0]
             sample_index = torch.arange(num_samples, device=log_p.device)[:, None].expand_as(log_p)
-        rows = TokenProbStats.per_sample(log_p, mask, sample_index, num_samples, keep, is_top1)
+        rows = TokenProbStats.per_sample(
+            log_p, mask, sample_index, num_samples, keep, tokens.is_top1, **head_fields(tokens)
+        )
         stats = SourceStats.from_rows(rows, sample_source, num_sources)
         total = TokenProbStats.from_rows(rows)
     log_p = log_p.float()
@@ -63,7 +66,7 @@ def objective_loss(
     if mode == "exponent":
         a = lam * torch.tensor(objective.param, dtype=torch.float32)
         return power_loss(log_p, a if per_token else float(a)) * mask, stats
-    loss = objective(log_p)
+    loss = objective(log_p, tokens)
     if keep is not None:
         loss = loss * keep * kept_token_scale(total, all_reduce)
     if per_token or objective_lambda < 1.0:

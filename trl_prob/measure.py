@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .head import HeadTokens
 from .sources import SOURCE_ID
-from .stats import SourceStats, TokenProbStats
+from .stats import SourceStats, TokenProbStats, head_fields
 
 
 @dataclass
@@ -35,6 +36,8 @@ def measure(
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = False,
     num_sources: int | None = None,
+    check: Callable[[HeadTokens], None] | None = None,
+    vocab_size: int | None = None,
 ) -> Measurement:
     """Statistics of p(target token) over ``batches`` (collated SFT batches with ``labels``).
 
@@ -47,6 +50,9 @@ def measure(
         progress: show a progress bar (main process only).
         num_sources: the run's number of data sources, when the batches carry each sample's source
             (:data:`~trl_prob.sources.SOURCE_ID`): the measurement then holds statistics per source.
+        check: called on each batch's head outputs (:class:`~trl_prob.head.HeadTokens`) before they are counted: the
+            trainer refuses there a forward that lacks an output the run reads.
+        vocab_size: the model's vocabulary size, for the statistics of H / ln V.
     """
     was_training = model.training
     model.eval()
@@ -67,9 +73,10 @@ def measure(
                 if by_source is not None and source is None:
                     raise ValueError(f"measure(num_sources={num_sources}) needs each batch's {SOURCE_ID!r}.")
                 outputs = model(**batch, fused_lm_head=True, use_cache=False)
-                rows = per_sample_stats(
-                    batch, outputs.log_probs, outputs.label_mask, is_top1=getattr(outputs, "is_top1", None)
-                )
+                tokens = HeadTokens.from_outputs(outputs, vocab_size)
+                if check is not None:
+                    check(tokens)
+                rows = per_sample_stats(batch, tokens.log_p, tokens.mask, tokens=tokens)
                 rows, source = gather_rows(rows, gather, source if by_source is not None else None)
                 if by_source is not None:
                     by_source = by_source + SourceStats.from_rows(rows, source, num_sources).to_host()
@@ -88,12 +95,15 @@ def per_sample_stats(
     log_p: torch.Tensor,
     label_mask: torch.Tensor,
     keep: torch.Tensor | None = None,
-    is_top1: torch.Tensor | None = None,
+    tokens: HeadTokens | None = None,
 ) -> torch.Tensor:
-    """[samples, width] statistics of one batch, one row per sample (padding-free rows split at ``cu_seq_lens_q``)."""
+    """[samples, width] statistics of one batch, one row per sample (padding-free rows split at ``cu_seq_lens_q``),
+    with every other head output ``tokens`` carries."""
+    extra = head_fields(tokens) if tokens is not None else {}
     return TokenProbStats.per_sample(
-        log_p, label_mask, sample_index(batch, label_mask), num_samples(batch), keep, is_top1
-    )
+        log_p, label_mask, sample_index(batch, label_mask), num_samples(batch), keep,
+        tokens.is_top1 if tokens is not None else None, **extra,
+    )  # fmt: skip
 
 
 def gather_rows(

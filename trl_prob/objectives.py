@@ -1,6 +1,8 @@
-"""The per-token objectives of "Beyond Log Likelihood" (Li et al., 2025), as pure functions of log p.
+"""The per-token objectives: "Beyond Log Likelihood" (Li et al., 2025) and the confidence-aware ones after it.
 
-Every objective is a per-token loss f(p) of the target-token probability p. Its gradient with respect to the
+Every objective is a per-token loss f(p) of the target-token probability p, some also gated by the model's own
+(detached) confidence in that position: DEFT by sum_v p_v^2, EAFT by the entropy. Each family declares which of the
+fused head's per-token outputs it reads (:data:`trl_prob.head.HEAD_OUTPUTS`); the trainer asks the head for them. Its gradient with respect to the
 logits is w(p) times the ordinary cross-entropy gradient, with w(p) = -f'(p) p, so the whole family runs on a
 kernel that only returns the target log-probability (TRL's fused chunked LM head): autograd through ``log_p`` is
 all it takes.
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from .head import HEAD_OUTPUTS, HeadTokens
 
 Normaliser = Literal["tokens", "kept_tokens"]
 Tensor = torch.Tensor
@@ -85,6 +89,9 @@ class Family:
         keep: for thresholded families, which tokens train: (log p, parameter) -> bool tensor.
         leans_on_prior: w grows with p (the paper's prior-leaning objectives): what the probe recommends at the
             strong end of the continuum.
+        reads: the fused head's per-token outputs it needs (:data:`~trl_prob.head.HEAD_OUTPUTS`). A family reading
+            more than ``log_probs`` gets the micro-batch's :class:`~trl_prob.head.HeadTokens` as a third argument of
+            ``loss`` and ``weight``.
     """
 
     name: str
@@ -100,6 +107,20 @@ class Family:
     check_param: Callable[[float], bool] | None = None
     keep: Callable[[Tensor, float], Tensor] | None = None
     leans_on_prior: bool = False
+    reads: tuple[str, ...] = ("log_probs",)
+    uses_tokens: bool = False  # needs the micro-batch's HeadTokens (e.g. its label mask) even if it reads only log p
+
+    def __post_init__(self):
+        unknown = set(self.reads) - set(HEAD_OUTPUTS)
+        if unknown or "log_probs" not in self.reads:
+            raise ValueError(
+                f"Objective family {self.name!r}: reads={self.reads!r} must include 'log_probs' and name only "
+                f"{', '.join(HEAD_OUTPUTS)}."
+            )
+
+    @property
+    def takes_tokens(self) -> bool:
+        return self.uses_tokens or tuple(self.reads) != ("log_probs",)
 
     @property
     def normaliser(self) -> Normaliser:
@@ -217,6 +238,95 @@ for _family in (
     register_family(_family)
 
 
+# ------------------------------------------------------------------------------- the confidence-aware families
+# They gate each token by the model's own detached confidence in that position, read from the fused head (no full
+# logits): DEFT (arXiv 2602.11424) by sum_v p_v^2, EAFT (arXiv 2601.02151) by the normalised entropy.
+
+DEFT_EPS = 1e-6  # the DEFT code's (a + 1e-6); its Cayley variant uses 1e-8
+CAYLEY_EPS = 1e-8
+
+
+def deft_loss(log_p: Tensor, _, tokens: HeadTokens) -> Tensor:
+    # -(p^a - 1) / (a + eps), a = sg(sum_v p_v^2): NLL where the prediction is flat (a -> 1/V), -p where it is certain.
+    a = tokens.sum_sq_probs
+    return one_minus_exp(a * log_p) / (a + DEFT_EPS)
+
+
+def deft_weight(p: Tensor, _, tokens: HeadTokens) -> Tensor:
+    a = tokens.sum_sq_probs
+    return p.pow(a) * a / (a + DEFT_EPS)
+
+
+def cayley_gate(log_p: Tensor, tokens: HeadTokens) -> Tensor:
+    """DEFT's Cayley focus a = clamp(f + (1 - f) (1 - d) / (1 + d), 0.001, 1), d = 1 - p, f = 0.5 x the mean target p
+    of the micro-batch (its target tokens on this process; with gradient accumulation, each micro-batch its own)."""
+    p = log_p.detach().float().exp()
+    mask = tokens.mask
+    f = 0.5 * (p * mask).sum() / mask.sum().clamp(min=1)
+    d = 1.0 - p
+    return (f + (1.0 - f) * (1.0 - d) / (1.0 + d)).clamp(0.001, 1.0)
+
+
+def deft_cayley_loss(log_p: Tensor, _, tokens: HeadTokens) -> Tensor:
+    a = cayley_gate(log_p, tokens)
+    return one_minus_exp(a * log_p) / (a + CAYLEY_EPS)
+
+
+def deft_cayley_weight(p: Tensor, _, tokens: HeadTokens) -> Tensor:
+    a = cayley_gate(p.log(), tokens)
+    return p.pow(a) * a / (a + CAYLEY_EPS)
+
+
+def eaft_gate(tokens: HeadTokens, alpha: float) -> Tensor:
+    # (H / ln V)^alpha, detached: full-vocabulary entropy from the head (LLaMA-Factory: top-20 entropy / ln 20).
+    if tokens.vocab_size is None:
+        raise ValueError("eaft normalises the entropy by ln V: HeadTokens.vocab_size is not set.")
+    return tokens.normalised_entropy.pow(alpha)
+
+
+for _family in (
+    Family(
+        name="deft",
+        loss=deft_loss,
+        weight=deft_weight,
+        loss_text="(1 - p^a) / (a + 1e-6), a = sg(sum_v p_v^2)",
+        weight_text="p^a a / (a + 1e-6)",
+        help="DEFT: -p^a with a = the model's sum_v p_v^2 (NLL where unsure, -p where confident), no parameter",
+        paper_keys=("DEFT",),
+        reference_text="DEFT `DEFT`",
+        leans_on_prior=True,
+        reads=("log_probs", "log_sum_sq_probs"),
+    ),
+    Family(
+        name="deft_cayley",
+        loss=deft_cayley_loss,
+        weight=deft_cayley_weight,
+        loss_text="(1 - p^a) / (a + 1e-8), a = clip(f + (1 - f) p / (2 - p), 0.001, 1), f = mean p / 2",
+        weight_text="p^a a / (a + 1e-8)",
+        help="DEFT's Cayley variant: the exponent follows p and half the micro-batch's mean p",
+        paper_keys=("Cayley_Trans",),
+        reference_text="DEFT `Cayley_Trans`",
+        leans_on_prior=True,
+        uses_tokens=True,
+    ),
+    Family(
+        name="eaft",
+        loss=lambda log_p, alpha, tokens: -log_p * eaft_gate(tokens, alpha),
+        weight=lambda p, alpha, tokens: eaft_gate(tokens, alpha),
+        loss_text="-log p sg(H / ln V)^alpha",
+        weight_text="(H / ln V)^alpha",
+        help="EAFT: NLL weighted by the model's normalised entropy (confident tokens, confident conflicts, weigh less)",
+        paper_keys=("EAFT",),
+        reference_text="EAFT (`eaft_alpha`)",
+        param="alpha",
+        param_range="alpha > 0",
+        check_param=lambda alpha: alpha > 0,
+        reads=("log_probs", "entropy"),
+    ),
+):
+    register_family(_family)
+
+
 def valid_specs() -> str:
     """Every spec the registry accepts, for help texts and error messages."""
     specs = ", ".join(
@@ -287,16 +397,34 @@ class Objective:
             return torch.ones_like(log_p, dtype=torch.bool)
         return self.row.keep(log_p.detach().float(), self.param)
 
-    def __call__(self, log_p: Tensor) -> Tensor:
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The fused head's per-token outputs this objective reads."""
+        return self.row.reads
+
+    def _tokens(self, tokens: HeadTokens | None) -> HeadTokens:
+        if tokens is None:
+            raise ValueError(f"objective {self.spec!r} reads the micro-batch's head outputs: pass its HeadTokens.")
+        from .head import require
+
+        require(tokens, {f"objective {self.spec!r}": self.reads})
+        return tokens
+
+    def __call__(self, log_p: Tensor, tokens: HeadTokens | None = None) -> Tensor:
         """Per-token loss f(p), fp32, same shape as ``log_p``, differentiable w.r.t. ``log_p``.
 
         Every f here is 0 at p = 1, so positions where TRL's fused head returns log p = 0 (ignored labels)
-        contribute nothing; counting kept tokens still needs the caller's label mask.
+        contribute nothing; counting kept tokens still needs the caller's label mask. Families that read more than
+        log p (:attr:`reads`) need ``tokens``, the micro-batch's other head outputs.
         """
+        if self.row.takes_tokens:
+            return self.row.loss(log_p.float(), self.param, self._tokens(tokens))
         return self.row.loss(log_p.float(), self.param)
 
-    def weight(self, p: Tensor) -> Tensor:
+    def weight(self, p: Tensor, tokens: HeadTokens | None = None) -> Tensor:
         """Gradient weight w(p) = -f'(p) p on the NLL gradient (the paper's table), for analysis and tests."""
+        if self.row.takes_tokens:
+            return self.row.weight(p.float(), self.param, self._tokens(tokens))
         return self.row.weight(p.float(), self.param)
 
 

@@ -123,8 +123,13 @@ def plot_training(run_dir_or_trainer_state_json: str, output_png: str | None = N
 def _probability_panel(ax, history: list[dict]) -> None:
     from .stats import CONFIDENT_P
 
-    plotted = _plot(ax, history, "mean_token_prob", "per-step mean", color=_COLORS["mean"], lw=1.2)
-    plotted |= _plot(ax, history, "ema_token_prob", "moving average (schedule input)", color=_COLORS["ema"], lw=2.2)
+    signal = followed_signal(history)
+    ema = "schedule_signal_ema" if any("schedule_signal_ema" in e for e in history) else "ema_token_prob"
+    plotted = _plot(ax, history, "mean_token_prob", "per-step mean p", color=_COLORS["mean"], lw=1.2)
+    if signal is not None and signal.metric is not None:
+        plotted |= _plot(ax, history, signal.metric, f"per-step {signal.label}", color=_COLORS["ema"], lw=0.8, alpha=0.5)
+    ema_label = f"{signal.label if signal is not None else 'signal'}, moving average (schedule input)"
+    plotted |= _plot(ax, history, ema, ema_label, color=_COLORS["ema"], lw=2.2)
     plotted |= _plot(ax, history, "eval_mean_token_prob", "eval mean", color=_COLORS["eval"], lw=1.5, marker="o", ms=4)
     for color, source in zip(_source_colors(), _sources(history)):
         plotted |= _plot(ax, history, f"mean_token_prob/{source}", f"source {source}", color=color, lw=1.0, alpha=0.8)
@@ -132,7 +137,23 @@ def _probability_panel(ax, history: list[dict]) -> None:
     ax.annotate(f"p = {CONFIDENT_P}", (1.0, CONFIDENT_P), xycoords=("axes fraction", "data"), ha="right",
                 va="bottom", fontsize=8, color="grey")
     ax.set_ylim(0, 1)
-    _finish(ax, "Target-token probability", "mean p (target tokens)", plotted)
+    title = "Target-token probability" if signal is None or signal.name == "mean" else (
+        f"Target-token probability and the schedule's signal ({signal.name})")
+    _finish(ax, title, "p / signal (target tokens)", plotted)
+
+
+def followed_signal(history: list[dict]):
+    """The signal an adaptive run followed, from the metric it logged (``mean`` logs none of its own); None for a
+    run without a schedule signal."""
+    from .schedules import SIGNALS
+
+    logged = set().union(*history) if history else set()
+    if not ({"schedule_signal_ema", "ema_token_prob"} & logged):
+        return None
+    for signal in SIGNALS.values():
+        if signal.metric is not None and signal.metric in logged:
+            return signal
+    return SIGNALS["mean"]
 
 
 def _schedule_panel(ax, history: list[dict]) -> None:
@@ -225,8 +246,8 @@ def plot_probe_histogram(report, output_png: str) -> str:
         ax.axvspan(low, high, color=_BAND_COLORS.get(name, "#dddddd"), alpha=0.55, lw=0, zorder=0)
         ax.text((low + high) / 2, 1.01, f"paper: {name.removeprefix('model-')}\n{low:.2f}-{high:.2f}",
                 transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8, color="#444444")
-    ax.axvspan(report.schedule_p_low, report.schedule_p_high, color="#bdbdbd", alpha=0.25, lw=0, zorder=0,
-               hatch="//", label=f"adaptive ramp {report.schedule_p_low:.2f} to {report.schedule_p_high:.2f}")
+    ax.axvspan(report.schedule_ramp_low, report.schedule_ramp_high, color="#bdbdbd", alpha=0.25, lw=0, zorder=0,
+               hatch="//", label=f"adaptive ramp {report.schedule_ramp_low:.2f} to {report.schedule_ramp_high:.2f}")
     ax.bar(edges[:-1], shares, width=widths, align="edge", color="#3182bd", edgecolor="white", lw=0.4,
            label="target tokens", zorder=2)
     if math.isfinite(report.mean_p):

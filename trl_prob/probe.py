@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .measure import Measurement
-from .schedules import DEFAULT_SIGNAL
+from .schedules import DEFAULT_RAMP, DEFAULT_SIGNAL
 from .stats import CONFIDENT_P, HISTOGRAM_BINS, TokenProbStats
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ WEAK_END_P = 0.10
 NOISE_NOTE = (
     "With label noise the measured mean is capped near (1 - noise) x the probability on clean tokens, so noisy "
     "data reads lower than the paper's clean-data bands; that is why the adaptive schedule ramps from 0.30 to 0.55 "
-    "by default (see ProbSFTConfig.schedule_p_low / schedule_p_high)."
+    "by default (see ProbSFTConfig.schedule_ramp_low / schedule_ramp_high)."
 )
 TABLE_BINS = 10  # histogram in the printed table and in probe.json
 PLOT_BINS = 50  # histogram in probe_histogram.png (also in probe.json)
@@ -53,17 +53,18 @@ PLOT_BINS = 50  # histogram in probe_histogram.png (also in probe.json)
 # ------------------------------------------------------------------------------------------ the continuum
 
 
-def place_on_continuum(mean_p: float, p_low: float = 0.30, p_high: float = 0.55) -> str:
-    """``model-weak`` below ``p_low``, ``model-strong`` at or above ``p_high``, ``model-intermediate`` between.
+def place_on_continuum(mean_p: float, ramp_low: float = DEFAULT_RAMP[0], ramp_high: float = DEFAULT_RAMP[1]) -> str:
+    """``model-weak`` below ``ramp_low``, ``model-strong`` at or above ``ramp_high``, ``model-intermediate`` between.
 
-    The cut-offs are the adaptive schedule's: 0.30 is about midway between the paper's weak (<= 0.07) and
+    The placement reads the paper's proxy, mean target p, on the default ramp (whatever signal the schedule follows:
+    the recommendation reads that one). The cut-offs: 0.30 is about midway between the paper's weak (<= 0.07) and
     intermediate (>= 0.50) bands, 0.55 is the paper's own confidence cut-off. ``unknown`` without tokens (NaN).
     """
     if math.isnan(mean_p):
         return "unknown"
-    if mean_p >= p_high:
+    if mean_p >= ramp_high:
         return "model-strong"
-    return "model-intermediate" if mean_p >= p_low else "model-weak"
+    return "model-intermediate" if mean_p >= ramp_low else "model-weak"
 
 
 def nearest_reference(mean_p: float) -> str:
@@ -100,9 +101,9 @@ def describe_position(mean_p: float) -> str:
 def recommend(
     mean_p: float,
     objective: str | None = None,
-    p_low: float = 0.30,
-    p_high: float = 0.55,
-    signal: str = "mean",
+    ramp_low: float = DEFAULT_RAMP[0],
+    ramp_high: float = DEFAULT_RAMP[1],
+    signal: str = DEFAULT_SIGNAL,
     signal_value: float | None = None,
 ) -> tuple[str, str, str]:
     """``(objective, objective_schedule, reason)`` for a model whose mean target probability is ``mean_p``.
@@ -110,7 +111,7 @@ def recommend(
     ``objective`` is the prior-leaning target the user configured (``p`` unless its family leans on the prior in the
     objective registry). The rule follows the paper: NLL at its weak end (mean p below 0.10), the prior-leaning
     objective where the model is confident, and in between the adaptive schedule. Confidence is read as the adaptive
-    schedule reads it (``signal``, whose value is ``signal_value``, on the ramp ``p_low`` -> ``p_high``), so the probe's
+    schedule reads it (``signal``, whose value is ``signal_value``, on the ramp ``ramp_low`` -> ``ramp_high``), so the probe's
     advice before training and the schedule's lambda during it agree.
     """
     from .objectives import get_objective
@@ -127,19 +128,19 @@ def recommend(
             f"at the paper's weak end ({_band('model-weak')}), where NLL wins by far (figfont exact match 35.2 vs "
             "0.0 for 1 - p): prior-leaning objectives barely train tokens the model cannot predict yet."
         )
-    if math.isnan(value) or value < p_low:
+    if math.isnan(value) or value < ramp_low:
         return spec, "adaptive", (
             f"weak on this data: adaptive trains pure NLL (the paper's choice here) until the running {named} passes "
-            f"{p_low:.2f}, then moves toward {spec} as the model becomes confident."
+            f"{ramp_low:.2f}, then moves toward {spec} as the model becomes confident."
         )
-    if value < p_high:
-        lam = adaptive_lambda(value, p_low, p_high)
+    if value < ramp_high:
+        lam = adaptive_lambda(value, ramp_low, ramp_high)
         return spec, "adaptive", (
             f"between the ends, where the paper finds no single winner: adaptive starts at lambda {lam:.2f} "
-            f"(share of {spec}) and follows the model's confidence, reaching {spec} alone at {p_high:.2f}."
+            f"(share of {spec}) and follows the model's confidence, reaching {spec} alone at {ramp_high:.2f}."
         )
     return spec, "none", (
-        f"confident on this data ({named} >= {p_high:.2f}): at the strong end prior-leaning objectives beat NLL "
+        f"confident on this data ({named} >= {ramp_high:.2f}): at the strong end prior-leaning objectives beat NLL "
         "(math: 1 - p 32.75 vs NLL 17.00 on Qwen2.5-Math-1.5B)."
     )
 
@@ -182,9 +183,9 @@ class ProbeReport:
     num_samples_without_targets: int = 0
     num_samples_dropped: int | None = None
     confident_p: float = CONFIDENT_P
-    schedule_p_low: float = 0.30
-    schedule_p_high: float = 0.55
-    schedule_signal: str = "mean"
+    schedule_ramp_low: float = DEFAULT_RAMP[0]
+    schedule_ramp_high: float = DEFAULT_RAMP[1]
+    schedule_signal: str = DEFAULT_SIGNAL
     schedule_signal_value: float = float("nan")
     signals: dict[str, float] = field(default_factory=dict)  # every registered signal, for comparison
     share_above_0_9: float = float("nan")
@@ -202,9 +203,9 @@ class ProbeReport:
         *,
         model: str = "model",
         objective: str | None = None,
-        p_low: float = 0.30,
-        p_high: float = 0.55,
-        signal: str = "mean",
+        ramp_low: float = DEFAULT_RAMP[0],
+        ramp_high: float = DEFAULT_RAMP[1],
+        signal: str = DEFAULT_SIGNAL,
         max_length: int | None = None,
         num_samples_dropped: int | None = None,
         source_names: list[str] | None = None,
@@ -214,15 +215,15 @@ class ProbeReport:
     ) -> ProbeReport:
         """The report of ``measurement``; with ``source_names`` (its ``sources`` statistics, in that order) also each
         source's, given how many samples of each were measured and the ``(lambda, fixed)`` each source's schedule
-        would start with, and ``(signal, p_low, p_high)`` each source's schedule reads (default: the run's)."""
+        would start with, and ``(signal, ramp_low, ramp_high)`` each source's schedule reads (default: the run's)."""
         from .schedules import SIGNALS
 
         stats = measurement.stats
         mean_p = stats.mean_p
         signals = {name: s.read(stats) for name, s in SIGNALS.items()}
-        objective_spec, schedule, reason = recommend(mean_p, objective, p_low, p_high, signal, signals[signal])
+        objective_spec, schedule, reason = recommend(mean_p, objective, ramp_low, ramp_high, signal, signals[signal])
         flags = f"--objective {objective_spec} --objective_schedule {schedule}"
-        read_as = source_signals or [(signal, p_low, p_high)] * len(source_names or ())
+        read_as = source_signals or [(signal, ramp_low, ramp_high)] * len(source_names or ())
         return cls(
             model=model,
             num_samples=measurement.num_samples,
@@ -231,7 +232,7 @@ class ProbeReport:
             median_p=stats.median_p,
             share_confident=stats.share_confident,
             nll=stats.nll,
-            continuum=place_on_continuum(mean_p, p_low, p_high),
+            continuum=place_on_continuum(mean_p),
             position=describe_position(mean_p),
             nearest_reference=nearest_reference(mean_p),
             recommended_objective=objective_spec,
@@ -242,8 +243,8 @@ class ProbeReport:
             max_length=max_length,
             num_samples_without_targets=measurement.num_samples_without_targets,
             num_samples_dropped=num_samples_dropped,
-            schedule_p_low=p_low,
-            schedule_p_high=p_high,
+            schedule_ramp_low=ramp_low,
+            schedule_ramp_high=ramp_high,
             schedule_signal=signal,
             schedule_signal_value=signals[signal],
             signals=signals,
@@ -288,7 +289,7 @@ class ProbeReport:
                 "schedule signal",
                 "schedule_signal_value",
                 f"{self.schedule_signal} = {self.schedule_signal_value:.4f}   (adaptive ramp "
-                f"{self.schedule_p_low:.2f} -> {self.schedule_p_high:.2f})",
+                f"{self.schedule_ramp_low:.2f} -> {self.schedule_ramp_high:.2f})",
             ),
             ("other signals", "signals", ", ".join(
                 f"{name} {value:.3f}" for name, value in self.signals.items() if name != self.schedule_signal)),
@@ -344,8 +345,8 @@ class ProbeReport:
 def source_report(
     stats: TokenProbStats,
     objective: str | None,
-    p_low: float,
-    p_high: float,
+    ramp_low: float,
+    ramp_high: float,
     signal: str,
     num_samples: int | None = None,
     start_lambda: tuple[float, bool] | None = None,
@@ -357,7 +358,7 @@ def source_report(
 
     mean_p = stats.mean_p
     value = SIGNALS[signal].read(stats)
-    objective_spec, schedule, reason = recommend(mean_p, objective, p_low, p_high, signal, value)
+    objective_spec, schedule, reason = recommend(mean_p, objective, ramp_low, ramp_high, signal, value)
     return {
         "num_samples": num_samples,
         "num_tokens": stats.num_tokens,
@@ -367,7 +368,7 @@ def source_report(
         "nll": stats.nll,
         "schedule_signal": signal,
         "schedule_signal_value": value,
-        "continuum": place_on_continuum(mean_p, p_low, p_high),
+        "continuum": place_on_continuum(mean_p),
         "position": describe_position(mean_p),
         "start_lambda": None if start_lambda is None else start_lambda[0],
         "lambda_fixed": None if start_lambda is None else start_lambda[1],
@@ -540,9 +541,9 @@ def run_probe(
         measurement,
         model=_model_name(trainer.model),
         objective=getattr(args, "objective", None),
-        p_low=getattr(args, "schedule_p_low", 0.30),
-        p_high=getattr(args, "schedule_p_high", 0.55),
-        signal=getattr(args, "schedule_statistic", DEFAULT_SIGNAL),
+        ramp_low=getattr(args, "schedule_ramp_low", DEFAULT_RAMP[0]),
+        ramp_high=getattr(args, "schedule_ramp_high", DEFAULT_RAMP[1]),
+        signal=getattr(args, "schedule_signal", DEFAULT_SIGNAL),
         max_length=max_length,
         num_samples_dropped=dropped,
         source_names=sources,
@@ -586,20 +587,21 @@ def _samples_per_source(dataset, num_sources: int) -> list[int | None]:
 
 def _start_lambdas(args, sources: list[str], measurement: Measurement) -> list[tuple[float, bool]]:
     """The lambda each source's schedule would train step 1 with, warm-started from this measurement."""
-    from .trainer import source_schedules_for
+    from .sources import SourceLambdas
 
-    schedules = source_schedules_for(args, sources)
+    schedules = SourceLambdas(args, sources)
     schedules.warm_start(measurement.sources)
+    schedules.begin(1)
     fixed = args.schedule_source_lambda or {}
-    return [(value, name in fixed) for name, value in zip(sources, schedules.begin(1))]
+    return [(value, name in fixed) for name, value in zip(sources, schedules.values)]
 
 
 def _source_signals(args, sources: list[str]) -> list[tuple[str, float, float]]:
-    """``(signal, p_low, p_high)`` each source's schedule reads (``schedule_source_statistic`` may name its own)."""
-    from .trainer import source_schedules_for
+    """``(signal, ramp_low, ramp_high)`` each source's schedule reads (``schedule_source_signal`` may name its own)."""
+    from .sources import SourceLambdas
 
-    schedules = source_schedules_for(args, sources).schedules
-    return [(s.statistic, getattr(s, "p_low", args.schedule_p_low), getattr(s, "p_high", args.schedule_p_high))
+    schedules = SourceLambdas(args, sources).schedules
+    return [(s.signal_name, getattr(s, "ramp_low", args.schedule_ramp_low), getattr(s, "ramp_high", args.schedule_ramp_high))
             for s in schedules]  # fmt: skip
 
 

@@ -7,11 +7,12 @@ nothing about trainers: it takes the step's target-token statistics (:class:`~tr
 - ``none``: lambda = 1, the target objective alone.
 - ``constant``: lambda = ``objective_lambda``.
 - ``linear`` / ``cosine``: lambda rises from 0 to 1 over the first ``warmup_ratio`` of the optimizer steps.
-- ``adaptive``: lambda = clip((p_ema - p_low) / (p_high - p_low), 0, 1), where p_ema is an exponential moving
-  average of a per-step statistic of the target-token probabilities (:data:`STATISTICS`). The paper's finding,
-  made dynamic: NLL while the model is weak on the data, the prior-leaning objective once it is confident.
+- ``adaptive``: lambda = clip((ema - low) / (high - low), 0, 1), where ema is an exponential moving average of a
+  per-step signal of the model's confidence on the target tokens (:data:`SIGNALS`), read on the ramp low -> high.
+  The paper's finding, made dynamic: NLL while the model is weak on the data, the prior-leaning objective once it
+  is confident.
 
-Every schedule keeps p_ema (it is logged whatever the schedule). Two ways to apply lambda (``schedule_mode``):
+Every schedule keeps the signal's moving average (``p_ema`` in its state, logged as ``schedule_signal_ema``). Two ways to apply lambda (``schedule_mode``):
 ``blend`` trains (1 - lambda) nll + lambda target; ``exponent`` trains ``power:(lambda k)`` for a ``power:k``
 target, so the family itself slides from NLL to -p^k.
 """
@@ -26,49 +27,87 @@ from typing import Any, ClassVar
 from .stats import TokenProbStats
 
 MODES = ("blend", "exponent")
+# The ramp a signal is read on unless it (or the user) says otherwise: lambda 0 at and below 0.30, 1 from 0.55.
+DEFAULT_RAMP = (0.30, 0.55)
+
 
 @dataclass(frozen=True)
 class Signal:
-    """A per-step statistic the adaptive schedule can follow, with the ramp it is read on by default.
+    """A per-step signal the adaptive schedule can follow, with the ramp it is read on by default.
 
-    Every signal is read from the statistics the step already reduces (one all-reduce per optimizer step).
+    Every signal is read from the statistics the step already reduces (one all-reduce per optimizer step), and
+    declares which of the fused head's per-token outputs those statistics need (:data:`~trl_prob.head.HEAD_OUTPUTS`).
     """
 
     name: str
     read: Callable[[TokenProbStats], float]
-    p_low: float
-    p_high: float
     help: str
+    ramp_low: float = DEFAULT_RAMP[0]
+    ramp_high: float = DEFAULT_RAMP[1]
     metric: str | None = None  # logged under this name every step (None: already logged by the trainer)
+    reads: tuple[str, ...] = ("log_probs",)
+    title: str = ""  # what the number is, for log lines and plots ("share of target tokens ranked first")
+
+    @property
+    def ramp(self) -> tuple[float, float]:
+        return self.ramp_low, self.ramp_high
+
+    @property
+    def label(self) -> str:
+        return self.title or self.help
 
 
-SIGNALS: dict[str, Signal] = {
-    signal.name: signal
-    for signal in (
-        Signal("mean", lambda stats: stats.mean_p, 0.30, 0.55,
-               "mean target-token p, the paper's capability proxy (its Eq. 5)"),
-        Signal("median", lambda stats: stats.median_p, 0.30, 0.55, "median target-token p",
-               metric="median_token_prob"),
-        Signal("share_confident", lambda stats: stats.share_confident, 0.30, 0.55,
-               "share of target tokens with p > 0.55 (the paper's cut-off)", metric="confident_token_share"),
-        Signal("geomean", lambda stats: stats.geometric_mean_p, 0.30, 0.55,
-               "geometric mean of p, exp(-NLL): dominated by the hardest tokens", metric="geomean_token_prob"),
-        Signal("p25", lambda stats: stats.quantile(0.25), 0.30, 0.55,
-               "25th percentile of p: where the hard quarter of the tokens stands", metric="p25_token_prob"),
-        Signal("token_top1", lambda stats: stats.token_top1_share, 0.30, 0.55,
-               "share of target tokens that are the model's top-1 choice", metric="token_top1_share"),
-        Signal("sequence_top1", lambda stats: stats.sequence_top1_share, 0.20, 0.50,
-               "share of completions whose every target token is the model's top-1 (teacher-forced exact match)",
-               metric="sequence_top1_share"),
-    )
-}
+SIGNALS: dict[str, Signal] = {}
+
+
+def register_signal(signal: Signal) -> Signal:
+    """Add a signal to the registry (its name must be free); the config, CLI help and probe read the registry."""
+    if signal.name in SIGNALS:
+        raise ValueError(f"Signal {signal.name!r} already registered.")
+    from .head import union
+
+    union([signal])  # its reads name head outputs
+    SIGNALS[signal.name] = signal
+    return signal
+
+
+def unregister_signal(name: str) -> None:
+    SIGNALS.pop(name)
+
+
+for _signal in (
+    Signal("mean", lambda stats: stats.mean_p, "mean target-token p, the paper's capability proxy (its Eq. 5)",
+           title="mean target-token p"),
+    Signal("median", lambda stats: stats.median_p, "median target-token p", metric="median_token_prob",
+           title="median target-token p"),
+    Signal("share_confident", lambda stats: stats.share_confident,
+           "share of target tokens with p > 0.55 (the paper's cut-off)", metric="confident_token_share",
+           title="share of target tokens with p > 0.55"),
+    Signal("geomean", lambda stats: stats.geometric_mean_p,
+           "geometric mean of p, exp(-NLL): dominated by the hardest tokens", metric="geomean_token_prob",
+           title="geometric mean target-token p"),
+    Signal("p25", lambda stats: stats.quantile(0.25),
+           "25th percentile of p: where the hard quarter of the tokens stands", metric="p25_token_prob",
+           title="25th percentile of target-token p"),
+    Signal("token_top1", lambda stats: stats.token_top1_share,
+           "share of target tokens that are the model's top-1 choice", metric="token_top1_share",
+           reads=("log_probs", "is_top1"), title="share of target tokens ranked first"),
+    Signal("sequence_top1", lambda stats: stats.sequence_top1_share,
+           "share of completions whose every target token is the model's top-1 (teacher-forced exact match)",
+           ramp_low=0.20, ramp_high=0.50, metric="sequence_top1_share", reads=("log_probs", "is_top1"),
+           title="share of completions ranked first throughout"),
+    Signal("token_top1_clean", lambda stats: stats.token_top1_share_without_conflicts,
+           "token_top1 over the target tokens that are not confident conflicts (the model puts sum_v p_v^2 >= 0.5 "
+           "on another token): noisy labels a capable model contradicts do not hold the signal down",
+           metric="token_top1_share_without_conflicts", reads=("log_probs", "is_top1", "log_sum_sq_probs"),
+           title="share of non-conflicting target tokens ranked first"),
+    Signal("confidence", lambda stats: stats.mean_sum_sq_probs,
+           "mean sum_v p_v^2 over target positions: how concentrated the model's predictions are, right or wrong",
+           metric="mean_sum_sq_probs", reads=("log_probs", "log_sum_sq_probs"), title="mean sum_v p_v^2"),
+):
+    register_signal(_signal)
 # The adaptive schedule's default signal: first by benchmarks/signals.py's selection rule (benchmarks/README.md).
 DEFAULT_SIGNAL = "token_top1"
-# Signals read from TRL's fused head's `is_top1`: NaN for a forward that does not return it.
-NEEDS_TOP1 = ("token_top1", "sequence_top1")
-# Name -> read function, as the config and older code call them.
-STATISTICS: dict[str, Callable[[TokenProbStats], float]] = {name: signal.read for name, signal in SIGNALS.items()}
-STATISTIC_METRICS: dict[str, str | None] = {name: signal.metric for name, signal in SIGNALS.items()}
 
 
 def ramp(x: float) -> float:
@@ -87,9 +126,9 @@ def warmup_lambda(step: int, total_steps: int, warmup_ratio: float, shape: str =
     raise ValueError(f"Unknown warm-up shape {shape!r}; allowed: linear, cosine.")
 
 
-def adaptive_lambda(p_ema: float, p_low: float, p_high: float) -> float:
-    """Lambda from the running statistic: 0 at or below ``p_low``, 1 at or above ``p_high``, linear between."""
-    return ramp((p_ema - p_low) / (p_high - p_low))
+def adaptive_lambda(ema: float, low: float, high: float) -> float:
+    """Lambda from the running signal: 0 at or below ``low``, 1 at or above ``high``, linear between."""
+    return ramp((ema - low) / (high - low))
 
 
 def ema_update(previous: float | None, value: float, decay: float) -> float:
@@ -109,7 +148,7 @@ class Schedule:
     """Lambda for the next optimizer step; ``step(stats)`` after each optimizer step.
 
     Args:
-        statistic: name of the per-step signal in :data:`STATISTICS` that p_ema averages.
+        signal: name of the per-step signal in :data:`SIGNALS` that p_ema averages.
         ema_decay: decay of p_ema, in [0, 1).
         monotone: never let lambda decrease.
     """
@@ -117,8 +156,8 @@ class Schedule:
     name: ClassVar[str]
     warm_starts: ClassVar[bool] = False  # whether a probe of the base model before step 1 initialises p_ema
 
-    def __init__(self, *, statistic: str = DEFAULT_SIGNAL, ema_decay: float = 0.9, monotone: bool = False):
-        self.statistic = statistic
+    def __init__(self, *, signal: str = DEFAULT_SIGNAL, ema_decay: float = 0.9, monotone: bool = False):
+        self.signal_name = signal
         self.ema_decay = ema_decay
         self.monotone = monotone
         self.total_steps = 0
@@ -134,7 +173,7 @@ class Schedule:
         raise NotImplementedError
 
     def signal(self, stats: TokenProbStats) -> float:
-        return STATISTICS[self.statistic](stats)
+        return SIGNALS[self.signal_name].read(stats)
 
     def warm_start(self, stats: TokenProbStats) -> None:
         """Start p_ema from a measurement of the base model rather than from the first (noisy) step."""
@@ -228,19 +267,19 @@ class CosineSchedule(WarmupSchedule):
 
 
 class AdaptiveSchedule(Schedule):
-    """clip((p_ema - p_low) / (p_high - p_low), 0, 1): NLL while unsure, the target once confident."""
+    """clip((ema - low) / (high - low), 0, 1): NLL while unsure, the target once confident."""
 
     name = "adaptive"
     warm_starts = True
 
-    def __init__(self, p_low: float = 0.30, p_high: float = 0.55, **kwargs):
-        self.p_low, self.p_high = p_low, p_high
+    def __init__(self, ramp_low: float = DEFAULT_RAMP[0], ramp_high: float = DEFAULT_RAMP[1], **kwargs):
+        self.ramp_low, self.ramp_high = ramp_low, ramp_high
         super().__init__(**kwargs)
 
     def lambda_now(self) -> float:
         if self.p_ema is None or math.isnan(self.p_ema):
             return 0.0  # nothing measured yet: NLL
-        return adaptive_lambda(self.p_ema, self.p_low, self.p_high)
+        return adaptive_lambda(self.p_ema, self.ramp_low, self.ramp_high)
 
 
 SCHEDULES: dict[str, type[Schedule]] = {
@@ -250,7 +289,7 @@ SCHEDULES: dict[str, type[Schedule]] = {
 
 def build_schedule(args) -> Schedule:
     """The schedule a [`ProbSFTConfig`] asks for."""
-    common = dict(statistic=args.schedule_statistic, ema_decay=args.schedule_ema_decay, monotone=args.schedule_monotone)
+    common = dict(signal=args.schedule_signal, ema_decay=args.schedule_ema_decay, monotone=args.schedule_monotone)
     kind = args.objective_schedule
     if kind not in SCHEDULES:
         raise ValueError(f"Unknown objective schedule {kind!r}; allowed: {', '.join(SCHEDULES)}.")
@@ -258,52 +297,6 @@ def build_schedule(args) -> Schedule:
         "constant": dict(objective_lambda=args.objective_lambda),
         "linear": dict(warmup_ratio=args.schedule_warmup_ratio),
         "cosine": dict(warmup_ratio=args.schedule_warmup_ratio),
-        "adaptive": dict(p_low=args.schedule_p_low, p_high=args.schedule_p_high),
+        "adaptive": dict(ramp_low=args.schedule_ramp_low, ramp_high=args.schedule_ramp_high),
     }.get(kind, {})
     return SCHEDULES[kind](**specific, **common)
-
-
-class SourceSchedules:
-    """One schedule per data source, each stepped on its own source's statistics (:class:`~trl_prob.stats.SourceStats`).
-
-    Args:
-        names: the sources, in the order of their statistics rows.
-        make: builds the schedule of a source from its name (every source gets the run's schedule unless the user
-            pinned its lambda).
-    """
-
-    def __init__(self, names: list[str], make: Callable[[str], Schedule]):
-        self.names = list(names)
-        self.schedules = [make(name) for name in self.names]
-
-    @property
-    def values(self) -> list[float]:
-        return [schedule.value for schedule in self.schedules]
-
-    def warm_start(self, stats) -> None:
-        for index, schedule in enumerate(self.schedules):
-            if schedule.warm_starts and stats[index].num_tokens > 0:
-                schedule.warm_start(stats[index])
-
-    def begin(self, total_steps: int) -> list[float]:
-        return [schedule.begin(total_steps) for schedule in self.schedules]
-
-    def step(self, stats) -> list[float]:
-        """Account one optimizer step; a source without target tokens in it keeps its running statistic."""
-        return [schedule.step(stats[index]) for index, schedule in enumerate(self.schedules)]
-
-    def state_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: schedule.state_dict() for name, schedule in zip(self.names, self.schedules)}
-
-    def load_state_dict(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise ScheduleStateError(f"per-source state must map source names to schedule states, got {state!r}")
-        if sorted(state) != sorted(self.names):
-            raise ScheduleStateError(
-                f"per-source state holds sources {sorted(state)}, this run has {sorted(self.names)}"
-            )
-        for name, schedule in zip(self.names, self.schedules):
-            try:
-                schedule.load_state_dict(state[name])
-            except ScheduleStateError as exc:
-                raise ScheduleStateError(f"source {name!r}: {exc}") from None

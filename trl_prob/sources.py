@@ -8,6 +8,8 @@ batch, and the trainer takes it out again before the model sees the batch.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 
 from .stats import MAX_SOURCES
+
+logger = logging.getLogger(__name__)
 
 SOURCE_ID = "trl_prob_source_id"  # integer column, then batch key: index of the row's source in the run's sources
 
@@ -85,6 +89,24 @@ def with_source_ids(dataset, column: str, sources: list[str], dataset_name: str 
         return {SOURCE_ID: index[name]}
 
     return dataset.map(add_id)
+
+
+def tag_sources(args, train, evaluation):
+    """Per-source runs: the run's sources from the training data, and every raw dataset with its integer
+    :data:`SOURCE_ID` column (TRL's preparation keeps it). Returns ``(sources, train, evaluation)``."""
+    from .config import check_source_names
+
+    if train is None:
+        raise ValueError("schedule_per_source needs a train_dataset (the sources are read from it).")
+    column = args.source_column
+    sources = resolve_sources(train, column, args.schedule_sources)
+    check_source_names(args.schedule_source_lambda, sources, "schedule_source_lambda")
+    check_source_names(args.schedule_source_signal, sources, "schedule_source_signal")
+    if isinstance(evaluation, dict):
+        evaluation = {name: with_source_ids(d, column, sources, name) for name, d in evaluation.items()}
+    elif evaluation is not None:
+        evaluation = with_source_ids(evaluation, column, sources, "eval")
+    return sources, with_source_ids(train, column, sources), evaluation
 
 
 @dataclass
@@ -223,3 +245,132 @@ def first_rows_per_source(dataset, num_samples: int):
     for rows in rows_of.values():
         keep += rows[: max(1, round(num_samples * len(rows) / len(ids)))]
     return dataset.select(sorted(keep))
+
+
+# ------------------------------------------------------------------------------------- per-source lambdas
+
+
+class SourceLambdas:
+    """Per-source schedules as one provider of a per-token lambda: the trainer's only seam for schedule_per_source.
+
+    One schedule per source (the run's adaptive schedule; a constant one where ``schedule_source_lambda`` pins the
+    source; the source's own signal where ``schedule_source_signal`` names one), each stepped on its own source's
+    statistics (one row of a :class:`~trl_prob.stats.SourceStats`, still one all-reduce per step).
+    """
+
+    def __init__(self, args, names: Sequence[str]):
+        from .schedules import SIGNALS, AdaptiveSchedule, ConstantSchedule, build_schedule
+
+        self.names = list(names)
+        fixed = args.schedule_source_lambda or {}
+        signals = args.schedule_source_signal or {}
+        low_given, high_given = getattr(args, "_ramp_given", (args.schedule_ramp_low, args.schedule_ramp_high))
+
+        def make(name: str):
+            if name in fixed:
+                return ConstantSchedule(objective_lambda=fixed[name], signal=args.schedule_signal,
+                                        ema_decay=args.schedule_ema_decay)  # fmt: skip
+            if name in signals:  # its own signal, on that signal's ramp unless the run gave one
+                signal = SIGNALS[signals[name]]
+                return AdaptiveSchedule(
+                    ramp_low=signal.ramp_low if low_given is None else low_given,
+                    ramp_high=signal.ramp_high if high_given is None else high_given,
+                    signal=signal.name, ema_decay=args.schedule_ema_decay, monotone=args.schedule_monotone,
+                )  # fmt: skip
+            return build_schedule(args)
+
+        self.schedules = [make(name) for name in self.names]
+        self._own_signals = dict(signals)
+        self._silent: set[str] = set()  # sources already reported as absent from a step
+        self.device_values = torch.tensor(self.values, dtype=torch.float32)  # this step's lambda per source
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.names)
+
+    @property
+    def values(self) -> list[float]:
+        return [schedule.value for schedule in self.schedules]
+
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        from .schedules import SIGNALS
+
+        return {f"schedule_source_signal[{name!r}]={signal!r}": SIGNALS[signal].reads
+                for name, signal in self._own_signals.items()}  # fmt: skip
+
+    def zeros(self, device):
+        from .stats import SourceStats
+
+        return SourceStats.zeros(self.num_sources, device)
+
+    def token_lambdas(self, sample_source: torch.Tensor, sample_index: torch.Tensor | None) -> torch.Tensor:
+        return token_lambdas(self.device_values, sample_source, sample_index)
+
+    def _publish(self, device) -> None:  # one host-to-device copy per optimizer step
+        self.device_values = torch.tensor(self.values, dtype=torch.float32).to(device)
+
+    def warm_start(self, stats) -> None:
+        for index, schedule in enumerate(self.schedules):
+            if schedule.warm_starts and stats is not None and stats[index].num_tokens > 0:
+                schedule.warm_start(stats[index])
+
+    def begin(self, total_steps: int, device="cpu") -> None:
+        for schedule in self.schedules:
+            schedule.begin(total_steps)
+        self._publish(device)
+
+    def step(self, by_source, device="cpu") -> None:
+        """Account one optimizer step; a source without target tokens in it keeps its running signal."""
+        for index, schedule in enumerate(self.schedules):
+            schedule.step(by_source[index])
+        self._publish(device)
+
+    def mean_lambda(self, by_source) -> float | None:
+        """The step's tokens' mean lambda (what it trained overall); None for a step without target tokens."""
+        counts = by_source.sums[:, 0]
+        if counts.sum() <= 0:
+            return None
+        return float((counts * torch.tensor(self.values, dtype=torch.float64)).sum() / counts.sum())
+
+    def log(self, by_source, metrics) -> None:
+        """Per-source metrics of the step; a source without target tokens in it logs nothing (its schedule keeps its
+        running signal and lambda), said once per source."""
+        from .schedules import SIGNALS
+
+        for index, (name, schedule) in enumerate(zip(self.names, self.schedules)):
+            stats = by_source[index]
+            if stats.num_tokens == 0:
+                if name not in self._silent and _is_main_process():
+                    logger.warning(
+                        "trl-prob: source %s had no target tokens in optimizer step %d: its signal keeps its last "
+                        "value (said once per source).", name, schedule.last_step + 1
+                    )
+                self._silent.add(name)
+                continue
+            metrics[f"mean_token_prob/{name}"].append(stats.mean_p)
+            metrics[f"objective_lambda/{name}"].append(schedule.value)
+            own_metric = SIGNALS[schedule.signal_name].metric
+            if own_metric is not None:
+                metrics[f"{own_metric}/{name}"].append(schedule.signal(stats))
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: schedule.state_dict() for name, schedule in zip(self.names, self.schedules)}
+
+    def load_state_dict(self, state: Any) -> None:
+        from .schedules import ScheduleStateError
+
+        if not isinstance(state, dict):
+            raise ScheduleStateError(f"per-source state must map source names to schedule states, got {state!r}")
+        if sorted(state) != sorted(self.names):
+            raise ScheduleStateError(f"per-source state holds sources {sorted(state)}, this run has {sorted(self.names)}")
+        for name, schedule in zip(self.names, self.schedules):
+            try:
+                schedule.load_state_dict(state[name])
+            except ScheduleStateError as exc:
+                raise ScheduleStateError(f"source {name!r}: {exc}") from None
+        self._publish(self.device_values.device)
+
+
+def _is_main_process() -> bool:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0

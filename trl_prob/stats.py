@@ -13,10 +13,14 @@ import torch
 
 # The paper's theory splits tokens at p = 0.55 (share above it: 72.8% - 81.2% at the model-strong end).
 CONFIDENT_P = 0.55
+# A confident conflict: the model puts sum_v p_v^2 >= 0.5 (so its top token has p >= 0.5) on another token than the
+# target (target p < 0.5): what a noisy label looks like to a model that has learnt the task.
+CONFLICT_SUM_SQ = 0.5
 HISTOGRAM_BINS = 200
 
-_COUNT, _SUM_P, _SUM_NLL, _ABOVE, _KEPT, _SEQS, _SEQS_TOP1, _TOP1 = range(8)
-_HIST = 8
+(_COUNT, _SUM_P, _SUM_NLL, _ABOVE, _KEPT, _SEQS, _SEQS_TOP1, _TOP1,
+ _N_ENTROPY, _SUM_ENTROPY, _SUM_NORM_ENTROPY, _N_SUM_SQ, _SUM_SUM_SQ, _CONFLICTS) = range(14)  # fmt: skip
+_HIST = 14
 
 
 def _sum_over_processes(sums: torch.Tensor) -> None:
@@ -28,7 +32,8 @@ def _sum_over_processes(sums: torch.Tensor) -> None:
 class TokenProbStats:
     """Sums over target tokens: count, sum p, sum -log p, tokens with p > 0.55, kept tokens, sequences with a target,
     sequences whose every target token is the model's top-1 and top-1 tokens (when the head reports ``is_top1``),
-    histogram of p."""
+    the entropy (nats and / ln V) and sum_v p_v^2 with the count of tokens they were reported for, confident
+    conflicts (when the head reports ``log_sum_sq_probs``), histogram of p."""
 
     sums: torch.Tensor
 
@@ -45,6 +50,7 @@ class TokenProbStats:
         is_top1: torch.Tensor | None = None,
         sample_index: torch.Tensor | None = None,
         num_samples: int | None = None,
+        **head,
     ) -> TokenProbStats:
         """Statistics of the positions where ``mask`` is true; ``keep`` marks the tokens a thresholded objective trains.
 
@@ -55,7 +61,12 @@ class TokenProbStats:
             rows = torch.arange(log_p.shape[0] if log_p.dim() > 1 else 1, device=log_p.device)
             sample_index = rows[:, None].expand_as(log_p) if log_p.dim() > 1 else rows.expand_as(log_p)
             num_samples = rows.numel()
-        return cls(cls.per_sample(log_p, mask, sample_index, num_samples, keep, is_top1).sum(0))
+        return cls(cls.per_sample(log_p, mask, sample_index, num_samples, keep, is_top1, **head).sum(0))
+
+    @classmethod
+    def of_tokens(cls, tokens, keep=None, sample_index=None, num_samples=None) -> TokenProbStats:
+        """:meth:`of` a micro-batch's :class:`~trl_prob.head.HeadTokens` (every output it carries)."""
+        return cls.of(tokens.log_p, tokens.mask, keep, tokens.is_top1, sample_index, num_samples, **head_fields(tokens))
 
     @classmethod
     def per_sample(
@@ -66,6 +77,9 @@ class TokenProbStats:
         num_samples: int,
         keep: torch.Tensor | None = None,
         is_top1: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
+        log_sum_sq_probs: torch.Tensor | None = None,
+        vocab_size: int | None = None,
     ) -> torch.Tensor:
         """The sums, one row per sample (``[num_samples, width]``): what ``gather_for_metrics`` needs to drop the
         samples accelerate repeats to even out the last batch, so every sample counts once."""
@@ -77,7 +91,19 @@ class TokenProbStats:
         top1 = torch.zeros_like(w) if is_top1 is None else is_top1.detach().to(torch.float64) * w
         # columns 0-4, a scratch column (the sequence columns are derived from it below) and the top-1 tokens
         zeros = torch.zeros_like(w)
-        head = torch.stack([w, p * w, -log_p, (p > CONFIDENT_P) * w, kept, zeros, zeros, top1], dim=-1)
+        columns = [w, p * w, -log_p, (p > CONFIDENT_P) * w, kept, zeros, zeros, top1]
+        if entropy is None:
+            columns += [zeros, zeros, zeros]
+        else:
+            h = entropy.detach().to(torch.float64) * w
+            normalised = h / math.log(vocab_size) if vocab_size else zeros
+            columns += [w, h, normalised]
+        if log_sum_sq_probs is None:
+            columns += [zeros, zeros, zeros]
+        else:
+            sum_sq = log_sum_sq_probs.detach().to(torch.float64).exp() * w
+            columns += [w, sum_sq, ((sum_sq >= CONFLICT_SUM_SQ) & (p < 0.5)) * w]
+        head = torch.stack(columns, dim=-1)
         bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1).flatten()
         rows = sample_index.flatten()
         out = torch.zeros(num_samples, width, dtype=torch.float64, device=p.device)
@@ -182,6 +208,40 @@ class TokenProbStats:
         sequences = self.sums[_SEQS].item()
         return self.sums[_SEQS_TOP1].item() / sequences if sequences > 0 else float("nan")
 
+    def _reported_ratio(self, index: int, count: int) -> float:
+        n = self.sums[count].item()
+        return self.sums[index].item() / n if n > 0 else float("nan")
+
+    @property
+    def mean_entropy(self) -> float:
+        """Mean entropy of the next-token distribution over target positions (nats); NaN without ``entropy``."""
+        return self._reported_ratio(_SUM_ENTROPY, _N_ENTROPY)
+
+    @property
+    def mean_normalised_entropy(self) -> float:
+        """Mean H / ln V over target positions, in [0, 1]; NaN without ``entropy`` (or the vocabulary size)."""
+        return self._reported_ratio(_SUM_NORM_ENTROPY, _N_ENTROPY)
+
+    @property
+    def mean_sum_sq_probs(self) -> float:
+        """Mean sum_v p_v^2 (the model's confidence) over target positions; NaN without ``log_sum_sq_probs``."""
+        return self._reported_ratio(_SUM_SUM_SQ, _N_SUM_SQ)
+
+    @property
+    def conflict_share(self) -> float:
+        """Share of target tokens that are confident conflicts (sum_v p_v^2 >= 0.5 on another token: target p < 0.5);
+        NaN without ``log_sum_sq_probs``."""
+        return self._reported_ratio(_CONFLICTS, _N_SUM_SQ)
+
+    @property
+    def token_top1_share_without_conflicts(self) -> float:
+        """Share of top-1 target tokens among those that are not confident conflicts (a conflict is never top-1):
+        the model's accuracy on the labels it does not confidently contradict. NaN without both outputs."""
+        if self.sums[_SEQS].item() <= 0 or self.sums[_N_SUM_SQ].item() <= 0:
+            return float("nan")
+        rest = self.sums[_COUNT].item() - self.sums[_CONFLICTS].item()
+        return self.sums[_TOP1].item() / rest if rest > 0 else float("nan")
+
     @property
     def token_top1_share(self) -> float:
         """Share of target tokens that are the model's top-1 choice (TRL's mean_token_accuracy); NaN without
@@ -189,7 +249,13 @@ class TokenProbStats:
         return self._ratio(_TOP1) if self.sums[_SEQS].item() > 0 else float("nan")
 
 
-# One row of sums per data source; 64 x 208 fp64 is 106 KB, still one all-reduce per optimizer step.
+def head_fields(tokens) -> dict:
+    """The optional head outputs of a :class:`~trl_prob.head.HeadTokens`, as :meth:`TokenProbStats.per_sample`'s
+    keyword arguments."""
+    return dict(entropy=tokens.entropy, log_sum_sq_probs=tokens.log_sum_sq_probs, vocab_size=tokens.vocab_size)
+
+
+# One row of sums per data source; 64 x 214 fp64 is 110 KB, still one all-reduce per optimizer step.
 MAX_SOURCES = 64
 
 

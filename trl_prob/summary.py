@@ -187,11 +187,11 @@ class RunSummary(TrainerCallback):
                 f"{last['step']}; 0 = nll, 1 = {objective})"
             )
             if first.get("ema_token_prob") is not None and last.get("ema_token_prob") is not None:
-                signal = getattr(args, "schedule_statistic", "")
+                signal = getattr(args, "schedule_signal", "")
                 lines.append(
                     f"  {'signal (moving avg.)':<22}{first['ema_token_prob']:>18.3f}{last['ema_token_prob']:>18.3f}"
                     f"   ({signal}, what the {getattr(args, 'objective_schedule', '')} schedule follows; ramp "
-                    f"{getattr(args, 'schedule_p_low', 0):.2f} -> {getattr(args, 'schedule_p_high', 0):.2f})"
+                    f"{getattr(args, 'schedule_ramp_low', 0):.2f} -> {getattr(args, 'schedule_ramp_high', 0):.2f})"
                 )
         else:
             lines.append(f"  {'objective':<22}{objective:>18} throughout (no schedule)")

@@ -1,0 +1,200 @@
+"""The objective's public seam: one object that turns a micro-batch's head outputs into its per-token loss, and an
+optimizer step's statistics into the next step's lambda and its metrics.
+
+:class:`ObjectiveHook` knows nothing about trainers. The trainer calls :meth:`ObjectiveHook.loss` inside
+``compute_loss`` (the per-micro-batch hook) and a ``TrainerCallback`` calls :meth:`ObjectiveHook.end_step` after each
+optimizer step (:mod:`trl_prob.callback`); the benchmarks call the same two methods. Everything a step reads comes
+from the fused head's per-token outputs and from one all-reduce of the step's statistics: no extra forward, no
+host-device sync per micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+from .config import ProbSFTConfig
+from .head import TRL_SFT_OUTPUTS, HeadTokens, require, union
+from .loss import distributed_sum, objective_loss
+from .measure import Measurement, gather_rows, num_samples, per_sample_stats, sample_index
+from .objectives import get_objective
+from .schedules import SIGNALS, Schedule, build_schedule
+from .stats import SourceStats, TokenProbStats
+
+NLL = get_objective("nll")
+
+
+class ObjectiveHook:
+    """The objective, its schedule and the statistics they read, for one training run.
+
+    Args:
+        args: the run's [`ProbSFTConfig`].
+        per_source: a per-source lambda provider (:class:`trl_prob.sources.SourceLambdas`) for
+            ``schedule_per_source`` runs, else ``None`` (one run-wide lambda).
+        vocab_size: the model's vocabulary size (EAFT normalises the entropy by its log).
+    """
+
+    def __init__(self, args: ProbSFTConfig, per_source=None, vocab_size: int | None = None):
+        self.args = args
+        self.objective = get_objective(args.objective)
+        self.trains_objective = args.uses_objective
+        self.schedule: Schedule = build_schedule(args)
+        self.per_source = per_source
+        self.vocab_size = vocab_size
+        self.step_stats: TokenProbStats | SourceStats | None = None
+        self.eval_stats: TokenProbStats | SourceStats | None = None
+        self.metrics: dict[str, list[float]] = defaultdict(list)  # this logging window's per-step values
+
+    # ------------------------------------------------------------------------------------- what it reads
+
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        """Each reader of this run (objective, schedule signal(s)) and the head outputs it reads."""
+        needs = {}
+        if self.trains_objective:
+            needs[f"objective {self.objective.spec!r}"] = self.objective.reads
+        if self.args.objective_schedule == "adaptive":
+            needs[f"schedule_signal={self.schedule.signal_name!r}"] = SIGNALS[self.schedule.signal_name].reads
+            if self.per_source is not None:
+                needs.update(self.per_source.needs())
+        return needs
+
+    @property
+    def head_outputs(self) -> tuple[str, ...]:
+        """What the fused head must compute: what this run reads, plus what SFTTrainer's own metrics read."""
+        readers = [type("Reader", (), {"reads": reads}) for reads in self.needs().values()]
+        return union([*readers, type("TRL", (), {"reads": TRL_SFT_OUTPUTS})])
+
+    def check(self, tokens: HeadTokens) -> None:
+        """Refuse head outputs that lack what a reader needs (one line naming both)."""
+        require(tokens, self.needs())
+
+    # ------------------------------------------------------------------------------------- per micro-batch
+
+    @property
+    def objective_lambda(self) -> float:
+        return self.schedule.value
+
+    def loss(
+        self,
+        tokens: HeadTokens,
+        batch: dict,
+        training: bool = True,
+        sources: torch.Tensor | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The per-token loss TRL sums and normalises; records the micro-batch's statistics on the way.
+
+        Args:
+            tokens: the micro-batch's head outputs.
+            batch: its model inputs (padding-free batches carry ``cu_seq_lens_q``).
+            training: accumulate into the optimizer step's statistics (else into the evaluation's, per sample).
+            sources: each sample's source index (per-source runs).
+            gather: all-gathers evaluation rows across processes (``accelerator.gather_for_metrics``).
+        """
+        self.check(tokens)
+        objective = self.objective if self.trains_objective else NLL
+        padding_free = batch.get("cu_seq_lens_q") is not None
+        index = sample_index(batch, tokens.mask) if padding_free else None
+        if self.per_source is not None and sources is None:
+            raise RuntimeError("schedule_per_source: a batch came without its source ids (a custom collator?).")
+        objective_lambda = self.objective_lambda if sources is None else self.per_source.token_lambdas(sources, index)
+        loss, stats = objective_loss(
+            tokens, objective, objective_lambda, self.args.schedule_mode, all_reduce=distributed_sum,
+            sample_index=index, num_samples=num_samples(batch) if padding_free else None,
+            sample_source=sources, num_sources=self.per_source.num_sources if sources is not None else 1,
+        )  # fmt: skip
+        if training:
+            self.step_stats = stats if self.step_stats is None else self.step_stats + stats
+            return loss
+        # per sample, so that gather_for_metrics counts each evaluation sample once
+        keep = objective.keep(tokens.log_p) & tokens.mask if objective.is_thresholded else None
+        rows = per_sample_stats(batch, tokens.log_p, tokens.mask, keep, tokens)
+        rows, gathered = gather_rows(rows, gather, sources)
+        stats = TokenProbStats.from_rows(rows) if sources is None else SourceStats.from_rows(
+            rows, gathered, self.per_source.num_sources
+        )
+        self.eval_stats = stats if self.eval_stats is None else self.eval_stats + stats
+        return loss
+
+    # ------------------------------------------------------------------------------------- per optimizer step
+
+    def begin(self, total_steps: int, warm: Measurement | None = None, device: torch.device | str = "cpu") -> None:
+        """Start the schedule(s) of a fresh run, warm-started from a measurement of the base model if given."""
+        if warm is not None:
+            self.schedule.warm_start(warm.stats)
+            if self.per_source is not None:
+                self.per_source.warm_start(warm.sources)
+        self.schedule.begin(total_steps)
+        if self.per_source is not None:
+            self.per_source.begin(total_steps, device)
+
+    def end_step(self, device: torch.device | str = "cpu") -> None:
+        """Account one optimizer step: one all-reduce of its statistics, its metrics, the next step's lambda."""
+        args, schedule, metrics = self.args, self.schedule, self.metrics
+        stats, self.step_stats = self.step_stats, None
+        if stats is None:
+            stats = self.per_source.zeros(device) if self.per_source is not None else TokenProbStats.zeros(device)
+        stats = stats.all_reduce().to_host()  # one sync per optimizer step, however many statistics are read
+        by_source, stats = (stats, stats.total) if isinstance(stats, SourceStats) else (None, stats)
+
+        metrics["mean_token_prob"].append(stats.mean_p)
+        metrics["nll"].append(stats.nll)
+        if self.objective.is_thresholded:
+            metrics["kept_token_fraction"].append(stats.kept_fraction)
+        if args.objective_schedule == "none":
+            return
+        signal = SIGNALS[schedule.signal_name]
+        if signal.metric is not None:
+            metrics[signal.metric].append(schedule.signal(stats))
+        if by_source is None:
+            metrics["objective_lambda"].append(schedule.value)
+        else:
+            lambda_now = self.per_source.mean_lambda(by_source)  # what the step trained overall: its tokens' mean
+            if lambda_now is not None:
+                metrics["objective_lambda"].append(lambda_now)
+            self.per_source.log(by_source, metrics)
+        if args.schedule_mode == "exponent" and by_source is None:
+            metrics["objective_exponent"].append(schedule.value * self.objective.param)
+        schedule.step(stats)
+        ema = schedule.p_ema if schedule.p_ema is not None else math.nan
+        metrics["schedule_signal_ema"].append(ema)
+        metrics["ema_token_prob"].append(ema)  # the old name of schedule_signal_ema, logged beside it this release
+        if by_source is not None:
+            self.per_source.step(by_source, device)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The logging window's metrics, averaged over its optimizer steps (NaN steps skipped), and a new window."""
+        out = {}
+        for key, values in self.metrics.items():
+            finite = [v for v in values if not math.isnan(v)]
+            out[key] = sum(finite) / len(finite) if finite else math.nan
+        self.metrics = defaultdict(list)
+        return out
+
+    def pop_eval_metrics(self) -> dict[str, float]:
+        """The evaluation's statistics as metrics (without the ``eval_`` prefix), and a fresh accumulator."""
+        stats, self.eval_stats = self.eval_stats, None
+        if stats is None:
+            return {}
+        out = {}
+        if isinstance(stats, SourceStats):
+            for index, name in enumerate(self.per_source.names):
+                if stats[index].num_tokens:
+                    out[f"mean_token_prob/{name}"] = stats[index].mean_p
+            stats = stats.total
+        out["mean_token_prob"] = stats.mean_p
+        out["nll"] = stats.nll
+        if self.objective.is_thresholded:
+            out["kept_token_fraction"] = stats.kept_fraction
+        return out
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        state = {"schedule": self.schedule.state_dict()}
+        if self.per_source is not None:
+            state["source_schedules"] = self.per_source.state_dict()
+        return state
