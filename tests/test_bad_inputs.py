@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset
 
 from conftest import addition_dataset, base_args
-from test_cli import fail
+from _launch import fail
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
 from trl_prob.embedded import default_dataset_path, default_model_path
 

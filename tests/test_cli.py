@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +17,8 @@ import pytest  # noqa: E402
 
 from trl_prob import cli  # noqa: E402
 from trl_prob.embedded import default_dataset_path, default_model_path  # noqa: E402
+
+from _launch import fail, run  # noqa: E402  (tests/_launch.py: how the tests start trl-prob)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "recipes", "quickstart.yaml")
@@ -33,7 +34,6 @@ TINY = [
     "--schedule_warm_start_samples", "16",
     "--disable_tqdm", "true",
 ]  # fmt: skip
-SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 class FakeLaunch:
@@ -50,17 +50,6 @@ def launched(argv, command="sft"):
     fake = FakeLaunch()
     assert cli.launch(command, argv, launch_command_fn=fake) == 0
     return fake.namespace
-
-
-def fail(capsys, argv) -> tuple[int, str]:
-    """Run `trl-prob ARGV` in-process; return (exit status, stderr), asserting the error is one clean line."""
-    status = cli.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert status != 0
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"trl-prob {argv[0]}: error: ")
-    return status, err
 
 
 # ----------------------------------------------------------------------------------------------------- help
@@ -144,18 +133,30 @@ def test_one_process_launch_passes_accelerate_its_defaults(tmp_path, monkeypatch
     assert namespace.num_machines is None and namespace.mixed_precision is None
 
 
-def test_workers_hide_bitsandbytes_unless_the_run_uses_it(tmp_path):
-    def hidden(*flags) -> str:
-        seen = []
-        cli.launch("sft", [*TINY, "--output_dir", str(tmp_path / str(len(seen))), *flags],
-                   launch_command_fn=lambda namespace: seen.append(os.environ[cli.HIDE_BITSANDBYTES_ENV]))  # fmt: skip
-        assert cli.HIDE_BITSANDBYTES_ENV not in os.environ  # only the launched workers see it
-        return seen[0]
+def test_the_bitsandbytes_kernel_warning_is_held_back_unless_the_run_uses_it(tmp_path, caplog):
+    """bitsandbytes logs a CPU kernel warning on import, which every run triggers (transformers imports peft, peft
+    imports bitsandbytes): the entry points hold it back on bitsandbytes' own logger, and log it for a run that uses
+    bitsandbytes."""
+    import logging
 
-    assert hidden() == "1"
-    assert hidden("--load_in_4bit", "true") == "0"
-    assert hidden("--load_in_8bit", "true") == "0"
-    assert hidden("--optim", "paged_adamw_8bit") == "0"
+    def uses(*flags) -> bool:
+        _, training_args, model_args, *_ = cli.parse("sft", [*TINY, "--output_dir", str(tmp_path), *flags])
+        return cli.needs_bitsandbytes(model_args, training_args)
+
+    assert not uses()
+    assert uses("--load_in_4bit", "true")
+    assert uses("--load_in_8bit", "true")
+    assert uses("--optim", "paged_adamw_8bit")
+
+    bnb_logger = logging.getLogger(cli.BNB_KERNEL_LOGGER)
+    with caplog.at_level(logging.WARNING), cli.HeldKernelWarning() as held:
+        caplog.clear()  # the real import (by `cli.parse` above) logged it, with no entry point to hold it back
+        bnb_logger.warning("%s from kernels-community: No module named 'kernels'", cli.BNB_KERNEL_WARNING)
+        bnb_logger.warning("another bitsandbytes warning")
+        assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+        held.release()  # a run that uses bitsandbytes
+        assert caplog.records[-1].getMessage().startswith(cli.BNB_KERNEL_WARNING)
+    assert not bnb_logger.filters  # the filter lives only as long as the entry point
 
 
 def test_config_file_is_forwarded_to_every_rank(tmp_path):
@@ -340,13 +341,6 @@ def test_run_ends_without_trainer_end(monkeypatch, tmp_path, tiny_model, tokeniz
     assert ended == [True]
 
 
-def run_cli(args, timeout, cwd=ROOT) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(args, cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:  # a hung rank must fail the test, not hang the suite
-        pytest.fail(f"{' '.join(args[:3])} ... did not exit within {timeout}s:\n{(exc.stderr or b'')[-3000:]}")
-
-
 PROGRESS_BAR = re.compile(r"^(.*: *)?\d+%\|.*\|")  # tqdm: "Loading weights:  50%|#####     | 1/2 [...]"
 
 
@@ -358,7 +352,7 @@ def stderr_lines(stderr: str) -> list[str]:
 
 def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
     output_dir = tmp_path / "quickstart"
-    result = run_cli(
+    result = run(
         ["trl-prob", "sft", "--config", QUICKSTART, "--max_steps", "6", "--eval_strategy", "no", "--logging_steps", "2",
          "--output_dir", str(output_dir)],  # fmt: skip
         timeout=300,
@@ -383,7 +377,7 @@ def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
     assert lambdas and all(0.0 <= lam <= 1.0 for lam in lambdas)
 
     # The same run again is refused, and leaves the run as it was.
-    result = run_cli(["trl-prob", "sft", "--config", QUICKSTART, "--output_dir", str(output_dir)], timeout=300)
+    result = run(["trl-prob", "sft", "--config", QUICKSTART, "--output_dir", str(output_dir)], timeout=300)
     assert result.returncode == 1 and "already holds a run" in result.stderr
     assert json.loads((output_dir / "trainer_state.json").read_text()) == state
 
@@ -394,7 +388,7 @@ def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
 def test_probe_runs_with_no_device_flags(tmp_path):
     """The probe trains nothing: it runs wherever the model loads, with no --use_cpu / --bf16 (SFTConfig defaults bf16
     to True, which TrainingArguments refuses on a machine without a bf16 GPU)."""
-    result = run_cli(
+    result = run(
         ["trl-prob", "probe", "--model_name_or_path", default_model_path(), "--dataset_name", default_dataset_path(),
          "--output_dir", str(tmp_path), "--num_samples", "32"],  # fmt: skip
         timeout=300,
@@ -406,7 +400,7 @@ def test_probe_runs_with_no_device_flags(tmp_path):
 def test_two_cpu_processes_agree_on_the_schedule(tmp_path):
     """DDP on two CPU processes (gloo) through `python -m trl_prob`: each rank logs the same lambda every step."""
     output_dir, rank_logs = tmp_path / "run", tmp_path / "ranks"
-    result = run_cli(
+    result = run(
         [sys.executable, "-m", "trl_prob", "sft", *TINY, "--output_dir", str(output_dir),
          "--objective", "p", "--objective_schedule", "adaptive",
          # a ramp around the tiny model's mean target probability, so lambda is strictly between 0 and 1 and moves

@@ -1,16 +1,14 @@
 """``import trl_prob`` is light (TRL's own lazy-export pattern): torch, TRL and transformers load on first use."""
 
-import subprocess
-import sys
-
 import pytest
+from _launch import python
 
 import trl_prob
 
 
 def test_import_loads_no_heavy_module():
     code = "import sys, trl_prob; print(sorted(m for m in ('torch', 'trl', 'transformers', 'datasets') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = python("-c", code, timeout=120, check=True).stdout
     assert out.strip() == "[]"
 
 

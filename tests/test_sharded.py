@@ -10,15 +10,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import addition_dataset, base_args  # noqa: E402
-from test_training import launch  # noqa: E402  (the 1-process run of tests/_ddp_train.py)
+from _launch import accelerate_launch, torchrun  # noqa: E402
+from _launch import ddp_train as launch  # noqa: E402  (the 1-process run of tests/_ddp_train.py)
 
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 
@@ -27,27 +26,11 @@ ROOT = os.path.dirname(TESTS)
 KEYS = ["loss", "mean_token_prob", "nll", "grad_norm", "objective_lambda", "ema_token_prob"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:  # torchrun's static rendezvous needs a real port (0 would hang the ranks)
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_fsdp2(out, per_device_batch: int, timeout: int = 480) -> dict:
     import json
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(TESTS, "_cpu_fsdp.py"), os.path.join(TESTS, "_ddp_train.py"),
-           str(out), "p", "adaptive", str(per_device_batch), "3"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")])
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"FSDP2 2-process run did not exit within {timeout}s: {(error.stderr or '')[-3000:]}")
-    assert proc.returncode == 0, f"FSDP2 run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    torchrun("--nproc_per_node", 2, os.path.join(TESTS, "_cpu_fsdp.py"), os.path.join(TESTS, "_ddp_train.py"), out, "p",
+             "adaptive", per_device_batch, 3, timeout=timeout, check=True)  # fmt: skip
     with open(out) as f:
         return json.load(f)
 
@@ -75,19 +58,11 @@ def test_fsdp2_two_cpu_processes_match_one_process(tmp_path):
 def run_zero3(out, per_device_batch: int, timeout: int = 480) -> dict:
     import json
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(ROOT, "recipes", "accelerate", "zero3.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-           "--main_process_port", "0", os.path.join(TESTS, "_ddp_train.py"),
-           str(out), "p", "adaptive", str(per_device_batch), "3"]  # fmt: skip
     # verified with use_cpu off: DeepSpeed picks its CPU accelerator (gloo) itself
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               TRL_PROB_TEST_USE_CPU="0")  # fmt: skip
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")])
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"ZeRO-3 2-process run did not exit within {timeout}s: {(error.stderr or '')[-3000:]}")
-    assert proc.returncode == 0, f"ZeRO-3 run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    accelerate_launch("--config_file", os.path.join(ROOT, "recipes", "accelerate", "zero3.yaml"), "--num_processes", 2,
+                      "--mixed_precision", "no", "--main_process_port", 0, os.path.join(TESTS, "_ddp_train.py"), out,
+                      "p", "adaptive", per_device_batch, 3, timeout=timeout, env={"TRL_PROB_TEST_USE_CPU": "0"},
+                      check=True)  # fmt: skip
     with open(out) as f:
         return json.load(f)
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from _launch import python
 from smollm2 import SmolLM2Unavailable, smollm2_dir
 
 pytestmark = pytest.mark.real_model
@@ -192,7 +191,7 @@ def test_every_objective_gradient_on_a_real_batch_matches_full_logits(model_dir,
     attention and MLP of those layers); the rest is frozen so that the backward stays cheap."""
     from transformers import AutoModelForCausalLM
 
-    from test_objectives import paper_formula
+    from _reference import paper_formula
     from trl_prob import ProbSFTTrainer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -320,7 +319,7 @@ def test_qlora_4bit_on_cpu(model_dir, tokenizer, gsm8k_rows, tmp_path):
 LORA_RUN = ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "v_proj",
             "--objective", "p", "--objective_schedule", "adaptive",
             # A ramp around SmolLM2's ~0.55 on GSM8K, so lambda sits inside (0, 1) and moves step to step.
-            "--schedule_p_low", "0.3", "--schedule_p_high", "0.8", "--schedule_ema_decay", "0.5",
+            "--schedule_ramp_low", "0.3", "--schedule_ramp_high", "0.8", "--schedule_ema_decay", "0.5",
             "--schedule_warm_start_samples", "8", "--per_device_train_batch_size", "2", "--max_length", "96",
             "--learning_rate", "1e-3", "--max_steps", "10", "--save_strategy", "steps", "--save_steps", "5",
             "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
@@ -328,12 +327,7 @@ SCHEDULE_KEYS = ("loss", "mean_token_prob", "nll", "objective_lambda", "ema_toke
 
 
 def run_sft(args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    try:
-        result = subprocess.run([sys.executable, "-m", "trl_prob", "sft", *args], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"trl-prob sft did not exit within {timeout}s:\n{(exc.stderr or b'')[-3000:]}")
+    result = python("-m", "trl_prob", "sft", *args, timeout=timeout, cwd=REPO, threads=None)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

@@ -12,8 +12,6 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,8 +19,9 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from addition import random_tiny_llama
+from _launch import ddp_train as launch
 from conftest import addition_dataset, base_args
-from test_gradients import completion_mask, reference_loss
+from _reference import completion_mask, reference_loss
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
 from trl_prob.embedded import default_model_path
 
@@ -186,7 +185,7 @@ def run(tmp_path, tokenizer, name, **overrides):
     [
         dict(objective="p"),
         dict(objective="power:10"),
-        dict(objective="p", objective_schedule="adaptive", schedule_p_low=0.2, schedule_p_high=0.95),
+        dict(objective="p", objective_schedule="adaptive", schedule_ramp_low=0.2, schedule_ramp_high=0.95),
     ],
     ids=["p", "power10", "adaptive-p"],
 )
@@ -263,32 +262,6 @@ def test_qlora_trains_adapters_only(tmp_path, tokenizer):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def launch(out, objective, schedule, per_device_batch, num_processes, statistic="mean"):
-    script = os.path.join(TESTS, "_ddp_train.py")
-    script_args = [str(out), objective, schedule, str(per_device_batch), "3", statistic]
-    if num_processes == 1:
-        cmd = [sys.executable, script, *script_args]
-    else:
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", "0",
-            script, *script_args,
-        ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if num_processes > 1:
-        env["ACCELERATE_USE_CPU"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")])
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{num_processes}-process run timed out (hang at exit?): {error.stderr}")
-    assert proc.returncode == 0, f"{num_processes}-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    with open(out) as f:
-        return json.load(f)
-
-
 @pytest.mark.parametrize(
     "objective, schedule, statistic",
     # adaptive p: the step statistics and lambda are all-reduced; top_p: the kept-token normaliser is all-reduced;
@@ -299,8 +272,8 @@ def launch(out, objective, schedule, per_device_batch, num_processes, statistic=
     ids=["adaptive-p", "top_p", "adaptive-sequence_top1", "adaptive-per_source"],
 )
 def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule, statistic):
-    one = launch(tmp_path / "one.json", objective, schedule, 4, num_processes=1, statistic=statistic)
-    two = launch(tmp_path / "two.json", objective, schedule, 2, num_processes=2, statistic=statistic)
+    one = launch(tmp_path / "one.json", objective, schedule, 4, num_processes=1, signal=statistic)
+    two = launch(tmp_path / "two.json", objective, schedule, 2, num_processes=2, signal=statistic)
     assert one["world_size"] == 1 and two["world_size"] == 2
 
     # Same global batch: the same samples, split across the two ranks (rank 0 then rank 1).

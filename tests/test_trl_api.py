@@ -1,7 +1,7 @@
-"""The TRL / accelerate / transformers / datasets API that ``trl_prob/cli.py`` calls, pinned: each name imports from its
-public path and takes the parameters we pass, and the few behaviours the launcher builds on hold. A release that
-moves, renames or changes one fails here instead of in a user's run. ``cli.py`` itself is read to check that it
-imports nothing private and nothing unpinned."""
+"""The TRL / accelerate / transformers / datasets API that ``trl_prob/cli.py`` and ``trl_prob/preflight.py`` call,
+pinned: each name imports from its public path and takes the parameters we pass, and the few behaviours the launcher
+builds on hold. A release that moves, renames or changes one fails here instead of in a user's run. The two files are
+read to check that they import nothing private (but the one TRL function named in PRIVATE) and nothing unpinned."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
-CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trl_prob", "cli.py")
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trl_prob")
+SOURCES = [os.path.join(PACKAGE, name) for name in ("cli.py", "preflight.py")]
 LIBRARIES = ("trl", "accelerate", "transformers", "datasets")
 
 # (module, attribute) -> the parameters cli.py passes (by keyword, or what its positional argument means).
@@ -34,7 +35,14 @@ CALLABLES = {
     ("trl", "SFTTrainer.push_to_hub"): (),  # dataset_name= goes through **kwargs to create_model_card
     ("trl", "SFTTrainer.create_model_card"): ("dataset_name",),
     ("trl.cli.accelerate_config", "resolve_accelerate_config_argument"): ("launch_args",),
-    ("accelerate.commands.launch", "launch_command_parser"): (),
+    ("trl.cli.commands.base", "Command"): ("name", "help_text"),
+    ("trl.cli.commands.base", "Command.register"): ("subparsers",),
+    ("trl.cli.commands.base", "Command.run"): ("args", "context"),
+    ("trl.cli.commands.base", "CommandContext"): ("argv",),
+    ("trl.cli.commands.base", "CommandContext.argv_after"): ("token",),
+    ("trl.cli.commands.training", "_subtract_subsequence"): ("lst", "subseq"),
+    ("accelerate.commands.launch", "launch_command_parser"): ("subparsers",),
+    ("accelerate.commands.utils", "CustomArgumentParser"): (),  # argparse's keywords, through add_subparsers
     ("accelerate.commands.launch", "launch_command"): ("args",),
     ("accelerate", "Accelerator.wait_for_everyone"): (),
     ("accelerate", "Accelerator.end_training"): (),  # what Trainer.end (transformers >= 5.18) calls
@@ -47,6 +55,8 @@ CALLABLES = {
     ("datasets", "load_dataset"): ("path", "name", "streaming"),
     ("datasets", "load_dataset_builder"): ("path", "name", "data_dir", "data_files"),
 }
+# The private TRL names imported, and why: TRL's launcher splits its argv with this function; we call the same one.
+PRIVATE = {("trl.cli.commands.training", "_subtract_subsequence")}
 # Dataclasses whose fields cli.py reads.
 FIELDS = {
     ("trl", "ScriptArguments"): ("dataset_name", "dataset_config", "dataset_streaming", "dataset_train_split",
@@ -85,12 +95,12 @@ def test_dataclass_has_the_fields_we_read(name):
 
 def test_cli_imports_only_pinned_public_names():
     imported = set()
-    for node in ast.walk(ast.parse(open(CLI).read())):
+    for node in (node for source in SOURCES for node in ast.walk(ast.parse(open(source).read()))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in LIBRARIES:
             imported |= {(node.module, alias.name) for alias in node.names}
         elif isinstance(node, ast.Import):
             assert not [a.name for a in node.names if a.name.split(".")[0] in LIBRARIES], "import names from modules"
-    private = [f"{m}.{n}" for m, n in imported if any(part.startswith("_") for part in [*m.split("."), n])]
+    private = [f"{m}.{n}" for m, n in imported - PRIVATE if any(part.startswith("_") for part in [*m.split("."), n])]
     assert not private, f"private imports: {private}"
     pinned = {(module, attribute.split(".")[0]) for module, attribute in [*CALLABLES, *FIELDS, *CONSTANTS]}
     assert imported - pinned == set(), "pin these in CALLABLES or FIELDS"
@@ -152,3 +162,38 @@ def test_accelerate_launch_parses_a_module_entry():
     namespace = parser.parse_args(["--num_processes", "2", "--module", "trl_prob.cli", "sft", "--objective", "p"])
     assert namespace.module is True and namespace.num_processes == 2
     assert (namespace.training_script, namespace.training_script_args) == ("trl_prob.cli", ["sft", "--objective", "p"])
+
+
+def test_trl_subtracts_the_accelerate_flags_in_order():
+    """TRL's own split of the launcher's argv: the remaining (accelerate) strings removed in order, the rest kept."""
+    from trl.cli.commands.training import _subtract_subsequence
+
+    argv = ["--config", "a.yaml", "--num_processes", "2", "--lr", "2", "--multi_gpu", "--x", "2"]
+    assert _subtract_subsequence(argv, ["--num_processes", "2", "--multi_gpu"]) == ["--config", "a.yaml", "--lr", "2",
+                                                                                    "--x", "2"]  # fmt: skip
+
+
+def test_trl_commands_run_with_the_argv_after_their_name():
+    from trl.cli.commands.base import Command, CommandContext
+
+    assert CommandContext(argv=["--v", "sft", "--lr", "1"]).argv_after("sft") == ["--lr", "1"]
+    assert {"register", "run"} <= Command.__abstractmethods__
+
+
+def test_accelerate_launch_parser_built_as_a_subcommand_uses_our_parser_class():
+    """The launcher's one-line errors: accelerate's parser, built on a subparsers action (as `accelerate launch` is),
+    is of the class we give and parses a module entry as the plain one does."""
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.commands.utils import CustomArgumentParser
+
+    class Parser(CustomArgumentParser):
+        def error(self, message):
+            raise RuntimeError(message)
+
+    parser = launch_command_parser(argparse.ArgumentParser().add_subparsers(parser_class=Parser))
+    assert isinstance(parser, Parser)
+    namespace, unknown = parser.parse_known_args(["--num-processes", "2", "--nope", "--module", "m", "sft", "--lr", "1"])
+    assert (namespace.num_processes, namespace.module, unknown) == (2, True, ["--nope"])
+    assert (namespace.training_script, namespace.training_script_args) == ("m", ["sft", "--lr", "1"])
+    with pytest.raises(RuntimeError, match="num_processes"):
+        parser.parse_known_args(["--num_processes", "two", "m"])

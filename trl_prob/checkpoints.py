@@ -151,3 +151,54 @@ def last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tuple[st
 def skipped_line(skipped: list[tuple[str, str]], chosen: str) -> str:
     names = "; ".join(f"{os.path.basename(c)}: {problem}" for c, problem in skipped)
     return f"resuming from {chosen}, skipping the newer incomplete checkpoint(s) ({names})."
+
+
+# ----------------------------------------------------------------------------------------- output dir and resume
+# What `--output_dir` and `--resume_from_checkpoint` may ask, checked by the command line before any process starts
+# (and on each process before the model loads); the checkpoint itself is then checked by `plan_resume`, as in train().
+
+# What in an output directory means a run already lives there (besides checkpoint-* folders): a saved model or state.
+RUN_FILES = ("trainer_state.json", "training_args.bin", "config.json", "model.safetensors", "pytorch_model.bin",
+             "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors")  # fmt: skip
+
+
+def resolve_resume(value, output_dir: str) -> bool | str | None:
+    """``--resume_from_checkpoint`` as given (a bool, a path, or the strings ``true``/``last``/``false``): None (start
+    afresh), True (the newest complete checkpoint in ``output_dir``, which exists) or the path of a complete
+    checkpoint. Raises :class:`CheckpointError` naming the value otherwise."""
+    if value in (None, False) or str(value).lower() in ("false", "no", "0", "none"):
+        return None
+    if value is True or str(value).lower() in ("true", "last", "yes", "1"):
+        checkpoint, skipped = last_complete_checkpoint(output_dir)
+        if checkpoint is None and skipped:
+            incomplete = "; ".join(f"{os.path.basename(c)}: {problem}" for c, problem in skipped)
+            raise CheckpointError(f"--resume_from_checkpoint {value}: no complete checkpoint in --output_dir "
+                                  f"{output_dir} ({incomplete}); start afresh with --overwrite_output_dir.")  # fmt: skip
+        if checkpoint is None:
+            raise CheckpointError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in --output_dir {output_dir}.")
+        return True
+    if not os.path.isdir(value):
+        raise CheckpointError(f"--resume_from_checkpoint {value}: no such checkpoint directory.")
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise CheckpointError(f"--resume_from_checkpoint {value}: an incomplete checkpoint ({problem}).")
+    return value
+
+
+def check_output_dir(args, overwrite_output_dir: bool = False) -> bool | str | None:
+    """Refuse to train over an earlier run in ``args.output_dir`` unless overwriting it (``overwrite_output_dir``) or
+    resuming it (``args.resume_from_checkpoint``, checked by :func:`resolve_resume` then :func:`plan_resume`).
+    Returns what to pass to ``train(resume_from_checkpoint=...)``; raises :class:`CheckpointError` naming the value."""
+    output_dir = args.output_dir
+    resume = resolve_resume(args.resume_from_checkpoint, output_dir)
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    found = [name for name in names if name.startswith("checkpoint-") or name in RUN_FILES]
+    if found and not (overwrite_output_dir or resume):
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise CheckpointError(
+            f"--output_dir {output_dir} already holds a run ({shown}); pass --overwrite_output_dir to train over it, "
+            "--resume_from_checkpoint true to continue it, or choose another --output_dir."
+        )
+    if resume:
+        plan_resume(resume, args)  # unfinished, schedule state well-formed (per-source state: once the data is read)
+    return resume
