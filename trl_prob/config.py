@@ -13,7 +13,7 @@ check_trl_version()
 from trl import SFTConfig  # noqa: E402
 
 from .objectives import get_objective, objective_help  # noqa: E402
-from .schedules import DEFAULT_RAMP, DEFAULT_SIGNAL, MODES, SCHEDULES, SIGNALS  # noqa: E402
+from .schedules import DEFAULT_RAMP, DEFAULT_SIGNAL, MODES, SCHEDULES, SIGNALS, TOKEN_GATES  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ class ProbSFTConfig(SFTConfig):
 
         objective_schedule (`str`, *optional*, defaults to `"none"`):
             `none` (train `objective` alone), `constant` (fixed blend `objective_lambda`), `linear` / `cosine`
-            (lambda 0 -> 1 over `schedule_warmup_ratio` of the steps) or `adaptive` (lambda follows the running
+            (lambda 0 -> 1 over `schedule_warmup_ratio` of the steps), `token_gate` (each token's own lambda from its
+            own confidence, `schedule_token_gate`), `progress` (NLL while the fresh-batch NLL still falls) or
+            `adaptive` (lambda follows the running
             signal of the model's confidence from `schedule_ramp_low` to `schedule_ramp_high`).
         schedule_mode (`str`, *optional*, defaults to `"blend"`):
             `blend`: loss = (1 - lambda) nll + lambda objective. `exponent`: train `power:(lambda k)` for a
@@ -80,6 +82,16 @@ class ProbSFTConfig(SFTConfig):
             Lambda of the `constant` schedule, in [0, 1] (1 = the objective alone).
         schedule_warmup_ratio (`float`, *optional*, defaults to `0.1`):
             Share of the optimizer steps over which `linear` / `cosine` lambda rises from 0 to 1.
+        schedule_warmup_start (`float`, *optional*, defaults to `0.0`):
+            `linear` / `cosine`: share of the optimizer steps that train NLL before lambda starts to rise (a ramp
+            from NLL to the objective starting late in the run).
+        schedule_token_gate (`str`, *optional*, defaults to `"sum_sq"`):
+            `token_gate`: the per-token confidence that sets each token's own lambda on the ramp
+            `schedule_ramp_low` -> `schedule_ramp_high`: `sum_sq` (sum_v p_v^2) or `certainty` (1 - H / ln V).
+        schedule_progress_window (`int`, *optional*, defaults to `50`), schedule_progress_threshold (`float`,
+        *optional*, defaults to `0.05`):
+            `progress`: lambda stays 0 while the NLL of fresh (first-epoch) batches falls by `threshold` or more
+            (relative) per `window` optimizer steps, and rises to 1 as that fall stops.
         schedule_signal (`str`, *optional*, defaults to `"token_top1"`):
             Per-step signal that `adaptive` follows (`trl_prob.schedules.SIGNALS`): `token_top1` (share of target
             tokens that are the model's top-1; the default, chosen by benchmarks/signals.py's rule over 9 rows of 3
@@ -152,7 +164,8 @@ class ProbSFTConfig(SFTConfig):
     objective_schedule: str = field(
         default="none",
         metadata={
-            "help": "How training moves from NLL toward `objective`: none, constant, linear, cosine or adaptive.",
+            "help": "How training moves from NLL toward `objective`: none, constant, linear, cosine, adaptive, "
+            "token_gate (a lambda per token from its own confidence) or progress (NLL while fresh-batch NLL falls).",
             "choices": list(SCHEDULES),
         },
     )
@@ -168,6 +181,25 @@ class ProbSFTConfig(SFTConfig):
     )
     schedule_warmup_ratio: float = field(
         default=0.1, metadata={"help": "Share of optimizer steps over which linear/cosine lambda rises 0 -> 1."}
+    )
+    schedule_warmup_start: float = field(
+        default=0.0,
+        metadata={"help": "linear/cosine: share of the optimizer steps that train NLL before lambda starts to rise."},
+    )
+    schedule_token_gate: str = field(
+        default="sum_sq",
+        metadata={
+            "help": "token_gate: each token's confidence that sets its own lambda on the ramp: "
+            + "; ".join(f"{name}: {gate.help}" for name, gate in TOKEN_GATES.items()) + ".",
+            "choices": list(TOKEN_GATES),
+        },
+    )
+    schedule_progress_window: int = field(
+        default=50, metadata={"help": "progress: optimizer steps over which the fall of the fresh-batch NLL is read."}
+    )
+    schedule_progress_threshold: float = field(
+        default=0.05,
+        metadata={"help": "progress: relative fall of the fresh-batch NLL per window at and above which lambda is 0."},
     )
     schedule_signal: str = field(
         default=DEFAULT_SIGNAL,
@@ -308,6 +340,13 @@ class ProbSFTConfig(SFTConfig):
         choice("objective_schedule", tuple(SCHEDULES))
         choice("schedule_mode", MODES)
         choice("schedule_signal", tuple(SIGNALS))
+        choice("schedule_token_gate", tuple(TOKEN_GATES))
+        if isinstance(self.schedule_progress_window, bool) or not isinstance(self.schedule_progress_window, int) or (
+            self.schedule_progress_window < 1
+        ):
+            raise ValueError(f"schedule_progress_window must be an integer >= 1, got {self.schedule_progress_window!r}.")
+        if not (math.isfinite(self.schedule_progress_threshold) and self.schedule_progress_threshold > 0):
+            raise ValueError(f"schedule_progress_threshold must be > 0, got {self.schedule_progress_threshold!r}.")
         signal = SIGNALS[self.schedule_signal]
         self._ramp_given = (self.schedule_ramp_low, self.schedule_ramp_high)  # before the signal's ramp fills them in
         if self.schedule_ramp_low is None:
@@ -320,7 +359,8 @@ class ProbSFTConfig(SFTConfig):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
 
-        for name in ("objective_lambda", "schedule_warmup_ratio", "schedule_ramp_low", "schedule_ramp_high"):
+        for name in ("objective_lambda", "schedule_warmup_ratio", "schedule_warmup_start", "schedule_ramp_low",
+                     "schedule_ramp_high"):
             unit_interval(name)
         if self.schedule_ramp_low >= self.schedule_ramp_high:
             raise ValueError(

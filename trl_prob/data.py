@@ -14,6 +14,7 @@ import logging
 import glob
 import json
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -230,7 +231,7 @@ def check_assistant_only(args, processing_class) -> None:
     if not getattr(args, "assistant_only_loss", False) or getattr(args, "chat_template_path", None):
         return
     template = getattr(processing_class, "chat_template", None)
-    if isinstance(template, str) and "generation" not in template:
+    if isinstance(template, str) and not re.search(r"{%-?\s*generation\s*-?%}", template):
         raise ValueError(f"The chat template has no {{% generation %}} markers. {ASSISTANT_ONLY_LOSS_ADVICE}")
 
 

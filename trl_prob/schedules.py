@@ -115,9 +115,13 @@ def ramp(x: float) -> float:
     return min(1.0, max(0.0, x))
 
 
-def warmup_lambda(step: int, total_steps: int, warmup_ratio: float, shape: str = "linear") -> float:
-    """Lambda after ``step`` completed optimizer steps, rising to 1 over ``warmup_ratio * total_steps`` steps."""
+def warmup_lambda(step: int, total_steps: int, warmup_ratio: float, shape: str = "linear", start: float = 0.0) -> float:
+    """Lambda after ``step`` completed optimizer steps: 0 until ``start * total_steps``, then rising to 1 over
+    ``warmup_ratio * total_steps`` steps."""
     warmup_steps = warmup_ratio * total_steps
+    step = step - start * total_steps
+    if step < 0:
+        return 0.0
     progress = 1.0 if warmup_steps <= 0 else ramp(step / warmup_steps)
     if shape == "linear":
         return progress
@@ -254,12 +258,12 @@ class WarmupSchedule(Schedule):
 
     name = "linear"
 
-    def __init__(self, warmup_ratio: float = 0.1, **kwargs):
-        self.warmup_ratio = warmup_ratio
+    def __init__(self, warmup_ratio: float = 0.1, start: float = 0.0, **kwargs):
+        self.warmup_ratio, self.start = warmup_ratio, start
         super().__init__(**kwargs)
 
     def lambda_now(self) -> float:
-        return warmup_lambda(self.last_step, self.total_steps, self.warmup_ratio, self.name)
+        return warmup_lambda(self.last_step, self.total_steps, self.warmup_ratio, self.name, self.start)
 
 
 class CosineSchedule(WarmupSchedule):
@@ -282,8 +286,111 @@ class AdaptiveSchedule(Schedule):
         return adaptive_lambda(self.p_ema, self.ramp_low, self.ramp_high)
 
 
+@dataclass(frozen=True)
+class TokenGate:
+    """A per-token confidence the ``token_gate`` schedule reads, from the fused head's outputs for that token."""
+
+    name: str
+    read: Callable  # HeadTokens -> [batch, seq] tensor in [0, 1], detached
+    reads: tuple[str, ...]
+    help: str
+
+
+TOKEN_GATES: dict[str, TokenGate] = {
+    gate.name: gate
+    for gate in (
+        TokenGate("sum_sq", lambda tokens: tokens.sum_sq_probs, ("log_probs", "log_sum_sq_probs"),
+                  "the token's sum_v p_v^2 (1/V when the prediction is flat, 1 when certain)"),
+        TokenGate("certainty", lambda tokens: 1.0 - tokens.normalised_entropy, ("log_probs", "entropy"),
+                  "1 - H / ln V of the token's prediction"),
+    )
+}
+
+
+class TokenGateSchedule(Schedule):
+    """Each token's own lambda from its own confidence c (:data:`TOKEN_GATES`): clip((c - low) / (high - low), 0, 1).
+
+    No run-wide lambda: a token the model is unsure of trains NLL, one it is confident about (right or, for a noisy
+    label, wrong) trains the objective, in the same batch. :attr:`value` is the last step's mean token lambda (for
+    logs); the loss reads :meth:`token_lambdas`.
+    """
+
+    name = "token_gate"
+
+    def __init__(self, gate: str = "sum_sq", ramp_low: float = DEFAULT_RAMP[0], ramp_high: float = DEFAULT_RAMP[1],
+                 **kwargs):
+        self.gate, self.ramp_low, self.ramp_high = TOKEN_GATES[gate], ramp_low, ramp_high
+        super().__init__(**kwargs)
+
+    def token_lambdas(self, tokens):
+        import torch
+
+        c = self.gate.read(tokens).float()
+        return torch.clamp((c - self.ramp_low) / (self.ramp_high - self.ramp_low), 0.0, 1.0)
+
+    def lambda_now(self) -> float:
+        return self.value  # set from the step's tokens by the trainer's hook
+
+    def step(self, stats: TokenProbStats, mean_lambda: float | None = None) -> float:
+        self.p_ema = ema_update(self.p_ema, self.signal(stats), self.ema_decay)
+        self.last_step += 1
+        if mean_lambda is not None and not math.isnan(mean_lambda):
+            self.value = mean_lambda
+        return self.value
+
+
+class ProgressSchedule(Schedule):
+    """NLL while the model still learns from fresh data, then toward the objective: learning progress as the signal.
+
+    During the first epoch each optimizer step's NLL is measured on a batch the model has not trained on yet (before
+    its update). Its moving average (``ema_decay``) is compared with its value ``window`` steps earlier: lambda =
+    clip(1 - r / threshold, 0, 1) with r the relative fall, so lambda stays 0 while the NLL on fresh batches falls by
+    ``threshold`` or more per window and reaches 1 when it has stopped falling. After the first epoch the batches are
+    no longer fresh: lambda holds. Lambda never decreases.
+    """
+
+    name = "progress"
+
+    def __init__(self, window: int = 50, threshold: float = 0.05, fresh_steps: int | None = None, **kwargs):
+        self.window, self.threshold, self.fresh_steps = window, threshold, fresh_steps
+        self.nll_ema: float | None = None
+        self.history: list[float] = []  # the moving average at each of the last `window` steps
+        super().__init__(**kwargs)
+
+    def lambda_now(self) -> float:
+        return self.value if self.last_step else 0.0
+
+    def step(self, stats: TokenProbStats) -> float:
+        self.p_ema = ema_update(self.p_ema, self.signal(stats), self.ema_decay)
+        self.last_step += 1
+        if self.fresh_steps is None or self.last_step <= self.fresh_steps:
+            self.nll_ema = ema_update(self.nll_ema, stats.nll, self.ema_decay)
+            if len(self.history) >= self.window and self.nll_ema is not None and not math.isnan(self.nll_ema):
+                before = self.history[-self.window]
+                fall = (before - self.nll_ema) / before if before > 0 else 0.0
+                self.value = max(self.value, ramp(1.0 - fall / self.threshold))
+            self.history = (self.history + [self.nll_ema])[-self.window:]
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "nll_ema": self.nll_ema, "history": list(self.history)}
+
+    def load_state_dict(self, state: Any) -> None:
+        super().load_state_dict(state)
+        history = state.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                    for x in history):  # fmt: skip
+            raise ScheduleStateError(f"history must be a list of numbers, got {history!r}")
+        nll_ema = state.get("nll_ema")
+        if nll_ema is not None and (isinstance(nll_ema, bool) or not isinstance(nll_ema, (int, float))):
+            raise ScheduleStateError(f"nll_ema must be null or a number, got {nll_ema!r}")
+        self.history, self.nll_ema = [float(x) for x in history], None if nll_ema is None else float(nll_ema)
+
+
 SCHEDULES: dict[str, type[Schedule]] = {
-    cls.name: cls for cls in (NoSchedule, ConstantSchedule, WarmupSchedule, CosineSchedule, AdaptiveSchedule)
+    cls.name: cls
+    for cls in (NoSchedule, ConstantSchedule, WarmupSchedule, CosineSchedule, AdaptiveSchedule, TokenGateSchedule,
+                ProgressSchedule)
 }
 
 
@@ -295,8 +402,11 @@ def build_schedule(args) -> Schedule:
         raise ValueError(f"Unknown objective schedule {kind!r}; allowed: {', '.join(SCHEDULES)}.")
     specific = {
         "constant": dict(objective_lambda=args.objective_lambda),
-        "linear": dict(warmup_ratio=args.schedule_warmup_ratio),
-        "cosine": dict(warmup_ratio=args.schedule_warmup_ratio),
+        "linear": dict(warmup_ratio=args.schedule_warmup_ratio, start=args.schedule_warmup_start),
+        "cosine": dict(warmup_ratio=args.schedule_warmup_ratio, start=args.schedule_warmup_start),
         "adaptive": dict(ramp_low=args.schedule_ramp_low, ramp_high=args.schedule_ramp_high),
+        "token_gate": dict(gate=args.schedule_token_gate, ramp_low=args.schedule_ramp_low,
+                           ramp_high=args.schedule_ramp_high),
+        "progress": dict(window=args.schedule_progress_window, threshold=args.schedule_progress_threshold),
     }.get(kind, {})
     return SCHEDULES[kind](**specific, **common)

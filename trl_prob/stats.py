@@ -19,8 +19,8 @@ CONFLICT_SUM_SQ = 0.5
 HISTOGRAM_BINS = 200
 
 (_COUNT, _SUM_P, _SUM_NLL, _ABOVE, _KEPT, _SEQS, _SEQS_TOP1, _TOP1,
- _N_ENTROPY, _SUM_ENTROPY, _SUM_NORM_ENTROPY, _N_SUM_SQ, _SUM_SUM_SQ, _CONFLICTS) = range(14)  # fmt: skip
-_HIST = 14
+ _N_ENTROPY, _SUM_ENTROPY, _SUM_NORM_ENTROPY, _N_SUM_SQ, _SUM_SUM_SQ, _CONFLICTS, LAMBDA_SUM) = range(15)  # fmt: skip
+_HIST = 15  # LAMBDA_SUM: the trained tokens' lambda, summed by the trainer for a per-token schedule
 
 
 def _sum_over_processes(sums: torch.Tensor) -> None:
@@ -103,7 +103,7 @@ class TokenProbStats:
         else:
             sum_sq = log_sum_sq_probs.detach().to(torch.float64).exp() * w
             columns += [w, sum_sq, ((sum_sq >= CONFLICT_SUM_SQ) & (p < 0.5)) * w]
-        head = torch.stack(columns, dim=-1)
+        head = torch.stack(columns + [zeros], dim=-1)
         bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1).flatten()
         rows = sample_index.flatten()
         out = torch.zeros(num_samples, width, dtype=torch.float64, device=p.device)
@@ -213,6 +213,11 @@ class TokenProbStats:
         return self.sums[index].item() / n if n > 0 else float("nan")
 
     @property
+    def mean_lambda(self) -> float:
+        """Mean lambda over the target tokens, for per-token schedules (0 where nobody summed it)."""
+        return self._ratio(LAMBDA_SUM)
+
+    @property
     def mean_entropy(self) -> float:
         """Mean entropy of the next-token distribution over target positions (nats); NaN without ``entropy``."""
         return self._reported_ratio(_SUM_ENTROPY, _N_ENTROPY)
@@ -255,7 +260,7 @@ def head_fields(tokens) -> dict:
     return dict(entropy=tokens.entropy, log_sum_sq_probs=tokens.log_sum_sq_probs, vocab_size=tokens.vocab_size)
 
 
-# One row of sums per data source; 64 x 214 fp64 is 110 KB, still one all-reduce per optimizer step.
+# One row of sums per data source; 64 x 215 fp64 is 110 KB, still one all-reduce per optimizer step.
 MAX_SOURCES = 64
 
 

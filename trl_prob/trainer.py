@@ -15,6 +15,7 @@ are :func:`trl_prob.checkpoints.plan_resume`; data checks are :mod:`trl_prob.dat
 from __future__ import annotations
 
 import inspect
+import math
 import logging
 import os
 
@@ -180,7 +181,9 @@ class ProbObjectiveMixin:
             if args.objective_schedule != "none":
                 logger.warning("%s: no schedule state; the schedule restarts (--schedule_reset_on_resume).",
                                self._resume.checkpoint)  # fmt: skip
-        hook.begin(self.state.max_steps, measured, device=args.device)
+        epochs = self.state.num_train_epochs or 1
+        hook.begin(self.state.max_steps, measured, device=args.device,
+                   steps_per_epoch=math.ceil(self.state.max_steps / epochs))  # fmt: skip
         if warm:
             signal = SIGNALS[hook.schedule.signal_name]
             logger.info("trl-prob warm start: %s (%s) %.4f", signal.label, signal.name, hook.schedule.p_ema)
