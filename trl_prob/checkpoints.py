@@ -185,10 +185,11 @@ def resolve_resume(value, output_dir: str) -> bool | str | None:
     return value
 
 
-def check_output_dir(args, overwrite_output_dir: bool = False) -> bool | str | None:
+def check_output_dir(args, overwrite_output_dir: bool = False, plan: bool = True) -> bool | str | None:
     """Refuse to train over an earlier run in ``args.output_dir`` unless overwriting it (``overwrite_output_dir``) or
-    resuming it (``args.resume_from_checkpoint``, checked by :func:`resolve_resume` then :func:`plan_resume`).
-    Returns what to pass to ``train(resume_from_checkpoint=...)``; raises :class:`CheckpointError` naming the value."""
+    resuming it (``args.resume_from_checkpoint``, checked by :func:`resolve_resume`, then with ``plan`` by
+    :func:`plan_resume`, which ``train()`` runs anyway). Returns what to pass to ``train(resume_from_checkpoint=...)``;
+    raises :class:`CheckpointError` naming the value."""
     output_dir = args.output_dir
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
@@ -199,6 +200,6 @@ def check_output_dir(args, overwrite_output_dir: bool = False) -> bool | str | N
             f"--output_dir {output_dir} already holds a run ({shown}); pass --overwrite_output_dir to train over it, "
             "--resume_from_checkpoint true to continue it, or choose another --output_dir."
         )
-    if resume:
+    if resume and plan:
         plan_resume(resume, args)  # unfinished, schedule state well-formed (per-source state: once the data is read)
     return resume

@@ -143,6 +143,7 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
     ``resume`` it takes); given ``probe_args`` (``trl-prob probe``), the same trainer is measured instead of trained."""
     from trl import get_peft_config, get_quantization_config
 
+    from .checkpoints import CheckpointError
     from .trainer import ProbSFTTrainer
 
     model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
@@ -156,15 +157,10 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
                                                            need_eval)  # fmt: skip
     check_probe_inputs(train_dataset, model_args, training_args)
     with bad_input():
-        trainer = ProbSFTTrainer(
-            model=model_args.model_name_or_path,
-            args=training_args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            quantization_config=get_quantization_config(model_args),
-            peft_config=get_peft_config(model_args),
-            callbacks=[rank_log_callback(run_args.rank_log_dir)] if run_args.rank_log_dir else None,
-        )
+        trainer = ProbSFTTrainer(model=model_args.model_name_or_path, args=training_args, train_dataset=train_dataset,
+                                 eval_dataset=eval_dataset, quantization_config=get_quantization_config(model_args),
+                                 peft_config=get_peft_config(model_args),
+                                 callbacks=[rank_log_callback(run_args.rank_log_dir)] if run_args.rank_log_dir else None)
         if summary:
             from .summary import RunSummary
 
@@ -178,7 +174,10 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
         run_probe(trainer, num_samples=probe_args.num_samples, output_dir=training_args.output_dir,
                   batch_size=probe_args.batch_size, source_dataset=train_dataset)  # fmt: skip
     else:
-        trainer.train(resume_from_checkpoint=resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except CheckpointError as exc:  # train()'s resume plan, made before step 1
+            raise CLIError(str(exc)) from exc
         trainer.accelerator.print("Training completed.")
         trainer.save_state()  # trainer_state.json in output_dir: what `trl-prob plot` reads when no checkpoint was kept
         trainer.save_model(training_args.output_dir)
@@ -281,7 +280,7 @@ def run_worker(command: str, argv: Sequence[str], held: HeldKernelWarning | None
     """Run ``command`` on this process (what ``accelerate launch`` starts on every rank); YAML keys that only
     accelerate knows are ignored."""
     parsed = parse(command, argv, fail_with_unknown_args=False)
-    model_config, resume = check_run(command, *parsed[:5])
+    model_config, resume = check_run(command, *parsed[:5], in_worker=True)
     if held is not None and needs_bitsandbytes(parsed[2], parsed[1], model_config):
         held.release()
     sft(*parsed, resume=resume)

@@ -1,9 +1,9 @@
 """What ``trl-prob sft|probe`` checks before it builds a trainer, each check once per process: the model, the dataset,
-the output directory and the checkpoint to resume from, then the rows of the loaded data.
+the output directory and the checkpoint to resume from, then the splits and rows of the loaded data.
 
 Each check raises [`CLIError`]: one line naming the value and what is allowed, before anything is written. The
 launcher runs :func:`check_run` before any process starts; each process (``python -m trl_prob.cli``, which a user may
-start with their own launcher) runs it again, then :func:`load_data`.
+start with their own launcher) runs it too, then :func:`load_data`.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def bad_input(status: int = 1):
         raise CLIError(one_line(exc), status) from exc
 
 
-def check_run(command, script_args, training_args, model_args, dataset_args, run_args):
-    """The checks that need no data loaded: model, dataset names, and (``sft``) output directory and resume.
+def check_run(command, script_args, training_args, model_args, dataset_args, run_args, in_worker: bool = False):
+    """The checks that need no data loaded: model, dataset names, and (``sft``) output directory and resume. In a
+    worker, the checkpoint's own checks (``plan_resume``) are left to ``train()``, which makes them before step 1.
     Returns the model's config and what to pass to ``train(resume_from_checkpoint=...)``."""
     from .checkpoints import check_output_dir
 
@@ -55,7 +56,7 @@ def check_run(command, script_args, training_args, model_args, dataset_args, run
     resume = None
     if command == "sft":
         with bad_input():
-            resume = check_output_dir(training_args, run_args.overwrite_output_dir)
+            resume = check_output_dir(training_args, run_args.overwrite_output_dir, plan=not in_worker)
     return model_config, resume
 
 
@@ -179,7 +180,8 @@ def _split(dataset, name: str, flag: str):
 
 
 def check_rows(script_args, training_args, splits) -> None:
-    """Rows the run cannot train on (or measure), before the trainer is built: one line naming split, row, field."""
+    """Rows the run cannot train on (or measure), before the trainer is built: one line naming the split as given,
+    row, field, and for a local JSON-lines file the file and line."""
     from .data import DataError, locate_load_error
     from .data import check_rows as check
 
