@@ -162,7 +162,9 @@ def run_one(job):
     val, test = _WORKER["evaluation"][job["family"]]
     t0 = time.time()
     objective = job["objective"]
-    if objective.startswith("adaptive:"):
+    if job.get("options") is not None:  # confidence.py names each candidate's ProbSFTConfig settings itself
+        kwargs = dict(job["options"])
+    elif objective.startswith("adaptive:"):
         kwargs = dict(objective="p", objective_schedule="adaptive", schedule_signal=objective.split(":", 1)[1])
     else:
         kwargs = dict(objective=objective)

@@ -139,7 +139,7 @@ def run_one(job):
 
     tok, test = _WORKER["tok"], _WORKER["evaluation"]  # signals.py's worker state: one initialiser for both
     t0 = time.time()
-    options = CANDIDATES[job["candidate"]]
+    options = job.get("options") or CANDIDATES[job["candidate"]]  # confidence.py passes its own candidates
     per_source = options.get("schedule_per_source", False)
     with open(job["data"]) as f:
         rows = json.load(f)

@@ -1,0 +1,503 @@
+"""Confidence-aware candidates and ``--objective auto``: which configuration should be the default?
+
+Issue 21's comparison, on signals.py's grid and sources.py's mixture, with their machinery (data, bases, worker
+initialiser and one-run functions are imported, not copied). Every candidate runs at its registered defaults, never
+tuned per row; one learning rate per budget for all (signals.py's: 1e-3 short, 3e-3 long; sources.py's 1e-3).
+
+Candidates (``CANDIDATES``: the exact ``ProbSFTConfig`` settings of each):
+
+- fixed objectives: ``nll``, ``p``, ``deft``, ``deft_cayley``, ``eaft:1``; "the best fixed objective" of a row is the
+  best of these;
+- scheduled: today's default ``adaptive:token_top1`` (``objective="p"``, adaptive, signal ``token_top1``),
+  ``adaptive:token_top1_clean`` (the signal leaving out confident conflicts), ``token_gate:sum_sq`` (each token's own
+  lambda from its own sum_v p_v^2), ``progress`` (NLL while the fresh-batch NLL still falls) and
+  ``adaptive:token_top1->deft`` (adaptive toward ``deft`` instead of ``p``);
+- hindsight upper bounds, long rows only and outside the selection: ``linear@0.10`` ... ``linear@0.75``, a linear ramp
+  from NLL to ``p`` starting at 10/25/50/75% of the run over 25% of it.
+
+Rows: signals.py's 9 (3 families x {partial, strong} at 20% noise, add2 strong at 0% and 40%, the short budget; the
+long budget from the random init for add2), the long row for ``scaffold``, and sources.py's two-source mixture, each
+source a row. The selection rule is in benchmarks/README.md ("Confidence-aware candidates and ``--objective auto``"),
+committed before the comparison ran; :func:`apply_rule` is that rule.
+
+    python benchmarks/confidence.py                 # the whole grid, resumable
+    python benchmarks/confidence.py --reuse         # first check that the current code reproduces sample runs of
+                                                    # signals.py / sources.py bit for bit, then reuse their nll, p and
+                                                    # adaptive:token_top1 runs instead of rerunning them
+
+Every finished run is appended to ``<out>.runs.jsonl`` as it ends, and a rerun skips the runs found there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import signals  # noqa: E402
+import sources  # noqa: E402
+
+DEFAULT = "adaptive:token_top1"  # today's default: objective="p", objective_schedule="adaptive", signal token_top1
+FIXED = ["nll", "p", "deft", "deft_cayley", "eaft:1"]
+SCHEDULED = [DEFAULT, "adaptive:token_top1_clean", "token_gate:sum_sq", "progress", "adaptive:token_top1->deft"]
+ELIGIBLE = FIXED + SCHEDULED
+HINDSIGHT = ["linear@0.10", "linear@0.25", "linear@0.50", "linear@0.75"]
+
+CANDIDATES = {
+    **{name: dict(objective=name) for name in FIXED},
+    DEFAULT: dict(objective="p", objective_schedule="adaptive", schedule_signal="token_top1"),
+    "adaptive:token_top1_clean": dict(objective="p", objective_schedule="adaptive", schedule_signal="token_top1_clean"),
+    "token_gate:sum_sq": dict(objective="p", objective_schedule="token_gate", schedule_token_gate="sum_sq"),
+    "progress": dict(objective="p", objective_schedule="progress"),
+    "adaptive:token_top1->deft": dict(objective="deft", objective_schedule="adaptive", schedule_signal="token_top1"),
+    **{f"linear@{start:.2f}": dict(objective="p", objective_schedule="linear", schedule_warmup_start=start,
+                                   schedule_warmup_ratio=0.25) for start in (0.10, 0.25, 0.50, 0.75)},
+}
+# Names whose runs in signals.py's / sources.py's runs files have exactly these settings (reusable with --reuse).
+REUSABLE = ["nll", "p", DEFAULT]
+MIN_SEEDS = 2  # a row enters the rule only with this many seeds common to every eligible candidate
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The grid
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def task_cells(families, long_families):
+    cells = []
+    for family in families:
+        cells += [(family, b, 0.2, "short") for b in ("partial", "strong")]
+        if family == "add2":
+            cells += [("add2", "strong", 0.0, "short"), ("add2", "strong", 0.4, "short")]
+        if family in long_families:
+            cells += [(family, "none", 0.2, "long")]
+    return cells
+
+
+def row_name(key) -> str:
+    if key[0] == "mixture":
+        return f"mixture/{key[1]}"
+    family, base, noise, budget = key
+    return f"{family}/{base}/{noise:.0%}/{budget}"
+
+
+def task_key(r):
+    return (r["family"], r["base"], r["noise"], r["budget"])
+
+
+def job_id(r) -> tuple:
+    """What identifies a run (job or result) for resuming: task runs as signals.py keys them, mixture runs as
+    sources.py does (with its set-up key)."""
+    if "candidate" in r:
+        return ("mixture", r["setup_key"], r["candidate"], r["seed"])
+    return task_key(r) + (r["objective"], r["seed"])
+
+
+def run_job(job):
+    """One run in a worker: a task row through signals.run_one, a mixture run through sources.run_one."""
+    import contextlib
+
+    if job["kind"] == "mixture":
+        return sources.run_one(job)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # the Trainer's final metrics dict
+        return signals.run_one(job)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Cells and the selection rule
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def mean_se(xs):
+    return signals.mean_se(xs)
+
+
+def collect(runs):
+    """{row key: {candidate: {seed: test accuracy}}}; a mixture run gives one entry per source row."""
+    acc = {}
+    for r in runs:
+        if "candidate" in r:
+            for source, a in r["test_acc"].items():
+                acc.setdefault(("mixture", source), {}).setdefault(r["candidate"], {})[r["seed"]] = a
+        else:
+            acc.setdefault(task_key(r), {}).setdefault(r["objective"], {})[r["seed"]] = r["test_acc"]
+    return acc
+
+
+def build_table(acc, row_keys, eligible=ELIGIBLE, extra=HINDSIGHT, min_seeds=MIN_SEEDS):
+    """Per row: the seeds every eligible candidate completed (``seeds``), each candidate's mean and s.e. over them
+    (eligible) or over its own seeds (extras), and whether the row enters the rule (every eligible candidate there,
+    at least ``min_seeds`` common seeds)."""
+    table = []
+    for key in row_keys:
+        by = acc.get(key, {})
+        have = [set(by.get(c, {})) for c in eligible]
+        common = sorted(set.intersection(*have)) if all(have) else []
+        cells = {}
+        for c in eligible:
+            if common:
+                xs = [by[c][s] for s in common]
+                m, se = mean_se(xs)
+                cells[c] = dict(mean=m, se=se, n=len(xs), accs=xs)
+        for c in extra:
+            if by.get(c):
+                seeds = sorted(by[c])
+                xs = [by[c][s] for s in seeds]
+                m, se = mean_se(xs)
+                cells[c] = dict(mean=m, se=se, n=len(xs), accs=xs, seeds=seeds)
+        table.append(dict(row=row_name(key), key=list(key), seeds=common, results=cells,
+                          in_rule=len(common) >= min_seeds and all(c in cells for c in eligible)))
+    return table
+
+
+def _average_ranks(values: dict) -> dict:
+    """Rank 1 = highest; ties share their average rank."""
+    order = sorted(values, key=lambda c: -values[c])
+    ranks, i = {}, 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for c in order[i:j + 1]:
+            ranks[c] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def apply_rule(table, eligible=ELIGIBLE, fixed=FIXED, default=DEFAULT):
+    """The rule of benchmarks/README.md ("Confidence-aware candidates and `--objective auto`").
+
+    Per row in the rule: the best fixed objective is the fixed objective with the highest mean. A candidate is
+    *behind* if the best fixed mean exceeds its own by more than sqrt(se_best^2 + se_c^2), *ahead* if its mean exceeds
+    the best fixed mean by more than that. Eligible candidates (fixed objectives too) are ranked by fewest rows
+    behind, then most rows ahead, then mean rank among all eligible candidates of the row (ties share their average
+    rank). ``auto`` is the first-ranked candidate if it is behind in fewer rows than ``default``, or in as many but
+    ahead in more; otherwise ``default``. The goal, for ``auto``: behind in no row, and in at least one row ahead of
+    every fixed objective by more than their pair's combined s.e."""
+    per = {c: dict(behind=[], ahead=[], ranks=[], ahead_of_every_fixed=[]) for c in eligible}
+    rows_used = []
+    for row in table:
+        if not row["in_rule"]:
+            continue
+        res = row["results"]
+        rows_used.append(row["row"])
+        best = max(fixed, key=lambda f: res[f]["mean"])
+        b = res[best]
+        ranks = _average_ranks({c: res[c]["mean"] for c in eligible})
+        for c in eligible:
+            r = res[c]
+            se = math.hypot(b["se"], r["se"])
+            if b["mean"] - r["mean"] > se:
+                per[c]["behind"].append(row["row"])
+            if r["mean"] - b["mean"] > se:
+                per[c]["ahead"].append(row["row"])
+            if all(r["mean"] - res[f]["mean"] > math.hypot(res[f]["se"], r["se"]) for f in fixed if f != c):
+                if c not in fixed:
+                    per[c]["ahead_of_every_fixed"].append(row["row"])
+            per[c]["ranks"].append(ranks[c])
+        row["best_fixed"] = best
+    for c in eligible:
+        per[c]["mean_rank"] = statistics.fmean(per[c]["ranks"]) if per[c]["ranks"] else None
+        per[c]["meets_goal"] = not per[c]["behind"] and bool(per[c]["ahead_of_every_fixed"])
+    ranking = sorted(eligible, key=lambda c: (len(per[c]["behind"]), -len(per[c]["ahead"]),
+                                              per[c]["mean_rank"] if per[c]["mean_rank"] is not None else 1e9))
+    first = ranking[0]
+    nb, nd = len(per[first]["behind"]), len(per[default]["behind"])
+    better = nb < nd or (nb == nd and len(per[first]["ahead"]) > len(per[default]["ahead"]))
+    auto = first if better else default
+    return dict(ranking=ranking, per=per, rows_used=rows_used, first=first, auto=auto,
+                auto_settings=CANDIDATES.get(auto), goal_met=per[auto]["meets_goal"])
+
+
+def paired(acc, key, a, b):
+    """Paired difference a - b over the seeds both completed: (mean, s.e., n, seeds a ahead, seeds b ahead)."""
+    xa, xb = acc.get(key, {}).get(a, {}), acc.get(key, {}).get(b, {})
+    seeds = sorted(set(xa) & set(xb))
+    if not seeds:
+        return None
+    d = [xa[s] - xb[s] for s in seeds]
+    m, se = mean_se(d)
+    return dict(mean=m, se=se, n=len(d), a_ahead=sum(x > 0 for x in d), b_ahead=sum(x < 0 for x in d))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Text and plot
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def format_text(table, verdict, acc, key_of):
+    names = ELIGIBLE + HINDSIGHT
+    lines = []
+    for row in table:
+        status = "in the rule" if row["in_rule"] else "OUTSIDE the rule (too few common seeds)"
+        lines.append(f"{row['row']}  seeds {row['seeds']}  {status}" + (
+            f"  best fixed: {row['best_fixed']}" if "best_fixed" in row else ""))
+        best = row.get("best_fixed")
+        for c in names:
+            r = row["results"].get(c)
+            if r is None:
+                continue
+            extra = ""
+            if best and c != best:
+                b = row["results"][best]
+                extra = f"  unpaired {r['mean'] - b['mean']:+.3f} (1 s.e. {math.hypot(r['se'], b['se']):.3f})"
+                pd = paired(acc, key_of[row["row"]], c, best)
+                if pd:
+                    extra += (f"  paired {pd['mean']:+.3f} ± {pd['se']:.3f} over {pd['n']} seeds "
+                              f"({pd['a_ahead']} ahead, {pd['b_ahead']} behind)")
+            lines.append(f"    {c:28s} {r['mean']:.3f} ± {r['se']:.3f} (n={r['n']}){extra}")
+    lines.append("")
+    lines.append(f"rows in the rule: {len(verdict['rows_used'])}: {verdict['rows_used']}")
+    for i, c in enumerate(verdict["ranking"], 1):
+        v = verdict["per"][c]
+        mr = f"{v['mean_rank']:.2f}" if v["mean_rank"] is not None else "-"
+        lines.append(f"  {i:2d}. {c:28s} behind {len(v['behind'])} {v['behind']} | ahead {len(v['ahead'])} "
+                     f"{v['ahead']} | mean rank {mr} | goal: {'met' if v['meets_goal'] else 'not met'}")
+    lines.append(f"first by the rule: {verdict['first']}; auto = {verdict['auto']} {verdict['auto_settings']}; "
+                 f"goal {'MET' if verdict['goal_met'] else 'not met'}")
+    return "\n".join(lines)
+
+
+def plot(table, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ELIGIBLE + HINDSIGHT
+    fig, ax = plt.subplots(figsize=(max(10, 1.5 * len(table)), 5.2))
+    width = 0.9 / len(names)
+    greys = {"nll": "#bbbbbb", "p": "#333333", "deft": "#8c564b", "deft_cayley": "#c49c94", "eaft:1": "#7f7f7f"}
+    for i, c in enumerate(names):
+        pts = [(j, row["results"][c]) for j, row in enumerate(table) if c in row["results"]]
+        if not pts:
+            continue
+        ax.bar([j + i * width for j, _ in pts], [r["mean"] for _, r in pts], width,
+               yerr=[r["se"] for _, r in pts], capsize=1, label=c,
+               color=greys.get(c, f"C{i % 10}"), hatch="//" if c in HINDSIGHT else None)
+    ax.set_xticks([j + 0.45 - width / 2 for j in range(len(table))], [r["row"].replace("/", "\n", 1) for r in table],
+                  fontsize=7)
+    ax.set_ylabel("held-out exact match after SFT")
+    ax.set_title("Confidence-aware candidates vs fixed objectives (mean ± s.e. over the row's common seeds; "
+                 "hatched: hindsight bounds)", fontsize=9)
+    ax.legend(fontsize=6.5, ncol=5)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def load_runs(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", nargs="+", default=list(signals.FAMILIES), choices=list(signals.FAMILIES))
+    ap.add_argument("--long-families", nargs="*", default=["add2", "scaffold"])
+    ap.add_argument("--candidates", nargs="+", default=ELIGIBLE + HINDSIGHT, choices=list(CANDIDATES))
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per short row")
+    ap.add_argument("--long-seeds", type=int, default=6, help="seeds per long row (run seed by seed)")
+    ap.add_argument("--mixture-seeds", type=int, default=3)
+    ap.add_argument("--no-mixture", action="store_true")
+    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--long-epochs", type=float, default=24.0)
+    ap.add_argument("--mixture-epochs", type=float, default=8.0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--long-lr", type=float, default=3e-3)
+    ap.add_argument("--n-train", type=int, default=8000)
+    ap.add_argument("--mixture-n-train", type=int, default=4000, help="rows per source")
+    ap.add_argument("--n-val", type=int, default=300)
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--base-seed", type=int, default=0)
+    ap.add_argument("--pretrain-steps", type=int, default=6000)
+    ap.add_argument("--check-every", type=int, default=25)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse signals.py's and sources.py's runs of nll, p and adaptive:token_top1 after checking "
+                         "that sample runs reproduce bit for bit")
+    ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "trl_prob_signals"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    args.out = args.out or os.path.join(HERE, "results", "confidence.json")
+
+    torch.set_num_threads(1)
+    from continuum import _quiet
+
+    _quiet()
+    from transformers import LlamaForCausalLM
+
+    from addition import build_tokenizer, exact_match_accuracy, mean_target_probability
+
+    t_start = time.time()
+    tok = build_tokenizer()
+    data_dir = tempfile.mkdtemp(prefix="confidence_data_")
+    evaluation, jobs, row_keys, base_info = {}, [], [], {}
+    common = dict(batch_size=args.batch_size)
+    cells = task_cells(args.families, args.long_families)
+    for family in args.families:
+        test, val, pretrain, held = signals.splits(family, args.n_val, args.n_test)
+        evaluation[family] = (val, test)
+        cache, info = signals.build_bases(family, tok, val, pretrain, args)
+        for key in [c for c in cells if c[0] == family]:
+            _, base, noise, budget = key
+            rows = signals.make_examples(family, args.n_train, noise, seed=2000 + round(noise * 100), exclude=held)
+            path = os.path.join(data_dir, f"{family}_noise{noise}.json")
+            with open(path, "w") as f:
+                json.dump(rows, f)
+            row_keys.append(key)
+            model = LlamaForCausalLM.from_pretrained(os.path.join(cache, base)).eval()
+            base_info[row_name(key)] = dict(
+                probe_mean_p=mean_target_probability(model, tok, rows[:1000]),
+                base_test_acc=exact_match_accuracy(model, tok, test,
+                                                   max_new_tokens=signals.FAMILIES[family]["max_new_tokens"]),
+                **info[base])
+            print(f"{row_name(key):28s} {base_info[row_name(key)]}", flush=True)
+            long = budget == "long"
+            names = [c for c in args.candidates if long or c not in HINDSIGHT]
+            for seed in range(args.long_seeds if long else args.seeds):
+                for c in names:
+                    jobs.append(dict(kind="task", family=family, base=base, noise=noise, budget=budget, objective=c,
+                                     options=CANDIDATES[c], seed=seed, data=path, base_dir=os.path.join(cache, base),
+                                     epochs=args.long_epochs if long else args.epochs,
+                                     lr=args.long_lr if long else args.lr, **common))
+    setup_key = None
+    if not args.no_mixture:
+        margs = argparse.Namespace(n_val=args.n_val, n_test=args.n_test, n_train=args.mixture_n_train, noise=0.2)
+        mtest, mtrain, (add_val, add_pretrain) = sources.make_data(margs)
+        evaluation.update(mtest)  # sources.run_one reads evaluation[source]; signals.run_one evaluation[family]
+        cache, info = signals.build_bases("add2", tok, add_val, add_pretrain, args)
+        base_dir = os.path.join(cache, "strong")
+        base = LlamaForCausalLM.from_pretrained(base_dir).eval()
+        for s in sources.SOURCES:
+            key = ("mixture", s)
+            row_keys.append(key)
+            srows = [r for r in mtrain if r["source"] == s]
+            base_info[row_name(key)] = dict(
+                base_test_acc=exact_match_accuracy(base, tok, mtest[s], max_new_tokens=sources.MAX_NEW_TOKENS),
+                probe_mean_p=mean_target_probability(base, tok, srows[:1000]), **info["strong"])
+            print(f"{row_name(key):28s} {base_info[row_name(key)]}", flush=True)
+        path = os.path.join(data_dir, "mixture.json")
+        with open(path, "w") as f:
+            json.dump(mtrain, f)
+        # sources.py's set-up key, so that its runs file's runs of the same set-up are recognised
+        setup_key = (f"n{args.mixture_n_train}_nz0.2_ep{args.mixture_epochs}_lr{args.lr}_bs{args.batch_size}"
+                     f"_test{args.n_test}_add2strong")
+        for seed in range(args.mixture_seeds):
+            for c in [c for c in args.candidates if c not in HINDSIGHT]:
+                jobs.append(dict(kind="mixture", candidate=c, options=CANDIDATES[c], seed=seed, setup_key=setup_key,
+                                 data=path, base_dir=base_dir, epochs=args.mixture_epochs, lr=args.lr, **common))
+
+    runs_path = args.out + ".runs.jsonl"
+    wanted = {job_id(j) for j in jobs}
+    done = [r for r in load_runs(runs_path) if job_id(r) in wanted]
+    finished = {job_id(r) for r in done}
+    # Order: short rows and the mixture first (seed by seed), then the long rows seed by seed, the eligible
+    # candidates of a seed before its hindsight bounds, so that a partial grid covers every row.
+    def order(j):
+        long = j.get("budget") == "long"
+        return (long, j["seed"] if long else 0, (j.get("objective") in HINDSIGHT), 0 if long else j["seed"])
+
+    todo = sorted((j for j in jobs if job_id(j) not in finished), key=order)
+
+    pool = mp.get_context("spawn").Pool(args.workers, initializer=signals._init_worker, initargs=(1, evaluation))
+    log = open(runs_path, "a")
+
+    def record(r, note=None):
+        if note:
+            r = dict(r, **note)
+        done.append(r)
+        finished.add(job_id(r))
+        log.write(json.dumps(r) + "\n")
+        log.flush()
+
+    if args.reuse:
+        previous = {}
+        for path in (os.path.join(HERE, "results", "signals.json.runs.jsonl"),
+                     os.path.join(HERE, "results", "sources.json.runs.jsonl")):
+            for r in load_runs(path):
+                name = r.get("candidate", r.get("objective"))
+                if name in REUSABLE and job_id(r) in wanted:
+                    previous[job_id(r)] = (r, os.path.relpath(path, HERE))
+        # The check: the first reusable job of each kind and name (seed 0 of the first short row, of the mixture)
+        sample = []
+        for name in REUSABLE:
+            for kind in ("task", "mixture"):
+                j = next((j for j in jobs if j["kind"] == kind and j.get("objective", j.get("candidate")) == name
+                          and j.get("budget", "short") == "short" and job_id(j) in previous), None)
+                if j is not None and not (kind == "mixture" and name != "p"):
+                    sample.append(j)
+        need = [j for j in sample if job_id(j) not in finished]
+        print(f"reuse check: {len(sample)} sample runs ({len(need)} to run)", flush=True)
+        for r in pool.imap_unordered(run_job, need):
+            record(r, dict(reuse_check=True))
+        mine = {job_id(r): r for r in done}
+        same = True
+        for j in sample:
+            new, (old, src) = mine[job_id(j)], previous[job_id(j)]
+            eq = new["test_acc"] == old["test_acc"] and new.get("val_acc") == old.get("val_acc")
+            same &= eq
+            print(f"  {job_id(j)}: now {new['test_acc']} / before {old['test_acc']} ({src}): "
+                  f"{'identical' if eq else 'DIFFERENT'}", flush=True)
+        if same:
+            n = 0
+            for jid, (old, src) in previous.items():
+                if jid not in finished:
+                    record(old, dict(reused_from=src))
+                    n += 1
+            print(f"reuse: every sample reproduced bit for bit; {n} runs reused", flush=True)
+        else:
+            print("reuse: NOT every sample reproduced; nothing reused", flush=True)
+        todo = [j for j in todo if job_id(j) not in finished]
+
+    print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {runs_path}", flush=True)
+    for r in pool.imap_unordered(run_job, todo):  # dispatched in order: a partial grid is the one described above
+        record(r)
+        name = r.get("candidate", r.get("objective"))
+        where = "mixture" if "candidate" in r else row_name(task_key(r))
+        acc = r["test_acc"] if isinstance(r["test_acc"], dict) else {"test": r["test_acc"]}
+        print(f"  [{len(done):3d}/{len(jobs)}] {where:24s} {name:28s} seed={r['seed']}: "
+              + " ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" ({r['seconds']:.0f}s)", flush=True)
+    pool.close()
+    pool.join()
+    log.close()
+
+    acc = collect(done)
+    table = build_table(acc, row_keys)
+    for row in table:
+        row["base"] = base_info[row["row"]]
+    verdict = apply_rule(table)
+    key_of = {row_name(k): k for k in row_keys}
+    text = format_text(table, verdict, acc, key_of)
+    total = time.time() - t_start
+    print("\n" + text + f"\n\ntotal {total:.0f}s, {len(done)} runs")
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")}
+    setup.update(command="python benchmarks/confidence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 candidates=CANDIDATES, mixture_setup_key=setup_key, torch=torch.__version__,
+                 cpu_count=os.cpu_count(), total_seconds=round(total, 1), date=time.strftime("%Y-%m-%d"))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(setup=setup, table=table, verdict=verdict, text=text), f, indent=1)
+    plot(table, args.out[: -len(".json")] + ".png")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
