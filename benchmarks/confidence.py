@@ -429,12 +429,27 @@ def main(argv=None):
         log.flush()
 
     if args.reuse:
+        # Only rows whose base measures exactly as it did then (probe mean p, base test accuracy) can reuse runs.
+        same_base = set()
+        with open(os.path.join(HERE, "results", "signals.json")) as f:
+            for row in json.load(f)["table"]:
+                key = (row["family"], row["base"], row["noise"], row["budget"])
+                mine = base_info.get(row_name(key)) if key in row_keys else None
+                if mine and all(mine[k] == row[k] for k in ("probe_mean_p", "base_test_acc")):
+                    same_base.add(key)
+        with open(os.path.join(HERE, "results", "sources.json")) as f:
+            old_base = json.load(f)["base"]
+        if not args.no_mixture and all(base_info[row_name(("mixture", s))][k] == old_base[s][k]
+                                       for s in sources.SOURCES for k in ("probe_mean_p", "base_test_acc")):
+            same_base.add("mixture")
+        print(f"reuse: rows whose base measures as before: {sorted(map(str, same_base))}", flush=True)
         previous = {}
         for path in (os.path.join(HERE, "results", "signals.json.runs.jsonl"),
                      os.path.join(HERE, "results", "sources.json.runs.jsonl")):
             for r in load_runs(path):
                 name = r.get("candidate", r.get("objective"))
-                if name in REUSABLE and job_id(r) in wanted:
+                row_ok = ("mixture" if "candidate" in r else task_key(r)) in same_base
+                if name in REUSABLE and job_id(r) in wanted and row_ok:
                     previous[job_id(r)] = (r, os.path.relpath(path, HERE))
         # The check: the first reusable job of each kind and name (seed 0 of the first short row, of the mixture)
         sample = []

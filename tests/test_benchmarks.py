@@ -199,3 +199,74 @@ def test_sources_tiny_end_to_end_has_every_candidate_per_source_and_resumes(sour
     assert (tmp_path / "sources.png").stat().st_size > 0
     sources_bench.main(argv)  # everything is in the runs file: nothing runs again
     assert len((tmp_path / "sources.json.runs.jsonl").read_text().splitlines()) == len(runs)
+
+
+# benchmarks/confidence.py: issue 21's candidates and the rule that chooses `--objective auto`.
+@pytest.fixture(scope="module")
+def confidence_bench():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        yield importlib.import_module("confidence")
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+
+def test_confidence_candidates_are_valid_configs(confidence_bench, tmp_path):
+    from trl_prob import ProbSFTConfig
+
+    c = confidence_bench
+    assert set(c.ELIGIBLE) | set(c.HINDSIGHT) == set(c.CANDIDATES) and not set(c.ELIGIBLE) & set(c.HINDSIGHT)
+    assert c.DEFAULT in c.ELIGIBLE and set(c.FIXED) <= set(c.ELIGIBLE)
+    for name, options in c.CANDIDATES.items():
+        config = ProbSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+        assert config.objective == options["objective"], name
+        if name in c.HINDSIGHT:  # the last ramp reaches 1 at the end of the run
+            assert config.schedule_warmup_start + config.schedule_warmup_ratio <= 1.0
+
+
+def _acc(cells):
+    """{row key: {candidate: {seed: accuracy}}} from {row key: {candidate: [accuracy per seed]}}."""
+    return {k: {c: dict(enumerate(xs)) for c, xs in row.items()} for k, row in cells.items()}
+
+
+def test_confidence_rule_picks_a_candidate_only_if_it_is_behind_less_than_the_default(confidence_bench):
+    c = confidence_bench
+    kw = dict(eligible=["nll", "p", "D", "X"], fixed=["nll", "p"], default="D")
+    r1, r2 = ("add2", "strong", 0.2, "short"), ("mixture", "new")
+    acc = _acc({
+        r1: dict(nll=[0.60, 0.62, 0.61], p=[0.90, 0.91, 0.89], D=[0.90, 0.91, 0.89], X=[0.80, 0.81, 0.79]),
+        r2: dict(nll=[0.50, 0.52, 0.51], p=[0.10, 0.11, 0.09], D=[0.10, 0.11, 0.09], X=[0.70, 0.71, 0.69]),
+    })
+    table = c.build_table(acc, [r1, r2], eligible=kw["eligible"], extra=[])
+    assert all(row["in_rule"] and row["seeds"] == [0, 1, 2] for row in table)
+    v = c.apply_rule(table, **kw)
+    # X is behind p on r1 and ahead of nll on r2; the default D (= p) is behind nll on r2: 1 row each, X ahead in more.
+    assert v["per"]["X"]["behind"] == ["add2/strong/20%/short"] and v["per"]["X"]["ahead"] == ["mixture/new"]
+    assert v["per"]["D"]["behind"] == ["mixture/new"] and not v["per"]["D"]["ahead"]
+    assert v["first"] == "X" and v["auto"] == "X"
+    assert not v["goal_met"]  # X is behind somewhere: the goal must fail
+    assert table[0]["best_fixed"] == "p" and table[1]["best_fixed"] == "nll"
+    # X within one s.e. on r1 (noisy seeds): behind nowhere, ahead on r2: the goal is met.
+    acc[r1]["X"] = {0: 0.95, 1: 0.80, 2: 0.88}
+    v = c.apply_rule(c.build_table(acc, [r1, r2], eligible=kw["eligible"], extra=[]), **kw)
+    assert v["auto"] == "X" and v["goal_met"] and not v["per"]["X"]["behind"]
+    # X no better than the default (behind in as many rows, ahead in none): auto stays the default.
+    acc[r2]["X"] = {0: 0.10, 1: 0.11, 2: 0.09}
+    acc[r1]["X"] = {0: 0.90, 1: 0.91, 2: 0.89}
+    v = c.apply_rule(c.build_table(acc, [r1, r2], eligible=kw["eligible"], extra=[]), **kw)
+    assert v["auto"] == "D" and not v["goal_met"]
+
+
+def test_confidence_rows_need_two_seeds_common_to_every_eligible_candidate(confidence_bench):
+    c = confidence_bench
+    key = ("add2", "none", 0.2, "long")
+    acc = _acc({key: dict(nll=[0.5, 0.6, 0.7], p=[0.0, 0.0, 0.0], D=[0.4], X=[0.3, 0.4])})
+    acc[key]["linear@0.50"] = {0: 0.8, 1: 0.9}
+    (row,) = c.build_table(acc, [key], eligible=["nll", "p", "D", "X"], extra=["linear@0.50"])
+    assert row["seeds"] == [0] and not row["in_rule"]
+    assert row["results"]["nll"]["n"] == 1  # cells over the common seeds only
+    assert row["results"]["linear@0.50"]["n"] == 2  # a hindsight bound over its own seeds
+    v = c.apply_rule([row], eligible=["nll", "p", "D", "X"], fixed=["nll", "p"], default="D")
+    assert v["rows_used"] == [] and v["auto"] == "D"
+    d = c.paired(acc, key, "X", "nll")
+    assert d["n"] == 2 and d["mean"] == pytest.approx(-0.2) and d["b_ahead"] == 2
