@@ -5,14 +5,15 @@ What is measured, per (vocab V, hidden H, tokens N) configuration and per case:
 - ``trl:nll``: TRL's own path. A head-only causal LM patched with ``trl.trainer.utils.add_fused_lm_head``
   (the same call and ``outputs`` as ``SFTTrainer``), loss = ``-log_probs.sum() / num_tokens`` as in
   ``SFTTrainer.compute_loss``. This is the reference every ratio is taken against.
-- ``prob:<spec>``: trl-prob's path. The same patched model, with trl-prob's own forward wrapper
-  (``ProbObjectiveMixin._wrap_fused_forward``) and ``_per_token_objective`` (statistics, threshold
-  normaliser, schedule blend), i.e. exactly the code ``ProbSFTTrainer`` runs per micro-batch, then TRL's loss.
+- ``prob:<spec>``: trl-prob's path. The same model patched with the outputs the objective reads (DEFT:
+  ``log_sum_sq_probs``), and trl-prob's ``ObjectiveHook.loss`` (statistics, threshold normaliser, schedule
+  blend) on the head's outputs, i.e. exactly the code ``ProbSFTTrainer`` runs per micro-batch, then TRL's loss.
   ``+adaptive`` runs the adaptive schedule's blend path ``(1 - lam) nll + lam f`` at lam = 0.5;
   ``+adaptive-exp`` the ``schedule_mode="exponent"`` path ``power:(lam k)``.
 - ``paper:<spec>``: the paper repo's approach (GaotangLi/Beyond-Log-Likelihood, verl SFT trainer): full
   ``[N, V]`` logits from the LM head, ``log_softmax(logits.float())``, ``gather`` of the target, f(p), mean
-  over the (kept) tokens.
+  over the (kept) tokens. For ``deft`` / ``deft_cayley`` / ``eaft`` the gate comes from that full softmax (sum_v
+  p_v^2, the entropy), as their authors' code computes it.
 
 The "model" is the LM head only: a leaf ``hidden`` tensor ``[1, N + 1, H]`` (requires grad) stands for the
 last hidden state, and the head weight ``[V, H]`` is trained (full fine-tuning, as in the paper) unless
@@ -39,7 +40,7 @@ machine hits every case alike. Memory is deterministic; its median is reported t
 well (``x min``).
 
 On a shared CPU, whole-step times drift by more than an objective adds, so each fused case's per-token part is
-also timed alone (``--loss-reps`` times, on the head's real log-probs: the wrapper's ``_per_token_objective``
+also timed alone (``--loss-reps`` times, on the head's real log-probs: the hook's ``ObjectiveHook.loss``
 plus TRL's loss, forward and backward back to log p). The head kernel's backward does the same work whatever
 gradient reaches it, so ``x decomp`` = (trl:nll's step - its per-token part + the case's per-token part) /
 trl:nll's step is what the case costs relative to TRL, free of drift (``+loss us``: the per-token part's extra
@@ -67,7 +68,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import types
 import time
 from types import SimpleNamespace
 
@@ -75,11 +75,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-DEFAULT_OBJECTIVES = ("nll", "p", "power:10", "top_p:0.2", "bottom_p:0.8", "top_logp:0.2", "dft")
+DEFAULT_OBJECTIVES = ("nll", "p", "power:10", "top_p:0.2", "bottom_p:0.8", "top_logp:0.2", "dft", "deft",
+                      "deft_cayley", "eaft:1")
 DEFAULT_CASES = (
     ("trl:nll",)
     + tuple(f"prob:{spec}" for spec in DEFAULT_OBJECTIVES)
-    + ("prob:power:10+adaptive", "prob:power:10+adaptive-exp", "paper:nll", "paper:power:10")
+    + ("prob:power:10+adaptive", "prob:power:10+adaptive-exp", "paper:nll", "paper:power:10", "paper:deft",
+       "paper:deft_cayley", "paper:eaft:1")
 )
 DEFAULT_CONFIGS = ("32000x2048x128", "152064x3584x16")
 # SFTTrainer patches its model with these outputs (trl/trainer/sft_trainer.py)
@@ -144,28 +146,18 @@ def make_inputs(vocab: int, hidden: int, tokens: int, dtype: torch.dtype, device
 # --------------------------------------------------------------------------------------------- the cases
 
 
-class _TrainerStandIn:
-    """Just enough of a ``ProbSFTTrainer`` to run its per-micro-batch loss code (``trl_prob.trainer``) unchanged."""
+def objective_hook(spec: str, schedule: str, mode: str, lam: float, vocab: int):
+    """trl-prob's per-micro-batch seam, as ``ProbSFTTrainer`` builds it (``trainer.objective_hook``), at lambda ``lam``."""
+    from trl_prob import ProbSFTConfig
+    from trl_prob.hook import ObjectiveHook
 
-    def __new__(cls, spec: str, schedule: str, mode: str, lam: float):
-        from trl_prob import ProbObjectiveMixin, ProbSFTConfig
-
-        class StandIn(ProbObjectiveMixin):
-            def __init__(self):  # no super().__init__: there is no Trainer around it
-                self.args = ProbSFTConfig(
-                    output_dir=os.path.join(tempfile.gettempdir(), "trl-prob-bench"),  # never written
-                    objective=spec,
-                    objective_schedule=schedule,
-                    schedule_mode=mode,
-                    report_to="none",
-                    use_cpu=not torch.cuda.is_available(),
-                )
-                self._init_objective_state(self.args)
-                self.schedule.value = lam
-                self.model = types.SimpleNamespace(training=True)  # the statistics go to the training step
-                self._in_compute_loss = True
-
-        return StandIn()
+    hook = ObjectiveHook(ProbSFTConfig(
+        output_dir=os.path.join(tempfile.gettempdir(), "trl-prob-bench"),  # never written
+        objective=spec, objective_schedule=schedule, schedule_mode=mode, report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+    ), vocab_size=vocab)  # fmt: skip
+    hook.schedule.value = lam
+    return hook
 
 
 def parse_case(case: str) -> dict:
@@ -190,30 +182,34 @@ def build_step(case: str, model: HeadOnlyLM, lam: float):
 
     from trl_prob import get_objective
 
+    from trl_prob.head import HeadTokens
+
     info = parse_case(case)
+    vocab = model.config.vocab_size
     if info["kind"] in ("trl", "prob"):
-        add_fused_lm_head(model, outputs=SFT_OUTPUTS)
-        trainer = None
+        hook = None
         if info["kind"] == "prob":
             lam = lam if info["schedule"] != "none" else 1.0
-            trainer = _TrainerStandIn(info["spec"], info["schedule"], info["mode"], lam)
-            trainer._wrap_fused_forward(model)
+            hook = objective_hook(info["spec"], info["schedule"], info["mode"], lam, vocab)
+        add_fused_lm_head(model, outputs=hook.head_outputs if hook is not None else SFT_OUTPUTS)
 
         def step(hidden_states, labels):
-            if trainer is not None:
-                trainer._step_stats = None  # the trainer drops it once per optimizer step
             outputs = model(inputs_embeds=hidden_states, labels=labels, fused_lm_head=True)
+            if hook is not None:  # what the trainer's forward hook does inside compute_loss
+                hook.step_stats = None  # the trainer drops it once per optimizer step
+                outputs.log_probs = -hook.loss(HeadTokens.from_outputs(outputs, vocab), {})
             # SFTTrainer.compute_loss, loss_type="nll"
             per_token_loss = -outputs.log_probs
             loss = per_token_loss.sum() / outputs.label_mask.sum().clamp(min=1)
             loss.backward()
             return loss
 
-        def loss_only(log_probs, mask):
+        def loss_only(tokens):
             """The same step past the head: what the case adds on top of the kernel, forward and backward."""
-            if trainer is not None:
-                trainer._step_stats = None
-                log_probs = -trainer._per_token_objective(log_probs, mask, {})
+            log_probs, mask = tokens.log_p, tokens.mask
+            if hook is not None:
+                hook.step_stats = None
+                log_probs = -hook.loss(tokens, {})
             loss = (-log_probs).sum() / mask.sum().clamp(min=1)
             loss.backward()
             return loss
@@ -227,11 +223,17 @@ def build_step(case: str, model: HeadOnlyLM, lam: float):
         logits = model(inputs_embeds=hidden_states).logits[:, :-1]  # [1, N, V] in the weight dtype
         targets = labels[:, 1:]
         mask = targets != -100
-        log_p = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_p = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        tokens = None
+        if objective.row.takes_tokens:  # DEFT / EAFT as their authors run them: the gate from the full fp32 softmax
+            probs = log_probs.exp()
+            tokens = HeadTokens(log_p, mask, entropy=-(probs * log_probs).sum(-1).detach(),
+                                log_sum_sq_probs=probs.pow(2).sum(-1).log().detach(), vocab_size=vocab)  # fmt: skip
         loss_mask = mask
         if objective.is_thresholded:
             loss_mask = mask & objective.keep(log_p)
-        loss = (objective(log_p) * loss_mask).sum() / (loss_mask.sum() + 1e-8)
+        loss = (objective(log_p, tokens) * loss_mask).sum() / (loss_mask.sum() + 1e-8)
         loss.backward()
         return loss
 
@@ -316,6 +318,8 @@ def run(config: dict, cases: list[str], args) -> dict:
             _zero_grads(model, hidden_states)
     # The per-token part alone, on the head's real log-probs (forward + backward back to log p), many times: the
     # head kernel does the same work whatever gradient arrives, so this difference is all a case adds to the step
+    from trl_prob.head import HeadTokens
+
     fused = [c for c in cases if hasattr(steps[c], "loss_only")]
     loss_only_s = {}
     if fused:
@@ -325,9 +329,10 @@ def run(config: dict, cases: list[str], args) -> dict:
             times = []
             for i in range(args.loss_reps + 5):
                 leaf = outputs.log_probs.detach().clone().requires_grad_(True)
+                tokens = HeadTokens.from_outputs(outputs, model.config.vocab_size).with_log_p(leaf)
                 _sync(args.device)
                 start = time.perf_counter()
-                steps[case].loss_only(leaf, outputs.label_mask)
+                steps[case].loss_only(tokens)
                 _sync(args.device)
                 if i >= 5:
                     times.append(time.perf_counter() - start)
@@ -361,7 +366,7 @@ def _fused_outputs(model: HeadOnlyLM, hidden_states, labels):
     fresh = HeadOnlyLM.__new__(HeadOnlyLM)
     torch.nn.Module.__init__(fresh)
     fresh.config, fresh.model, fresh.lm_head = model.config, model.model, model.lm_head
-    add_fused_lm_head(fresh, outputs=SFT_OUTPUTS)
+    add_fused_lm_head(fresh, outputs=("log_probs", "is_top1", "entropy", "log_sum_sq_probs"))  # what any case reads
     return fresh(inputs_embeds=hidden_states, labels=labels, fused_lm_head=True)
 
 

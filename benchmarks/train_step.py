@@ -26,11 +26,11 @@ Cases are interleaved: each round calls ``train()`` with ``--steps`` optimizer s
 
 Medians over all recorded steps; ratios vs ``trl:nll``. Targets: time <= 1.05x, memory <= 1.02x.
 
-``--hot-path`` also profiles trl-prob's per-micro-batch code alone (``_per_token_objective`` on N target
-log-probs) against TRL's ``-log_probs``: aten ops per call (~ CUDA kernel launches), ops that synchronise a CUDA
+``--hot-path`` also profiles trl-prob's per-micro-batch code alone (``ObjectiveHook.loss`` on N target
+log-probs and their other head outputs) against TRL's ``-log_probs``: aten ops per call (~ CUDA kernel launches), ops that synchronise a CUDA
 device with the host (``aten::nonzero`` from boolean indexing, ``aten::_local_scalar_dense`` from
 ``.item()``/``.tolist()``), and CPU time per call; and the same for the per-optimizer-step
-``_end_optimizer_step``.
+``ObjectiveHook.end_step``.
 
 Usage (CPU, the committed results)::
 
@@ -48,11 +48,11 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
-import types
 import time
 import warnings
 
@@ -74,7 +74,11 @@ DEFAULT_CASES = (
     "prob:bottom_p:0.8",
     "prob:top_logp:0.2",
     "prob:dft",
+    "prob:deft",
+    "prob:deft_cayley",
+    "prob:eaft:1",
     "prob:power:10+adaptive",
+    "prob:p+token_gate",
 )
 REFERENCE = "trl:nll"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -184,8 +188,9 @@ def parse_case(case: str) -> dict:
         return {"kind": "trl", "objective": "nll", "schedule": "none"}
     if kind != "prob" or not rest:
         raise ValueError(f"Unknown case {case!r}: trl:nll or prob:<spec>[+adaptive]")
-    if rest.endswith("+adaptive"):
-        return {"kind": "prob", "objective": rest[: -len("+adaptive")], "schedule": "adaptive"}
+    for schedule in ("adaptive", "token_gate", "progress"):
+        if rest.endswith(f"+{schedule}"):
+            return {"kind": "prob", "objective": rest[: -len(schedule) - 1], "schedule": schedule}
     if rest.endswith("+per_source"):
         return {"kind": "prob", "objective": rest[: -len("+per_source")], "schedule": "adaptive", "per_source": True}
     return {"kind": "prob", "objective": rest, "schedule": "none"}
@@ -242,7 +247,7 @@ def hot_path(args) -> dict:
     """Per-call cost of trl-prob's per-micro-batch and per-step code, on CPU, with op and sync counts."""
     from torch.profiler import ProfilerActivity, profile
 
-    from trl_prob import ProbObjectiveMixin, ProbSFTConfig
+    from trl_prob import ProbSFTConfig
 
     syncing = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item")
     n = args.hot_path_tokens or args.batch_size * (args.seq_len - 1)  # TRL's log_probs: [batch, seq_len - 1]
@@ -251,23 +256,23 @@ def hot_path(args) -> dict:
     mask = torch.rand(n, generator=g) < 0.9
     log_p_masked = (log_p * mask).detach().requires_grad_(True)
 
-    def stand_in(spec: str, schedule: str):
-        class StandIn(ProbObjectiveMixin):
-            def __init__(self):
-                self.args = ProbSFTConfig(
-                    output_dir=os.path.join(tempfile.gettempdir(), "trl-prob-bench"),  # never written
-                    objective=spec,
-                    objective_schedule=schedule,
-                    report_to="none",
-                    use_cpu=True,
-                )
-                self._init_objective_state(self.args)
-                self.schedule.value = 0.5 if schedule != "none" else 1.0
-                self.model = types.SimpleNamespace(training=True)  # the statistics go to the training step
-                self._metrics = {"train": _DefaultList(), "eval": _DefaultList()}
-                self.state = _State()
+    from trl_prob.head import HeadTokens
+    from trl_prob.hook import ObjectiveHook
 
-        return StandIn()
+    vocab = args.vocab
+    entropy = torch.rand(n, generator=g) * math.log(vocab) * mask
+    log_sum_sq = (torch.rand(n, generator=g) * -math.log(vocab)) * mask
+    tokens = HeadTokens(log_p_masked, mask, is_top1=(torch.rand(n, generator=g) < 0.5) & mask, entropy=entropy,
+                        log_sum_sq_probs=log_sum_sq, vocab_size=vocab)  # fmt: skip
+
+    def stand_in(spec: str, schedule: str):
+        """The trainer's public seam alone: the objective hook, with lambda mid-ramp."""
+        hook = ObjectiveHook(ProbSFTConfig(
+            output_dir=os.path.join(tempfile.gettempdir(), "trl-prob-bench"),  # never written
+            objective=spec, objective_schedule=schedule, report_to="none", use_cpu=True,
+        ), vocab_size=vocab)  # fmt: skip
+        hook.schedule.value = 0.5 if schedule != "none" else 1.0
+        return hook
 
     def measure(fn, reps: int):
         for _ in range(3):
@@ -309,26 +314,27 @@ def hot_path(args) -> dict:
     results["per_micro_batch"]["trl:nll"] = measure(trl_nll, args.hot_path_reps)
     for case in DEFAULT_CASES[1:]:
         info = parse_case(case)
-        trainer = stand_in(info["objective"], info["schedule"])
+        hook = stand_in(info["objective"], info["schedule"])
 
-        def micro(trainer=trainer):
-            # the same with trl-prob's wrapper in between: log_probs -> -f(p) (+ statistics), then backward
+        def micro(hook=hook):
+            # the same with trl-prob's hook in between: log_probs -> -f(p) (+ statistics), then backward
             log_p_masked.grad = None
-            trainer._step_stats = None
-            per_token = trainer._per_token_objective(log_p_masked, mask, {})
+            hook.step_stats = None
+            per_token = hook.loss(tokens, {})
             (per_token.sum() / count).backward()
 
         results["per_micro_batch"][case] = measure(micro, args.hot_path_reps)
 
-        # time _end_optimizer_step alone: refill _step_stats before each call, outside the timing
-        def end_only(trainer=trainer):
-            trainer._end_optimizer_step()
+        # time the per-step accounting alone: refill the step's statistics before each call, outside the timing
+        def end_only(hook=hook):
+            hook.end_step()
+            hook.pop_metrics()
 
-        def timed_end(trainer=trainer):
+        def timed_end(hook=hook):
             times, ops, names = [], None, None
             for i in range(args.hot_path_reps + 4):
-                trainer._step_stats = None
-                trainer._per_token_objective(log_p_masked, mask, {})
+                hook.step_stats = None
+                hook.loss(tokens, {})
                 if i == 3:
                     with profile(activities=[ProfilerActivity.CPU]) as prof:
                         end_only()
@@ -363,17 +369,6 @@ def sync_free_stats(log_p: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor 
     head = torch.stack([w.sum(), (p * w).sum(), -log_p.sum(), ((p > CONFIDENT_P) * w).sum(), kept.sum()])
     sequences = torch.zeros(_HIST - len(head), dtype=torch.float64, device=p.device)  # without is_top1: zeros
     return torch.cat([head, sequences, hist])
-
-
-class _DefaultList(dict):
-    def __missing__(self, key):
-        self[key] = []
-        return self[key]
-
-
-class _State:
-    global_step = 1
-    max_steps = 100
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -381,3 +381,32 @@ def test_a_late_linear_ramp_stays_on_nll_until_its_start():
     from trl_prob.schedules import warmup_lambda
 
     assert [warmup_lambda(s, 100, 0.25, start=0.5) for s in (0, 50, 55, 75, 90)] == [0.0, 0.0, 0.2, 1.0, 1.0]
+
+
+# ------------------------------------------------------------------------------------- --objective auto
+
+
+def test_auto_resolves_to_the_benchmarks_choice_in_one_place(tmp_path, tokenizer, caplog):
+    import logging
+
+    from trl_prob.auto import AUTO_SETTINGS, describe
+
+    config = ProbSFTConfig(**base_args(tmp_path, objective="auto"))
+    for key, value in AUTO_SETTINGS.items():
+        assert getattr(config, key) == get_objective(value).spec if key == "objective" else getattr(config, key) == value
+    assert config.objective_auto
+    with caplog.at_level(logging.INFO, logger="trl_prob"):
+        ProbSFTTrainer(model=random_tiny_llama(seed=1), args=config, train_dataset=addition_dataset(8),
+                       processing_class=tokenizer)  # fmt: skip
+    assert describe() in caplog.text  # named in the log line at start
+
+
+def test_auto_with_a_conflicting_setting_is_one_line(tmp_path):
+    from trl_prob.auto import AUTO_SETTINGS
+
+    key = next(k for k in AUTO_SETTINGS if k != "objective")
+    field = ProbSFTConfig.__dataclass_fields__[key]
+    other = {"objective_schedule": "constant", "schedule_signal": "mean", "schedule_token_gate": "certainty"}[key]
+    assert other != AUTO_SETTINGS[key] and other != field.default
+    with pytest.raises(ValueError, match=f"objective='auto' chooses {key}="):
+        ProbSFTConfig(**base_args(tmp_path, objective="auto", **{key: other}))

@@ -65,7 +65,9 @@ class ProbSFTConfig(SFTConfig):
         objective (`str`, *optional*, defaults to `"nll"`):
             Per-token objective of "Beyond Log Likelihood": `nll`, `p`, `power:a`, `top_p:q`, `bottom_p:q`,
             `top_logp:q`, `bottom_logp:q`, `dft`, or the paper repo's keys (`original`, `GeneralFamily-8`,
-            `OnlyTopP-0.2`, ...). With a schedule, this is the target the schedule moves toward.
+            `OnlyTopP-0.2`, ...), `deft`, `deft_cayley`, `eaft:alpha`, or `auto` (the objective and schedule the
+            benchmark's pre-written rule chose; `trl_prob.auto`). With a schedule, this is the target the schedule
+            moves toward.
 
         > The schedule (from NLL toward `objective`)
 
@@ -160,7 +162,10 @@ class ProbSFTConfig(SFTConfig):
             on GPUs, which handle subnormals in hardware.
     """
 
-    objective: str = field(default="nll", metadata={"help": objective_help()})
+    objective: str = field(
+        default="nll",
+        metadata={"help": objective_help() + " auto: the configuration benchmarks/README.md chose (see trl_prob/auto.py)."},
+    )
     objective_schedule: str = field(
         default="none",
         metadata={
@@ -281,6 +286,11 @@ class ProbSFTConfig(SFTConfig):
 
     def __post_init__(self):
         self._take_deprecated_fields()
+        self.objective_auto = isinstance(self.objective, str) and self.objective.strip().lower() == "auto"
+        if self.objective_auto:  # the benchmark's choice (trl_prob/auto.py), before anything reads the fields
+            from .auto import resolve
+
+            resolve(self)
         self._validate_objective_fields()
         self._cpu_precision = self._choose_cpu_precision()
         super().__post_init__()

@@ -179,6 +179,7 @@ class ProbeReport:
     recommended_flags: str
     reason: str
     note: str
+    auto: str = field(default_factory=lambda: __import__("trl_prob.auto", fromlist=["describe"]).describe())
     max_length: int | None = None
     num_samples_without_targets: int = 0
     num_samples_dropped: int | None = None
@@ -294,7 +295,7 @@ class ProbeReport:
             ("other signals", "signals", ", ".join(
                 f"{name} {value:.3f}" for name, value in self.signals.items() if name != self.schedule_signal)),
             ("", "", ""),
-            ("continuum", "continuum", self.continuum),
+            ("continuum (mean p)", "continuum", self.continuum),
             ("position", "position", self.position),
             ("paper reference (mean p)", "reference_bands", bands),
             (
@@ -306,6 +307,7 @@ class ProbeReport:
             ("", "", ""),
             ("recommended", "recommended_flags", self.recommended_flags),
             ("why", "reason", self.reason),
+            ("or, without choosing", "auto", self.auto),
             ("", "", ""),
         ]
         if self.sources:

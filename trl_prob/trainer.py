@@ -111,6 +111,10 @@ class ProbObjectiveMixin:
         precision = getattr(self.args, "_cpu_precision", None)  # which precision a CPU run uses, and why
         if precision is not None and self.is_world_process_zero():
             logger.log(*precision)
+        if getattr(self.args, "objective_auto", False) and self.is_world_process_zero():
+            from .auto import describe
+
+            logger.info("trl-prob: %s", describe())
 
     # ----------------------------------------------------------------------------------------- the loss
 
