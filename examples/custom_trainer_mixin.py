@@ -37,7 +37,7 @@ class PrintLambda(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "objective_lambda" in logs and state.is_world_process_zero:
             print(f"step {state.global_step}: lambda {logs['objective_lambda']:.2f}, "
-                  f"running mean p {logs['ema_token_prob']:.3f}")
+                  f"schedule signal (moving avg.) {logs['schedule_signal_ema']:.3f}")
 
 
 def main(argv=None):

@@ -162,10 +162,7 @@ class ProbSFTConfig(SFTConfig):
             on GPUs, which handle subnormals in hardware.
     """
 
-    objective: str = field(
-        default="nll",
-        metadata={"help": objective_help() + " auto: the configuration benchmarks/README.md chose (see trl_prob/auto.py)."},
-    )
+    objective: str = field(default="nll", metadata={"help": objective_help()})
     objective_schedule: str = field(
         default="none",
         metadata={

@@ -344,7 +344,7 @@ def objective_help() -> str:
         f"{f.spec_pattern}: {f.help}" for f in FAMILIES.values()
     ) + ". Paper-repo keys work too (" + ", ".join(
         key if f.param is None else f"{key}-{f.param}" for f in FAMILIES.values() for key in f.paper_keys if key != f.name
-    ) + ")."
+    ) + "). auto: the objective and schedule a benchmark's pre-written rule chose (trl_prob/auto.py)."
 
 
 def readme_table() -> str:

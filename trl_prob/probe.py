@@ -292,8 +292,9 @@ class ProbeReport:
                 f"{self.schedule_signal} = {self.schedule_signal_value:.4f}   (adaptive ramp "
                 f"{self.schedule_ramp_low:.2f} -> {self.schedule_ramp_high:.2f})",
             ),
-            ("other signals", "signals", ", ".join(
-                f"{name} {value:.3f}" for name, value in self.signals.items() if name != self.schedule_signal)),
+            ("other signals", "signals", ", ".join(  # a signal this run's head outputs cannot give is left out
+                f"{name} {value:.3f}" for name, value in self.signals.items()
+                if name != self.schedule_signal and value is not None and not math.isnan(value))),
             ("", "", ""),
             ("continuum (mean p)", "continuum", self.continuum),
             ("position", "position", self.position),

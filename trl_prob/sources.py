@@ -109,6 +109,34 @@ def tag_sources(args, train, evaluation):
     return sources, with_source_ids(train, column, sources), evaluation
 
 
+def tag_eval(evaluation, column: str, sources: list[str], prefix: str = "eval"):
+    """Evaluation data passed to ``evaluate()`` itself (one dataset or a dict of them), with source ids where it has
+    none yet; a dataset name (str) or None passes through."""
+    if evaluation is None or isinstance(evaluation, str):
+        return evaluation
+
+    def tagged(dataset, name):
+        if SOURCE_ID in (getattr(dataset, "column_names", None) or ()):
+            return dataset
+        return with_source_ids(dataset, column, sources, name)
+
+    if isinstance(evaluation, dict):
+        return {name: tagged(dataset, name) for name, dataset in evaluation.items()}
+    return tagged(evaluation, prefix)
+
+
+def first_rows(dataset, num_samples: int | None, per_source: bool = False):
+    """The first ``num_samples`` rows (all for None): each source's share of them in a per-source run (a mixture's
+    first rows are its first source's alone)."""
+    if num_samples is None:
+        return dataset
+    if per_source and hasattr(dataset, "__len__") and SOURCE_ID in (dataset.column_names or ()):
+        return first_rows_per_source(dataset, num_samples)
+    if hasattr(dataset, "__len__"):
+        return dataset.select(range(min(num_samples, len(dataset))))
+    return dataset.take(num_samples)
+
+
 @dataclass
 class SourceCollator:
     """Wraps TRL's collator: the examples' :data:`SOURCE_ID` values become one ``[samples]`` tensor in the batch."""

@@ -39,7 +39,7 @@ from .head import TRL_SFT_OUTPUTS, HeadTokens
 from .hook import ObjectiveHook
 from .measure import Measurement, measure
 from .schedules import SIGNALS, Schedule
-from .sources import SOURCE_ID, SourceCollator, SourceLambdas, first_rows_per_source, tag_sources, with_source_ids
+from .sources import SOURCE_ID, SourceCollator, SourceLambdas, first_rows, tag_eval, tag_sources
 from .stats import TokenProbStats
 
 logger = logging.getLogger(__name__)
@@ -208,14 +208,7 @@ class ProbObjectiveMixin:
         return self.measure_dataset(self._first_rows(num_samples, dataset), progress=progress).stats
 
     def _first_rows(self, num_samples: int | None, dataset=None):
-        dataset = self.train_dataset if dataset is None else dataset
-        if num_samples is None:
-            return dataset
-        if self.sources is not None and hasattr(dataset, "__len__") and SOURCE_ID in (dataset.column_names or ()):
-            return first_rows_per_source(dataset, num_samples)  # a mixture's first rows are its first source's
-        if hasattr(dataset, "__len__"):
-            return dataset.select(range(min(num_samples, len(dataset))))
-        return dataset.take(num_samples)
+        return first_rows(self.train_dataset if dataset is None else dataset, num_samples, self.sources is not None)
 
     def measure_dataset(self, dataset, progress: bool = True) -> Measurement:
         """:func:`trl_prob.measure.measure` of the current model over ``dataset`` through the trainer's eval
@@ -229,16 +222,8 @@ class ProbObjectiveMixin:
         )  # fmt: skip
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        if self.sources is not None and eval_dataset is not None and not isinstance(eval_dataset, str):
-            def tagged(dataset, name):  # a dataset first seen here carries names in source_column, not ids yet
-                if SOURCE_ID in (getattr(dataset, "column_names", None) or ()):
-                    return dataset
-                return with_source_ids(dataset, self.args.source_column, self.sources, name)
-
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {name: tagged(dataset, name) for name, dataset in eval_dataset.items()}
-            else:
-                eval_dataset = tagged(eval_dataset, metric_key_prefix)
+        if self.sources is not None:  # a dataset first seen here carries names in source_column, not ids yet
+            eval_dataset = tag_eval(eval_dataset, self.args.source_column, self.sources, metric_key_prefix)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _set_signature_columns_if_needed(self):
