@@ -168,9 +168,14 @@ def run_one(job):
         kwargs = dict(objective="p", objective_schedule="adaptive", schedule_signal=objective.split(":", 1)[1])
     else:
         kwargs = dict(objective=objective)
-    with open(job["data"]) as f:
-        rows = json.load(f)
-    train = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    # Tokenize each SFT set once per worker (as continuum.py does): TRL skips its preparation for a dataset that
+    # already has `input_ids`.
+    processed = _WORKER.setdefault("processed", {})
+    train = processed.get(job["data"])
+    if train is None:
+        with open(job["data"]) as f:
+            rows = json.load(f)
+        train = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     with tempfile.TemporaryDirectory() as out:
         config = ProbSFTConfig(
             output_dir=out, per_device_train_batch_size=job["batch_size"], num_train_epochs=job["epochs"],
@@ -186,6 +191,7 @@ def run_one(job):
 
         trainer = ProbSFTTrainer(model=LlamaForCausalLM.from_pretrained(job["base_dir"]), args=config,
                                  train_dataset=train, processing_class=tok, callbacks=[RecordLambda()])
+        processed[job["data"]] = trainer.train_dataset
         trainer.train()
         model = trainer.model.eval()
     max_new = FAMILIES[job["family"]]["max_new_tokens"]

@@ -141,10 +141,13 @@ def run_one(job):
     t0 = time.time()
     options = job.get("options") or CANDIDATES[job["candidate"]]  # confidence.py passes its own candidates
     per_source = options.get("schedule_per_source", False)
-    with open(job["data"]) as f:
-        rows = json.load(f)
     columns = ("prompt", "completion", "source") if per_source else ("prompt", "completion")
-    train = Dataset.from_list([{k: r[k] for k in columns} for r in rows])
+    processed = _WORKER.setdefault("processed", {})  # tokenized once per worker and column set (as continuum.py)
+    train = processed.get((job["data"], columns))
+    if train is None:
+        with open(job["data"]) as f:
+            rows = json.load(f)
+        train = Dataset.from_list([{k: r[k] for k in columns} for r in rows])
     with tempfile.TemporaryDirectory() as out:
         config = ProbSFTConfig(
             output_dir=out, per_device_train_batch_size=job["batch_size"], num_train_epochs=job["epochs"],
@@ -154,6 +157,7 @@ def run_one(job):
         )  # fmt: skip
         trainer = ProbSFTTrainer(model=LlamaForCausalLM.from_pretrained(job["base_dir"]), args=config,
                                  train_dataset=train, processing_class=tok)
+        processed[(job["data"], columns)] = trainer.train_dataset
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # one log line per step
             trainer.train()
         model = trainer.model.eval()
