@@ -269,6 +269,80 @@ def format_text(table, verdict, acc, key_of):
     return "\n".join(lines)
 
 
+def lambda_summary(runs):
+    """{row name: {candidate: (first, mid, last) lambda, mean over seeds}} of the scheduled candidates."""
+    paths = {}
+    for r in runs:
+        name = r.get("candidate", r.get("objective"))
+        if name in FIXED:
+            continue
+        if "candidate" in r:
+            traj = r.get("lambda_trajectory") or {}
+            for source, t in traj.items():
+                if t:
+                    paths.setdefault(f"mixture/{source}", {}).setdefault(name, []).append(
+                        (t[0], t[len(t) // 2], t[-1]))
+        elif r.get("lambda_path"):
+            paths.setdefault(row_name(task_key(r)), {}).setdefault(name, []).append(tuple(r["lambda_path"]))
+    return {row: {c: tuple(statistics.fmean(p[i] for p in ps) for i in range(3)) for c, ps in by.items()}
+            for row, by in paths.items()}
+
+
+def format_markdown(table, verdict, acc, key_of, lambdas=None):
+    """The README's tables: every candidate per row (best fixed in bold), hindsight bounds, paired differences,
+    the rule."""
+    short = {"adaptive:token_top1": "default", "adaptive:token_top1_clean": "top1_clean",
+             "token_gate:sum_sq": "token_gate", "adaptive:token_top1->deft": "adaptive->deft"}
+    out = ["| row | n | " + " | ".join(f"`{short.get(c, c)}`" for c in ELIGIBLE) + " |",
+           "|---|---|" + "---|" * len(ELIGIBLE)]
+    for row in table:
+        res, best = row["results"], row.get("best_fixed")
+        cells = []
+        for c in ELIGIBLE:
+            r = res.get(c)
+            text = f"{r['mean']:.3f} ± {r['se']:.3f}" if r else "-"
+            cells.append(f"**{text}**" if c == best else text)
+        n = len(row["seeds"]) if row["in_rule"] else f"{len(row['seeds'])} (outside)"
+        out.append(f"| {row['row']} | {n} | " + " | ".join(cells) + " |")
+    hind = [row for row in table if any(c in row["results"] for c in HINDSIGHT)]
+    if hind:
+        out += ["", "| long row (hindsight, not eligible) | " + " | ".join(f"`{c}`" for c in HINDSIGHT) + " |",
+                "|---|" + "---|" * len(HINDSIGHT)]
+        for row in hind:
+            out.append(f"| {row['row']} | " + " | ".join(
+                f"{row['results'][c]['mean']:.3f} ± {row['results'][c]['se']:.3f} (n={row['results'][c]['n']})"
+                if c in row["results"] else "-" for c in HINDSIGHT) + " |")
+    out += ["", "| row | best fixed | " + " | ".join(f"`{short.get(c, c)}`" for c in ELIGIBLE + HINDSIGHT) + " |",
+            "|---|---|" + "---|" * len(ELIGIBLE + HINDSIGHT)]
+    for row in table:
+        best = row.get("best_fixed")
+        if best is None:
+            fixed = [f for f in FIXED if f in row["results"]]
+            best = max(fixed, key=lambda f: row["results"][f]["mean"]) if fixed else None
+        if best is None:
+            continue
+        cells = []
+        for c in ELIGIBLE + HINDSIGHT:
+            d = paired(acc, key_of[row["row"]], c, best) if c != best else None
+            cells.append("-" if d is None else f"{d['mean']:+.3f} ± {d['se']:.3f} ({d['a_ahead']}/{d['b_ahead']})")
+        out.append(f"| {row['row']} | `{best}` | " + " | ".join(cells) + " |")
+    out += ["", "| rank | candidate | rows behind | rows ahead | mean rank | goal |", "|---|---|---|---|---|---|"]
+    for i, c in enumerate(verdict["ranking"], 1):
+        v = verdict["per"][c]
+        mr = f"{v['mean_rank']:.2f}" if v["mean_rank"] is not None else "-"
+        out.append(f"| {i} | `{c}` | {len(v['behind'])} ({', '.join(v['behind'])}) | {len(v['ahead'])} "
+                   f"({', '.join(v['ahead'])}) | {mr} | {'met' if v['meets_goal'] else 'not met'} |")
+    if lambdas:
+        scheduled = [c for c in SCHEDULED + HINDSIGHT]
+        out += ["", "| row | " + " | ".join(f"`{short.get(c, c)}`" for c in scheduled) + " |",
+                "|---|" + "---|" * len(scheduled)]
+        for row in table:
+            lam = lambdas.get(row["row"], {})
+            out.append(f"| {row['row']} | " + " | ".join(
+                "/".join(f"{x:.2f}" for x in lam[c]) if c in lam else "-" for c in scheduled) + " |")
+    return "\n".join(out)
+
+
 def plot(table, path):
     import matplotlib
 
@@ -330,6 +404,8 @@ def main(argv=None):
     ap.add_argument("--pretrain-steps", type=int, default=6000)
     ap.add_argument("--check-every", type=int, default=25)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--summarise-only", action="store_true",
+                    help="run nothing: the table, rule, JSON and PNG from the runs file as it stands")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse signals.py's and sources.py's runs of nll, p and adaptive:token_top1 after checking "
                          "that sample runs reproduce bit for bit")
@@ -417,7 +493,10 @@ def main(argv=None):
 
     todo = sorted((j for j in jobs if job_id(j) not in finished), key=order)
 
-    pool = mp.get_context("spawn").Pool(args.workers, initializer=signals._init_worker, initargs=(1, evaluation))
+    if args.summarise_only:
+        todo, args.reuse = [], False
+    pool = None if args.summarise_only else mp.get_context("spawn").Pool(
+        args.workers, initializer=signals._init_worker, initargs=(1, evaluation))
     log = open(runs_path, "a")
 
     def record(r, note=None):
@@ -483,15 +562,16 @@ def main(argv=None):
         todo = [j for j in todo if job_id(j) not in finished]
 
     print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {runs_path}", flush=True)
-    for r in pool.imap_unordered(run_job, todo):  # dispatched in order: a partial grid is the one described above
+    for r in (pool.imap_unordered(run_job, todo) if todo else []):  # dispatched in order: a partial grid is the one described above
         record(r)
         name = r.get("candidate", r.get("objective"))
         where = "mixture" if "candidate" in r else row_name(task_key(r))
         acc = r["test_acc"] if isinstance(r["test_acc"], dict) else {"test": r["test_acc"]}
         print(f"  [{len(done):3d}/{len(jobs)}] {where:24s} {name:28s} seed={r['seed']}: "
               + " ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" ({r['seconds']:.0f}s)", flush=True)
-    pool.close()
-    pool.join()
+    if pool is not None:
+        pool.close()
+        pool.join()
     log.close()
 
     acc = collect(done)
@@ -501,6 +581,7 @@ def main(argv=None):
     verdict = apply_rule(table)
     key_of = {row_name(k): k for k in row_keys}
     text = format_text(table, verdict, acc, key_of)
+    markdown = format_markdown(table, verdict, acc, key_of, lambda_summary(done))
     total = time.time() - t_start
     print("\n" + text + f"\n\ntotal {total:.0f}s, {len(done)} runs")
     setup = {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")}
@@ -509,7 +590,9 @@ def main(argv=None):
                  cpu_count=os.cpu_count(), total_seconds=round(total, 1), date=time.strftime("%Y-%m-%d"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(setup=setup, table=table, verdict=verdict, text=text), f, indent=1)
+        json.dump(dict(setup=setup, table=table, verdict=verdict, text=text, markdown=markdown), f, indent=1)
+    with open(args.out[: -len(".json")] + ".md", "w") as f:
+        f.write(markdown + "\n")
     plot(table, args.out[: -len(".json")] + ".png")
     print(f"wrote {args.out}")
 
