@@ -174,6 +174,10 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
         run_probe(trainer, num_samples=probe_args.num_samples, output_dir=training_args.output_dir,
                   batch_size=probe_args.batch_size, source_dataset=train_dataset)  # fmt: skip
     else:
+        if getattr(training_args, "objective_auto", False):
+            from .auto import describe
+
+            trainer.accelerator.print(f"trl-prob: {describe()}")  # what `auto` trains, before step 1
         try:
             trainer.train(resume_from_checkpoint=resume)
         except CheckpointError as exc:  # train()'s resume plan, made before step 1
