@@ -774,6 +774,8 @@ def parse_args(argv=None):
     parser.add_argument("--data_dir", default=DATA_DIR)
     parser.add_argument("--cache_dir", default=None, help="where warm-up bases are kept")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="JSON files of other workers (same settings, other seeds) whose runs join --out")
     args = parser.parse_args(argv)
     quick = args.quick
     args.places = args.places or (["mid", "strong_noise20"] if quick else ["weak", "mid", "strong_noise20"])
@@ -810,6 +812,13 @@ def main(argv=None) -> dict:
     if os.path.exists(args.out):
         with open(args.out) as f:
             record = json.load(f)
+    for path in args.merge or ():  # runs of other workers (e.g. one process per seed), by key
+        with open(path) as f:
+            other = json.load(f)
+        keys = {r["key"] for r in record["runs"]}
+        record["runs"] += [r for r in other["runs"] if r["key"] not in keys]
+        for place, info in other.get("places", {}).items():
+            record.setdefault("places", {}).setdefault(place, info)
     done = {r["key"] for r in record["runs"]}
     problems = load_problems(args.data_dir)
     args.place_info = record.setdefault("places", {})
