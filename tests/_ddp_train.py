@@ -66,6 +66,8 @@ def main():
     per_source = statistic == "per_source"
     statistic = "mean" if per_source else statistic
     extra = dict(schedule_ramp_low=0.2, schedule_ramp_high=0.95, schedule_signal=statistic) if schedule == "adaptive" else {}
+    if schedule == "token_gate":  # each token's lambda from its own sum_v p_v^2, on a ramp that splits the tokens
+        extra = dict(schedule_ramp_low=0.2, schedule_ramp_high=0.95)
     if per_source:
         extra["schedule_per_source"] = True
     with tempfile.TemporaryDirectory() as tmp:

@@ -476,3 +476,33 @@ def test_default_signal_equals_trls_own_token_accuracy(tmp_path, shipped_tokeniz
     trainer.train()
     for step, entry in step_logs(trainer).items():
         assert entry["token_top1_share"] == pytest.approx(entry["mean_token_accuracy"], rel=1e-6), step
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [dict(objective_schedule="progress", schedule_progress_window=2, schedule_progress_threshold=0.5),
+     dict(objective_schedule="token_gate", schedule_ramp_low=0.3, schedule_ramp_high=0.9)],
+    ids=["progress", "token_gate"],
+)
+def test_a_resumed_confidence_schedule_ends_like_the_uninterrupted_run(tmp_path, shipped_tokenizer, schedule):
+    """The new schedules' state (progress: the fresh-batch NLL's moving average and its window; token_gate: the last
+    step's mean token lambda) travels in the checkpoint: steps 5-8 of a resumed run equal the uninterrupted ones."""
+    options = {**RESUME, "schedule_ramp_low": None, "schedule_ramp_high": None, **schedule}
+    options.pop("schedule_signal")
+    full_run = make_trainer(tmp_path / "full", shipped_model(), shipped_tokenizer, **options)
+    full_run.train()
+    full = step_logs(full_run)
+    lambdas = [full[s]["objective_lambda"] for s in sorted(full)]
+    assert max(lambdas) - min(lambdas) > 1e-3, lambdas  # lambda moves: the comparison means something
+    checkpoint = os.path.join(full_run.args.output_dir, "checkpoint-4")
+    assert set(saved_schedule(checkpoint)) >= {"step", "objective_lambda"}
+    resumed = make_trainer(tmp_path / "full", shipped_model(), shipped_tokenizer, **options)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    logged = step_logs(resumed)
+    for step in range(5, 9):
+        for key in ("objective_lambda", "loss", "nll"):
+            assert logged[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
+    ours, want = resumed.schedule.state_dict(), full_run.schedule.state_dict()
+    assert ours["step"] == want["step"] == 8
+    assert ours["objective_lambda"] == pytest.approx(want["objective_lambda"], rel=1e-5)
+    assert ours.get("history") == pytest.approx(want.get("history"), rel=1e-5) if "history" in want else True

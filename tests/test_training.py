@@ -267,9 +267,10 @@ def test_qlora_trains_adapters_only(tmp_path, tokenizer):
     # adaptive p: the step statistics and lambda are all-reduced; top_p: the kept-token normaliser is all-reduced;
     # sequence_top1: the per-sequence counts travel in the same all-reduced vector.
     # per_source: one statistics row per source in the same all-reduce, a lambda per source applied per token.
+    # deft: the head's log_sum_sq_probs on each rank; token_gate: per-token lambdas and their mean in the all-reduce.
     [("p", "adaptive", "mean"), ("top_p:0.6", "none", "mean"), ("p", "adaptive", "sequence_top1"),
-     ("p", "adaptive", "per_source")],
-    ids=["adaptive-p", "top_p", "adaptive-sequence_top1", "adaptive-per_source"],
+     ("p", "adaptive", "per_source"), ("deft", "none", "mean"), ("p", "token_gate", "mean")],
+    ids=["adaptive-p", "top_p", "adaptive-sequence_top1", "adaptive-per_source", "deft", "token_gate"],
 )
 def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule, statistic):
     one = launch(tmp_path / "one.json", objective, schedule, 4, num_processes=1, signal=statistic)
@@ -289,7 +290,11 @@ def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule, stat
             assert all(entry["objective_lambda/add"] != entry["objective_lambda/rev"] for entry in one_logs)
         lambdas = [entry["objective_lambda"] for entry in one_logs]
         assert any(0.0 < lam < 1.0 for lam in lambdas), f"lambda should be strictly inside (0, 1): {lambdas}"
-    else:
+    elif schedule == "token_gate":
+        keys += ["objective_lambda"]
+        lambdas = [entry["objective_lambda"] for entry in one_logs]
+        assert all(0.0 < lam < 1.0 for lam in lambdas), f"the gate should split the tokens: {lambdas}"
+    elif objective.startswith("top_p"):
         keys += ["kept_token_fraction"]
         fractions = [entry["kept_token_fraction"] for entry in one_logs]
         assert all(0.0 < f < 1.0 for f in fractions), f"threshold should keep some tokens and drop others: {fractions}"
