@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 from transformers import TrainerCallback
@@ -127,6 +128,128 @@ def finished_problem(checkpoint: str, trainer_state: dict, max_steps: int, num_t
     )
 
 
+SCHEDULE_CALLBACK = "ProbObjectiveSchedule"  # the schedule callback's key in trainer_state.json's `stateful_callbacks`
+LEGACY_SCHEDULE_STATE_FILE = "trl_prob_schedule.json"  # checkpoints written before the schedule was a callback
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (incomplete, finished, or its schedule state missing, unreadable or
+    ill-typed); raised before any step runs."""
+
+
+def exported_schedule(trainer_state: str):
+    """The schedule callback's entry in a checkpoint's ``trainer_state.json`` (``stateful_callbacks``), or None."""
+    with open(trainer_state) as f:
+        return json.load(f).get("stateful_callbacks", {}).get(SCHEDULE_CALLBACK)
+
+
+def saved_schedule_state(checkpoint: str, args) -> dict | None:
+    """The schedule state a checkpoint holds, checked; ``None`` where the run may start the schedule afresh.
+
+    Raises :class:`CheckpointError` naming the checkpoint and what is wrong: no schedule state for a run with a
+    schedule (unless ``args.schedule_reset_on_resume``), unreadable JSON, or ill-typed fields.
+    """
+    from .schedules import ScheduleStateError, build_schedule
+
+    trainer_state = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    legacy = os.path.join(checkpoint, LEGACY_SCHEDULE_STATE_FILE)
+    state = where = None
+    try:
+        if os.path.isfile(trainer_state):
+            exported = exported_schedule(trainer_state)
+            if exported is not None:
+                state = exported.get("attributes", {}).get("schedule") if isinstance(exported, dict) else exported
+                where = f"{trainer_state} (stateful_callbacks.{SCHEDULE_CALLBACK})"
+        if state is None and os.path.isfile(legacy):
+            with open(legacy) as f:
+                state = json.load(f)
+            where = legacy
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint}: cannot read its schedule state ({exc}).") from None
+    if state is None:
+        if args.objective_schedule == "none" or args.schedule_reset_on_resume:
+            return None
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has no schedule state (neither {TRAINER_STATE_FILE} stateful_callbacks."
+            f"{SCHEDULE_CALLBACK} nor {LEGACY_SCHEDULE_STATE_FILE}): resuming would restart the "
+            f"{args.objective_schedule} schedule on a different trajectory. Pass --schedule_reset_on_resume to "
+            "accept that."
+        )
+    try:
+        build_schedule(args).load_state_dict(state)
+    except ScheduleStateError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint}: bad schedule state in {where}: {exc}.") from None
+    return state
+
+
+def saved_source_schedule_state(checkpoint: str, args, sources: list[str]) -> dict | None:
+    """The per-source schedule state a checkpoint holds, checked against this run's sources; ``None`` where the run
+    may start the per-source schedules afresh. Raises :class:`CheckpointError` like :func:`saved_schedule_state`."""
+    from .schedules import ScheduleStateError
+    from .sources import SourceLambdas
+
+    trainer_state = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    state = None
+    if os.path.isfile(trainer_state):
+        try:
+            exported = exported_schedule(trainer_state)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {checkpoint}: cannot read its schedule state ({exc}).") from None
+        if isinstance(exported, dict):
+            state = exported.get("attributes", {}).get("source_schedules")
+    if state is None:
+        if args.schedule_reset_on_resume:
+            return None
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has no per-source schedule state ({TRAINER_STATE_FILE} stateful_callbacks."
+            f"{SCHEDULE_CALLBACK}.source_schedules): it was written by a run without schedule_per_source. Pass "
+            "--schedule_reset_on_resume to start each source's schedule afresh."
+        )
+    try:
+        SourceLambdas(args, sources).load_state_dict(state)
+    except ScheduleStateError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint}: bad per-source schedule state in {trainer_state}: {exc}.") from None
+    return state
+
+
+@dataclass
+class ResumePlan:
+    """What resuming a run needs, checked before any step: the checkpoint, its schedule state(s) (None: restart the
+    schedule), TRL's token counter, and the line to log about newer incomplete checkpoints it skipped."""
+
+    checkpoint: str | None
+    schedule_state: dict | None = None
+    source_state: dict | None = None
+    train_tokens: int | None = None
+    skipped: str | None = None
+
+
+def plan_resume(resume_from_checkpoint, args, sources: list[str] | None = None) -> ResumePlan:
+    """The one place a resume is checked (``Trainer.train(resume_from_checkpoint=...)`` and ``trl-prob sft``):
+    ``True`` picks the newest complete checkpoint of ``args.output_dir``; a named one must be complete, unfinished and
+    carry well-formed schedule state. Raises :class:`CheckpointError` with one line otherwise."""
+    checkpoint, skipped = resume_from_checkpoint, None
+    if checkpoint is True:
+        checkpoint, passed = last_complete_checkpoint(args.output_dir)
+        if checkpoint is None:
+            found = "".join(f"; {os.path.basename(c)}: {problem}" for c, problem in passed)
+            raise CheckpointError(f"no complete checkpoint in {args.output_dir} to resume from{found}.")
+        skipped = skipped_line(passed, checkpoint) if passed else None
+    elif isinstance(checkpoint, str) and (problem := checkpoint_problem(checkpoint)) is not None:
+        raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {problem}.")
+    if not isinstance(checkpoint, str):
+        return ResumePlan(None)
+    trainer_state = saved_trainer_state(checkpoint)
+    finished = finished_problem(checkpoint, trainer_state, args.max_steps, args.num_train_epochs)
+    if finished is not None:
+        raise CheckpointError(finished)
+    state = saved_schedule_state(checkpoint, args)
+    source_state = saved_source_schedule_state(checkpoint, args, sources) if sources else None
+    if sources and (state is None or source_state is None):
+        state = source_state = None  # one restarts with the other
+    return ResumePlan(checkpoint, state, source_state, saved_train_tokens(trainer_state), skipped)
+
+
 def checkpoints(output_dir: str) -> list[str]:
     """``output_dir``'s ``checkpoint-N`` directories, newest first."""
     if not os.path.isdir(output_dir):
@@ -151,6 +274,7 @@ def last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tuple[st
 def skipped_line(skipped: list[tuple[str, str]], chosen: str) -> str:
     names = "; ".join(f"{os.path.basename(c)}: {problem}" for c, problem in skipped)
     return f"resuming from {chosen}, skipping the newer incomplete checkpoint(s) ({names})."
+
 
 
 # ----------------------------------------------------------------------------------------- output dir and resume
