@@ -310,7 +310,7 @@ def test_valid_config_defaults(tmp_path):
     assert args.schedule_ema_decay == 0.9
     assert args.schedule_warm_start is False
     assert not args.uses_objective
-    assert set(SCHEDULES) == {"none", "constant", "linear", "cosine", "adaptive"}
+    assert set(SCHEDULES) == {"none", "constant", "linear", "cosine", "adaptive", "token_gate", "progress"}
     assert set(MODES) == {"blend", "exponent"}
     assert set(SIGNALS) == {"mean", "median", "share_confident", "geomean", "p25", "token_top1",
                             "sequence_top1", "token_top1_clean", "confidence"}

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from _launch import python
+from trl_prob.hook import ObjectiveHook  # noqa: E402
 from smollm2 import SmolLM2Unavailable, smollm2_dir
 
 pytestmark = pytest.mark.real_model
@@ -225,7 +226,7 @@ def test_every_objective_gradient_on_a_real_batch_matches_full_logits(model_dir,
 
     for spec in (s.replace("MID", repr(threshold)) for s in SPECS):
         trainer.args.objective = spec  # a new config here would reset the trainer's accelerator state
-        trainer._init_objective_state(trainer.args)
+        trainer.objective_hook = ObjectiveHook(trainer.args, vocab_size=trainer.objective_hook.vocab_size)
         model.zero_grad()
         loss = trainer.compute_loss(model, dict(inputs))
         ours = torch.autograd.grad(loss, trained)

@@ -57,10 +57,10 @@ class ObjectiveHook:
             needs[f"objective {self.objective.spec!r}"] = self.objective.reads
         if self.args.objective_schedule == "adaptive":
             needs[f"schedule_signal={self.schedule.signal_name!r}"] = SIGNALS[self.schedule.signal_name].reads
-        if self.args.objective_schedule == "token_gate":
-            needs[f"schedule_token_gate={self.schedule.gate.name!r}"] = self.schedule.gate.reads
             if self.per_source is not None:
                 needs.update(self.per_source.needs())
+        if self.args.objective_schedule == "token_gate":
+            needs[f"schedule_token_gate={self.schedule.gate.name!r}"] = self.schedule.gate.reads
         return needs
 
     @property
