@@ -220,10 +220,11 @@ def apply_rule(table, eligible=ELIGIBLE, fixed=FIXED, default=DEFAULT):
                 auto_settings=CANDIDATES.get(auto), goal_met=per[auto]["meets_goal"])
 
 
-def paired(acc, key, a, b):
-    """Paired difference a - b over the seeds both completed: (mean, s.e., n, seeds a ahead, seeds b ahead)."""
+def paired(acc, key, a, b, only=None):
+    """Paired difference a - b over the seeds both completed (within ``only`` if given): (mean, s.e., n, seeds a
+    ahead, seeds b ahead)."""
     xa, xb = acc.get(key, {}).get(a, {}), acc.get(key, {}).get(b, {})
-    seeds = sorted(set(xa) & set(xb))
+    seeds = sorted(set(xa) & set(xb) & (set(only) if only else set(xa)))
     if not seeds:
         return None
     d = [xa[s] - xb[s] for s in seeds]
@@ -252,7 +253,7 @@ def format_text(table, verdict, acc, key_of):
             if best and c != best:
                 b = row["results"][best]
                 extra = f"  unpaired {r['mean'] - b['mean']:+.3f} (1 s.e. {math.hypot(r['se'], b['se']):.3f})"
-                pd = paired(acc, key_of[row["row"]], c, best)
+                pd = paired(acc, key_of[row["row"]], c, best, None if c in HINDSIGHT else row["seeds"])
                 if pd:
                     extra += (f"  paired {pd['mean']:+.3f} ± {pd['se']:.3f} over {pd['n']} seeds "
                               f"({pd['a_ahead']} ahead, {pd['b_ahead']} behind)")
@@ -323,7 +324,8 @@ def format_markdown(table, verdict, acc, key_of, lambdas=None):
             continue
         cells = []
         for c in ELIGIBLE + HINDSIGHT:
-            d = paired(acc, key_of[row["row"]], c, best) if c != best else None
+            # eligible candidates over the row's common seeds (as the table), hindsight bounds over all they share
+            d = paired(acc, key_of[row["row"]], c, best, None if c in HINDSIGHT else row["seeds"]) if c != best else None
             cells.append("-" if d is None else f"{d['mean']:+.3f} ± {d['se']:.3f} ({d['a_ahead']}/{d['b_ahead']})")
         out.append(f"| {row['row']} | `{best}` | " + " | ".join(cells) + " |")
     out += ["", "| rank | candidate | rows behind | rows ahead | mean rank | goal |", "|---|---|---|---|---|---|"]
