@@ -705,6 +705,23 @@ def format_summary(summary: dict, place_info: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(summary: dict, place_info: dict) -> str:
+    """The table as benchmarks/README.md shows it: one row per place and candidate, losers included."""
+    lines = ["| place | probe mean p / token_top1 (base) | base exact match | candidate | seeds | held-out exact match "
+             "(mean ± s.e.) | mean p after | lambda (first ... last, mean over seeds) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for place, cell in summary["table"].items():
+        info = place_info.get(place, {})
+        probe = info.get("probe", {})
+        for i, (name, r) in enumerate(sorted(cell.items(), key=lambda kv: -kv[1]["mean"])):
+            lam = " ".join(f"{x:.2f}" for x in r["lambda_path_mean"]) if r.get("lambda_path_mean") else "-"
+            pa = f"{r['mean_p_after']:.3f}" if r.get("mean_p_after") is not None else "-"
+            head = (f"| {place} | {probe.get('mean_p', float('nan')):.3f} / {probe.get('token_top1', float('nan')):.3f} | "
+                    f"{info.get('base_test_acc', float('nan')):.3f} |") if i == 0 else "| | | |"
+            lines.append(f"{head} {name} | {r['n']} | {r['mean']:.3f} ± {r['se']:.3f} | {pa} | {lam} |")
+    return "\n".join(lines)
+
+
 def plot(summary: dict, place_info: dict, path: str) -> None:
     import matplotlib
 
@@ -728,7 +745,7 @@ def plot(summary: dict, place_info: dict, path: str) -> None:
     labels = [f"{p}\nprobe p {place_info.get(p, {}).get('probe', {}).get('mean_p', float('nan')):.2f}" for p in places]
     ax.set_xticks(range(len(places)), labels)
     ax.set_ylabel("held-out exact match (mean ± s.e. over seeds)")
-    ax.set_title("SmolLM2-135M-Instruct, LoRA SFT on math word problems (dotted: base model)")
+    ax.set_title("SmolLM2-135M-Instruct, LoRA SFT on math word problems (dotted: base model)", fontsize=9)
     ax.legend(fontsize=8, ncol=min(4, len(names)))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -750,7 +767,7 @@ def _save(record: dict, path: str) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 places, 1 seed, 100 test problems (~10 minutes)")
+    parser.add_argument("--quick", action="store_true", help="2 places, 1 seed, 100 test problems, the 3 core candidates (~10 minutes)")
     parser.add_argument("--places", nargs="+", default=None, choices=list(PLACES))
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--only", nargs="+", default=None, help="candidate names to run (default: all available)")
@@ -774,6 +791,7 @@ def parse_args(argv=None):
     parser.add_argument("--data_dir", default=DATA_DIR)
     parser.add_argument("--cache_dir", default=None, help="where warm-up bases are kept")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--summary_only", action="store_true", help="train nothing: merge, summarise, plot")
     parser.add_argument("--merge", nargs="+", default=None,
                         help="JSON files of other workers (same settings, other seeds) whose runs join --out")
     args = parser.parse_args(argv)
@@ -800,7 +818,7 @@ def main(argv=None) -> dict:
         args.model = smollm2_dir()
         args.cache_dir = args.cache_dir or os.path.join(cache_dir(), "real_continuum")
     args.cache_dir = args.cache_dir or os.path.join(tempfile.gettempdir(), "trl-prob-real-continuum")
-    candidates = available_candidates()
+    candidates = list(CANDIDATES) if args.quick and not args.only else available_candidates()
     if args.only:
         candidates = [c for c in candidates if c[0] in args.only]
     alias = aliases(candidates)
@@ -824,7 +842,7 @@ def main(argv=None) -> dict:
     args.place_info = record.setdefault("places", {})
     t_start = time.time()
     prepared = {}
-    for place in args.places:  # every place's rows, base and placement first
+    for place in [] if args.summary_only else args.places:  # every place's rows, base and placement first
         split = place_splits(place, args, problems)
         base_dir = base_dir_for(place, split, args)
         pkey = settings_key(args, "place", place, PLACES[place], args.max_new_tokens, base_dir)
@@ -832,7 +850,7 @@ def main(argv=None) -> dict:
             args.place_info[place] = dict(measure_place(place, split, base_dir, args), key=pkey)
             _save(record, args.out)
         prepared[place] = split, base_dir
-    for seed in args.seeds:  # seed by seed, so that a run cut short holds whole seeds of every place
+    for seed in [] if args.summary_only else args.seeds:  # seed by seed: a run cut short holds whole seeds
         for place in args.places:
             split, base_dir = prepared[place]
             for name, kwargs in candidates:
@@ -868,7 +886,7 @@ def main(argv=None) -> dict:
     )
     _save(record, args.out)
     text = format_summary(summary, args.place_info)
-    print("\n" + text, flush=True)
+    print("\n" + text + "\n\n" + format_markdown(summary, args.place_info), flush=True)
     plot(summary, args.place_info, os.path.splitext(args.out)[0] + ".png")
     print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.png", flush=True)
     return record
