@@ -355,13 +355,15 @@ def plot(table, path):
     fig, ax = plt.subplots(figsize=(max(10, 1.5 * len(table)), 5.2))
     width = 0.9 / len(names)
     greys = {"nll": "#bbbbbb", "p": "#333333", "deft": "#8c564b", "deft_cayley": "#c49c94", "eaft:1": "#7f7f7f"}
+    colours = dict(zip(SCHEDULED + HINDSIGHT, ["#1f77b4", "#17becf", "#d62728", "#bcbd22", "#ff7f0e",
+                                               "#9467bd", "#c5b0d5", "#2ca02c", "#98df8a"]))
     for i, c in enumerate(names):
         pts = [(j, row["results"][c]) for j, row in enumerate(table) if c in row["results"]]
         if not pts:
             continue
         ax.bar([j + i * width for j, _ in pts], [r["mean"] for _, r in pts], width,
                yerr=[r["se"] for _, r in pts], capsize=1, label=c,
-               color=greys.get(c, f"C{i % 10}"), hatch="//" if c in HINDSIGHT else None)
+               color=greys.get(c, colours.get(c)), hatch="//" if c in HINDSIGHT else None)
     ax.set_xticks([j + 0.45 - width / 2 for j in range(len(table))], [r["row"].replace("/", "\n", 1) for r in table],
                   fontsize=7)
     ax.set_ylabel("held-out exact match after SFT")
