@@ -364,8 +364,15 @@ def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
     # the recipe's end-of-training summary, printed by the command itself
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["before"]["step"] == 0 and summary["after"]["step"] == 6 and summary["num_samples"] == 200
-    assert 0.0 < summary["lambda"]["first"]["value"] < 1.0  # the weak base starts inside the ramp
-    for text in ("exact match", "mean target p", "lambda", f"model        {output_dir}",
+    from trl_prob.auto import AUTO_SETTINGS, describe
+
+    assert f"trl-prob: {describe()}" in result.stdout  # what `auto` trains, said before step 1
+    if AUTO_SETTINGS.get("objective_schedule", "none") != "none":
+        assert 0.0 < summary["lambda"]["first"]["value"] < 1.0  # the weak base starts inside the ramp
+    else:
+        assert f"{AUTO_SETTINGS['objective']} throughout" in result.stdout  # a fixed objective, said in the summary
+    scheduled = AUTO_SETTINGS.get("objective_schedule", "none") != "none"
+    for text in ("exact match", "mean target p", "lambda" if scheduled else "throughout", f"model        {output_dir}",
                  f"checkpoints  {output_dir / 'checkpoint-6'}",  # transformers saves the last step too
                  f"plot         {output_dir / 'training.png'}"):  # fmt: skip
         assert text in result.stdout, result.stdout[-2000:]
@@ -374,7 +381,8 @@ def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     lambdas = [entry["objective_lambda"] for entry in state["log_history"] if "objective_lambda" in entry]
-    assert lambdas and all(0.0 <= lam <= 1.0 for lam in lambdas)
+    assert all(0.0 <= lam <= 1.0 for lam in lambdas)
+    assert bool(lambdas) == (AUTO_SETTINGS.get("objective_schedule", "none") != "none")
 
     # The same run again is refused, and leaves the run as it was.
     result = run(["trl-prob", "sft", "--config", QUICKSTART, "--output_dir", str(output_dir)], timeout=300)

@@ -12,14 +12,15 @@ from __future__ import annotations
 AUTO = "auto"
 # What `auto` trains: the ProbSFTConfig fields it sets.
 AUTO_SETTINGS: dict[str, object] = {
-    "objective": "p",
-    "objective_schedule": "adaptive",
-    "schedule_signal": "token_top1",
+    "objective": "deft",
+    "objective_schedule": "none",
 }
 # One line for the log at start and the probe: what `auto` is and where its evidence is.
 AUTO_EVIDENCE = (
-    "the adaptive schedule toward -p on the token_top1 signal (today's default: no confidence-aware candidate beat it "
-    "by the pre-written rule; benchmarks/README.md)"
+    "DEFT, -p^a with a = the model's own sum_v p_v^2 per token (NLL where it is unsure, -p where it is confident): "
+    "first by the pre-written rule over 10 rows of benchmarks/confidence.py, behind the best fixed objective in 3 "
+    "rows against 4 for the adaptive schedule toward -p (a provisional verdict: 2 seeds, long rows not yet run; "
+    "benchmarks/README.md)"
 )
 
 
