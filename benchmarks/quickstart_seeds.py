@@ -1,7 +1,7 @@
 """The quickstart recipe over seeds, with `auto` (the recipe), NLL and today's default on the same code: the README's
 3-seed table. Each run is `trl-prob sft --config recipes/quickstart.yaml --seed S` with the objective flags of its
-row, on one CPU thread (OMP_NUM_THREADS=1: with two threads, runs of the same seed were seen to differ on a loaded
-machine, and this tiny model's outcome is chaotic); the held-out exact match comes from the run's own summary.json.
+row, on one CPU thread (OMP_NUM_THREADS=1, so that runs in parallel do not share threads); the held-out exact match
+comes from the run's own summary.json.
 Runs go ``--jobs`` at a time. Resumable: a finished run is not run again.
 
     python benchmarks/quickstart_seeds.py                  # 3 seeds x 3 rows, about 10 minutes on 2 free cores
