@@ -80,7 +80,13 @@ def test_recipe_parses(recipe, monkeypatch):
     training_args = dataclasses[1]
     with open(os.path.join(ROOT, recipe)) as f:
         config = yaml.safe_load(f)
-    assert training_args.objective_schedule == config["objective_schedule"] == "adaptive"
+    if config.get("objective") == "auto":  # the quickstart: the benchmark's choice, resolved in the config
+        from trl_prob.auto import AUTO_SETTINGS
+
+        assert training_args.objective_auto
+        assert all(getattr(training_args, k) == v for k, v in AUTO_SETTINGS.items() if k != "objective")
+    else:
+        assert training_args.objective_schedule == config["objective_schedule"] == "adaptive"
     if "chat_template_path" in config:
         assert os.path.isfile(config["chat_template_path"])
 
@@ -156,7 +162,14 @@ def test_recipe_trains_two_steps(recipe, tmp_path, monkeypatch):
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     logged = [entry for entry in state["log_history"] if "objective_lambda" in entry]
-    assert logged and all(0.0 <= entry["objective_lambda"] <= 1.0 for entry in logged)
+    assert all(0.0 <= entry["objective_lambda"] <= 1.0 for entry in logged)
+    if config.get("objective") == "auto":  # lambda is logged only where auto is a schedule
+        from trl_prob.auto import AUTO_SETTINGS
+
+        assert bool(logged) == (AUTO_SETTINGS.get("objective_schedule", "none") != "none")
+        assert any("mean_token_prob" in entry for entry in state["log_history"])
+    else:
+        assert logged
     for name in sources:
         assert any(0.0 <= entry.get(f"objective_lambda/{name}", -1) <= 1.0 for entry in logged), name
     if config.get("use_peft"):

@@ -216,7 +216,7 @@ def test_a_checkpoint_without_per_source_state_is_refused(tmp_path, shipped_toke
 def test_a_source_without_tokens_keeps_its_statistic_and_is_said_once(tmp_path, shipped_tokenizer, caplog):
     dataset = addition_dataset(16).add_column("source", ["add"] * 16)
     trainer = make(tmp_path, dataset, shipped_tokenizer, max_steps=3, schedule_sources=["add", "later"])
-    with caplog.at_level(logging.WARNING, logger="trl_prob.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_prob"):  # said by the per-source provider (trl_prob.sources)
         trainer.train()
     said = [r.getMessage() for r in caplog.records if "source later had no target tokens" in r.getMessage()]
     assert len(said) == 1, said
