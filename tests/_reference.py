@@ -26,18 +26,12 @@ def completion_mask(input_ids, attention_mask, tokenizer):
     return (after_equals & attention_mask.bool())[:, 1:]
 
 
-def reference_loss(model, inputs, spec, tokenizer, lam=1.0):
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    targets = inputs["input_ids"][:, 1:]
-    mask = completion_mask(inputs["input_ids"], inputs["attention_mask"], tokenizer)
-    log_p = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def paper_loss(log_p, mask, spec, lam=1.0):
+    """The step loss from target log-probabilities, as the paper normalises it: (1 - lam) NLL + lam f, f averaged over
+    the kept tokens for a thresholded family, over all target tokens otherwise; and f per token."""
     p = log_p.exp()
     family, _, param = spec.partition(":")
-    if family == "dft":
-        per_token = -log_p * p.detach()
-    else:
-        per_token = paper_formula(spec, p)  # differentiable through p
+    per_token = -log_p * p.detach() if family == "dft" else paper_formula(spec, p)  # differentiable through p
     if family.startswith(("top", "bottom")):
         q = float(param)
         keep = ((p >= q) if family.startswith("top") else (p <= q)) & mask
@@ -45,4 +39,14 @@ def reference_loss(model, inputs, spec, tokenizer, lam=1.0):
     else:
         target = (per_token * mask).sum() / mask.sum()
     nll = (-log_p * mask).sum() / mask.sum()
-    return (1 - lam) * nll + lam * target, per_token * mask, mask
+    return (1 - lam) * nll + lam * target, per_token
+
+
+def reference_loss(model, inputs, spec, tokenizer, lam=1.0):
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = inputs["input_ids"][:, 1:]
+    mask = completion_mask(inputs["input_ids"], inputs["attention_mask"], tokenizer)
+    log_p = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    loss, per_token = paper_loss(log_p, mask, spec, lam)
+    return loss, per_token * mask, mask

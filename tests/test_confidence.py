@@ -48,7 +48,7 @@ def authors_loss(spec: str, logits: torch.Tensor, targets: torch.Tensor, mask: t
         loss = -(torch.exp(a * log_p) - 1) / (a + 1e-8)
     elif family == "eaft":
         entropy = -(probs * log_probs).sum(-1).detach()
-        loss = -log_p * (entropy / math.log(V)) ** float(param)
+        loss = -log_p * (entropy / math.log(logits.shape[-1])) ** float(param)
     else:
         raise ValueError(spec)
     return torch.where(mask, loss, 0.0)
@@ -158,15 +158,28 @@ def model_reference(model, inputs, spec, tokenizer, rows=None):
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
     targets = inputs["input_ids"][:, 1:]
     mask = completion_mask(inputs["input_ids"], inputs["attention_mask"], tokenizer)
-    V_model = logits.shape[-1]
-    global V
-    saved, V = V, V_model
-    try:
-        parts = rows or [(0, logits.shape[0])]
-        total = sum(authors_loss(spec, logits[a:b], targets[a:b], mask[a:b]).sum() for a, b in parts)
-    finally:
-        V = saved
+    parts = rows or [(0, logits.shape[0])]
+    total = sum(authors_loss(spec, logits[a:b], targets[a:b], mask[a:b]).sum() for a, b in parts)
     return total / mask.sum()
+
+
+def loss_and_grads(trainer):
+    """The trainer's loss on its first batch and the whole-model gradient it gives (the inputs too)."""
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(inputs))
+    loss.backward()
+    ours = grads(trainer.model)
+    trainer.model.zero_grad()
+    return inputs, loss, ours
+
+
+def full_log_probs(model, inputs, tokenizer):
+    """log_softmax of the model's full fp32 logits, the targets' log p and the completion mask."""
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].float()
+    log_probs = torch.log_softmax(logits, -1)
+    log_p = log_probs.gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
+    return log_probs, log_p, completion_mask(inputs["input_ids"], inputs["attention_mask"], tokenizer)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -176,12 +189,7 @@ def test_trainer_loss_and_gradient_match_full_logits(tmp_path, tokenizer, spec):
     model = trainer.model
     needed = set(get_objective(spec).reads) - {"log_probs"}
     assert needed <= set(trainer.objective_hook.head_outputs)  # asked of TRL's head
-    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(inputs))
-    loss.backward()
-    ours = grads(model)
-    model.zero_grad()
+    inputs, loss, ours = loss_and_grads(trainer)
     ref = model_reference(model, inputs, spec, tokenizer)
     ref.backward()
     want = grads(model)
@@ -256,10 +264,7 @@ def test_a_family_reading_log_sum_sq_probs_is_one_registry_row(tmp_path, tokeniz
     model = trainer.model
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     loss = trainer.compute_loss(model, dict(inputs))
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].float()
-    mask = completion_mask(inputs["input_ids"], inputs["attention_mask"], tokenizer)
-    log_probs = torch.log_softmax(logits, -1)
-    log_p = log_probs.gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
+    log_probs, log_p, mask = full_log_probs(model, inputs, tokenizer)
     sum_sq = (log_probs.exp() ** 2).sum(-1)
     ref = (-log_p * (1 - sum_sq) * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
@@ -325,16 +330,8 @@ def test_token_gate_blends_each_token_by_its_own_confidence(tmp_path, tokenizer)
                            schedule_ramp_high=0.12)  # fmt: skip
     assert "log_sum_sq_probs" in trainer.objective_hook.head_outputs
     model = trainer.model
-    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(inputs))
-    loss.backward()
-    ours = grads(model)
-    model.zero_grad()
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].float()
-    mask = completion_mask(inputs["input_ids"], inputs["attention_mask"], tokenizer)
-    log_probs = torch.log_softmax(logits, -1)
-    log_p = log_probs.gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
+    inputs, loss, ours = loss_and_grads(trainer)
+    log_probs, log_p, mask = full_log_probs(model, inputs, tokenizer)
     lam = ((log_probs.exp() ** 2).sum(-1).detach() - 0.05) / (0.12 - 0.05)
     lam = lam.clamp(0, 1)
     assert ((lam > 0) & (lam < 1) & mask).any(), "the ramp should split the tokens"

@@ -11,7 +11,7 @@ import torch
 
 from trl_prob.head import HeadTokens
 
-from _reference import paper_formula
+from _reference import paper_loss
 from trl_prob.loss import kept_token_scale, objective_loss
 from trl_prob.objectives import get_objective
 from trl_prob.stats import TokenProbStats
@@ -30,17 +30,7 @@ def batch(seed=0, tokens=64, vocab=11):
 
 def reference(logits, targets, mask, spec, lam):
     log_p = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
-    p = log_p.exp()
-    family, _, param = spec.partition(":")
-    per_token = -log_p * p.detach() if family == "dft" else paper_formula(spec, p)
-    if family.startswith(("top", "bottom")):
-        q = float(param)
-        keep = ((p >= q) if family.startswith("top") else (p <= q)) & mask
-        target = (per_token * keep).sum() / keep.sum()
-    else:
-        target = (per_token * mask).sum() / mask.sum()
-    nll = (-log_p * mask).sum() / mask.sum()
-    return (1 - lam) * nll + lam * target
+    return paper_loss(log_p, mask, spec, lam)[0]
 
 
 def ours(logits, targets, mask, spec, lam, mode="blend"):

@@ -86,11 +86,11 @@ class HeadTokens:
         return (self.entropy.detach().float() / torch.log(torch.tensor(float(self.vocab_size)))).clamp(0.0, 1.0)
 
 
-def union(readers: Iterable) -> tuple[str, ...]:
-    """The head outputs a set of readers (objective families, signals: anything with ``reads``) need, in head order."""
+def union(reads: Iterable[Iterable[str]]) -> tuple[str, ...]:
+    """The head outputs that several readers' ``reads`` (objective families, signals) need together, in head order."""
     wanted = {"log_probs"}
-    for reader in readers:
-        wanted.update(reader.reads)
+    for names in reads:
+        wanted.update(names)
     unknown = wanted - set(HEAD_OUTPUTS)
     if unknown:
         raise ValueError(f"unknown head output(s) {', '.join(sorted(unknown))}; allowed: {', '.join(HEAD_OUTPUTS)}.")

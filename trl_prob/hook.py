@@ -66,8 +66,7 @@ class ObjectiveHook:
     @property
     def head_outputs(self) -> tuple[str, ...]:
         """What the fused head must compute: what this run reads, plus what SFTTrainer's own metrics read."""
-        readers = [type("Reader", (), {"reads": reads}) for reads in self.needs().values()]
-        return union([*readers, type("TRL", (), {"reads": TRL_SFT_OUTPUTS})])
+        return union([*self.needs().values(), TRL_SFT_OUTPUTS])
 
     def check(self, tokens: HeadTokens) -> None:
         """Refuse head outputs that lack what a reader needs (one line naming both)."""

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from .head import HEAD_OUTPUTS, HeadTokens
+from .head import HEAD_OUTPUTS, HeadTokens, require
 
 Normaliser = Literal["tokens", "kept_tokens"]
 Tensor = torch.Tensor
@@ -246,15 +246,22 @@ DEFT_EPS = 1e-6  # the DEFT code's (a + 1e-6); its Cayley variant uses 1e-8
 CAYLEY_EPS = 1e-8
 
 
+def gated_power_loss(log_p: Tensor, a: Tensor, eps: float) -> Tensor:
+    """-(p^a - 1) / (a + eps) with a detached per-token exponent: DEFT's form for both of its gates."""
+    return one_minus_exp(a * log_p) / (a + eps)
+
+
+def gated_power_weight(p: Tensor, a: Tensor, eps: float) -> Tensor:
+    return p.pow(a) * a / (a + eps)
+
+
 def deft_loss(log_p: Tensor, _, tokens: HeadTokens) -> Tensor:
-    # -(p^a - 1) / (a + eps), a = sg(sum_v p_v^2): NLL where the prediction is flat (a -> 1/V), -p where it is certain.
-    a = tokens.sum_sq_probs
-    return one_minus_exp(a * log_p) / (a + DEFT_EPS)
+    # a = sg(sum_v p_v^2): NLL where the prediction is flat (a -> 1/V), -p where it is certain.
+    return gated_power_loss(log_p, tokens.sum_sq_probs, DEFT_EPS)
 
 
 def deft_weight(p: Tensor, _, tokens: HeadTokens) -> Tensor:
-    a = tokens.sum_sq_probs
-    return p.pow(a) * a / (a + DEFT_EPS)
+    return gated_power_weight(p, tokens.sum_sq_probs, DEFT_EPS)
 
 
 def cayley_gate(log_p: Tensor, tokens: HeadTokens) -> Tensor:
@@ -268,13 +275,11 @@ def cayley_gate(log_p: Tensor, tokens: HeadTokens) -> Tensor:
 
 
 def deft_cayley_loss(log_p: Tensor, _, tokens: HeadTokens) -> Tensor:
-    a = cayley_gate(log_p, tokens)
-    return one_minus_exp(a * log_p) / (a + CAYLEY_EPS)
+    return gated_power_loss(log_p, cayley_gate(log_p, tokens), CAYLEY_EPS)
 
 
 def deft_cayley_weight(p: Tensor, _, tokens: HeadTokens) -> Tensor:
-    a = cayley_gate(p.log(), tokens)
-    return p.pow(a) * a / (a + CAYLEY_EPS)
+    return gated_power_weight(p, cayley_gate(p.log(), tokens), CAYLEY_EPS)
 
 
 def eaft_gate(tokens: HeadTokens, alpha: float) -> Tensor:
@@ -405,8 +410,6 @@ class Objective:
     def _tokens(self, tokens: HeadTokens | None) -> HeadTokens:
         if tokens is None:
             raise ValueError(f"objective {self.spec!r} reads the micro-batch's head outputs: pass its HeadTokens.")
-        from .head import require
-
         require(tokens, {f"objective {self.spec!r}": self.reads})
         return tokens
 

@@ -66,7 +66,7 @@ def register_signal(signal: Signal) -> Signal:
         raise ValueError(f"Signal {signal.name!r} already registered.")
     from .head import union
 
-    union([signal])  # its reads name head outputs
+    union([signal.reads])  # its reads name head outputs
     SIGNALS[signal.name] = signal
     return signal
 
