@@ -104,6 +104,27 @@ def job_id(r) -> tuple:
     return task_key(r) + (r["objective"], r["seed"])
 
 
+def weights_sha256(model_dir: str) -> str:
+    """The first 16 hex digits of the SHA-256 of a base's weight files."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(model_dir) if n.endswith((".safetensors", ".bin"))):
+        with open(os.path.join(model_dir, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def same_base(run, current_sha: str, legacy_ok: bool) -> bool:
+    """Whether a recorded run trained from the base built here. Bases are pretrained again on each machine, and
+    floating point differs between CPUs, so a base can come out at another strength (add2 strong: 0.826 test exact
+    match on one machine, 0.74 validation on another); runs of two bases must not be averaged as seeds of one row.
+    Runs recorded before bases were hashed count as this base when the base measures exactly as the row's base did
+    in the previous results (``legacy_ok``)."""
+    recorded = run.get("base_sha256")
+    return recorded == current_sha if recorded is not None else legacy_ok
+
+
 def run_job(job):
     """One run in a worker: a task row through signals.run_one, a mixture run through sources.run_one."""
     import contextlib
@@ -429,7 +450,7 @@ def main(argv=None):
     t_start = time.time()
     tok = build_tokenizer()
     data_dir = tempfile.mkdtemp(prefix="confidence_data_")
-    evaluation, jobs, row_keys, base_info = {}, [], [], {}
+    evaluation, jobs, row_keys, base_info, base_sha = {}, [], [], {}, {}
     common = dict(batch_size=args.batch_size)
     cells = task_cells(args.families, args.long_families)
     for family in args.families:
@@ -443,6 +464,7 @@ def main(argv=None):
             with open(path, "w") as f:
                 json.dump(rows, f)
             row_keys.append(key)
+            base_sha[key] = weights_sha256(os.path.join(cache, base))
             model = LlamaForCausalLM.from_pretrained(os.path.join(cache, base)).eval()
             base_info[row_name(key)] = dict(
                 probe_mean_p=mean_target_probability(model, tok, rows[:1000]),
@@ -469,6 +491,7 @@ def main(argv=None):
         for s in sources.SOURCES:
             key = ("mixture", s)
             row_keys.append(key)
+            base_sha[key] = weights_sha256(base_dir)
             srows = [r for r in mtrain if r["source"] == s]
             base_info[row_name(key)] = dict(
                 base_test_acc=exact_match_accuracy(base, tok, mtest[s], max_new_tokens=sources.MAX_NEW_TOKENS),
@@ -487,7 +510,31 @@ def main(argv=None):
 
     runs_path = args.out + ".runs.jsonl"
     wanted = {job_id(j) for j in jobs}
-    done = [r for r in load_runs(runs_path) if job_id(r) in wanted]
+    previous_bases = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            previous_bases = {row["row"]: row["base"] for row in json.load(f)["table"]}
+    legacy_ok = {key: all(previous_bases.get(row_name(key), {}).get(k) == base_info[row_name(key)][k]
+                          for k in ("probe_mean_p", "base_test_acc")) for key in row_keys}
+    def row_of(r):
+        return ("mixture", sources.SOURCES[0]) if "candidate" in r else task_key(r)
+
+    recorded = [r for r in load_runs(runs_path) if job_id(r) in wanted]
+    if args.summarise_only:  # summarise the runs file as it stands, with the bases it was run on
+        done = recorded
+        for key in row_keys:
+            if not legacy_ok[key] and row_name(key) in previous_bases:
+                base_info[row_name(key)] = previous_bases[row_name(key)]
+    else:
+        done = [r for r in recorded if same_base(r, base_sha[row_of(r)], legacy_ok[row_of(r)])]
+        aside = {}
+        for r in recorded:
+            if r not in done:
+                aside[row_name(row_of(r))] = aside.get(row_name(row_of(r)), 0) + 1
+        for row, n in sorted(aside.items()):
+            print(f"set aside: {n} runs of {row} trained from another base than the one built here (pretraining "
+                  f"is not bit-identical across CPUs); they stay in {runs_path} and are neither resumed nor "
+                  f"summarised. Run the whole grid on one machine.", flush=True)
     finished = {job_id(r) for r in done}
     # Order: short rows and the mixture first (seed by seed), then the long rows seed by seed, the eligible
     # candidates of a seed before its hindsight bounds, so that a partial grid covers every row.
@@ -504,8 +551,7 @@ def main(argv=None):
     log = open(runs_path, "a")
 
     def record(r, note=None):
-        if note:
-            r = dict(r, **note)
+        r = dict(r, base_sha256=base_sha[row_of(r)], **(note or {}))
         done.append(r)
         finished.add(job_id(r))
         log.write(json.dumps(r) + "\n")

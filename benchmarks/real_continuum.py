@@ -547,6 +547,34 @@ def base_dir_for(place: str, split: dict, args) -> str:
     return path
 
 
+def weights_sha256(model_dir: str) -> str:
+    """The first 16 hex digits of the SHA-256 of a model directory's weight files: which base a run trained from."""
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(model_dir) if n.endswith((".safetensors", ".bin"))):
+        with open(os.path.join(model_dir, name), "rb") as f:
+            for block in iter(functools.partial(f.read, 1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check_same_base(place: str, recorded: dict, fresh: dict, out: str) -> None:
+    """Refuse to add runs to a place whose base, built again here, is not the one its recorded runs trained from.
+
+    A warm-up base is rebuilt on each new machine, and floating point differs between CPUs: the same 20 steps can
+    give another base (another place on the continuum). Runs of two bases must not be averaged as seeds of one."""
+    if recorded.get("base_sha256") is not None:
+        same = recorded["base_sha256"] == fresh["base_sha256"]
+    else:  # recorded before weights were hashed: compare what was measured of the base
+        same = (recorded.get("base_test_acc") == fresh["base_test_acc"]
+                and abs(recorded["probe"]["mean_p"] - fresh["probe"]["mean_p"]) < 1e-6)
+    if not same:
+        raise SystemExit(
+            f"real_continuum: place {place}: the base built here (exact match {fresh['base_test_acc']:.3f}, probe "
+            f"mean p {fresh['probe']['mean_p']:.4f}) is not the base of the runs in {out} (exact match "
+            f"{recorded.get('base_test_acc', float('nan')):.3f}, mean p {recorded['probe']['mean_p']:.4f}); write "
+            f"these runs to another --out, or point --cache_dir at the original base")
+
+
 def measure_place(place: str, split: dict, base_dir: str, args) -> dict:
     from transformers import AutoTokenizer
 
@@ -846,8 +874,12 @@ def main(argv=None) -> dict:
         split = place_splits(place, args, problems)
         base_dir = base_dir_for(place, split, args)
         pkey = settings_key(args, "place", place, PLACES[place], args.max_new_tokens, base_dir)
-        if args.place_info.get(place, {}).get("key") != pkey:
-            args.place_info[place] = dict(measure_place(place, split, base_dir, args), key=pkey)
+        sha, info = weights_sha256(base_dir), args.place_info.get(place, {})
+        if info.get("key") != pkey or info.get("base_sha256") != sha:
+            fresh = dict(measure_place(place, split, base_dir, args), key=pkey, base_sha256=sha)
+            if any(r["place"] == place for r in record["runs"]) and info.get("key") == pkey:
+                check_same_base(place, info, fresh, args.out)
+            args.place_info[place] = fresh
             _save(record, args.out)
         prepared[place] = split, base_dir
     for seed in [] if args.summary_only else args.seeds:  # seed by seed: a run cut short holds whole seeds

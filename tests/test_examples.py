@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -75,17 +76,22 @@ def test_prepare_m23k_as_messages(tmp_path):
                                     {"role": "assistant", "content": row["distilled_answer_string"]}]}  # fmt: skip
 
 
-def test_gsm8k_smollm2_scores_final_answers():
-    """The GSM8K example's scorer reads GSM8K's "#### answer" line, or else the last number, as the answer; every
-    reference solution in examples/data scores as correct against its own answer, and a wrong one does not."""
-    example = load_example("gsm8k_smollm2")
-    rows = [json.loads(line) for name in ("train", "test")
-            for line in open(os.path.join(EXAMPLES, "data", "gsm8k", f"{name}.jsonl"))]  # fmt: skip
-    assert len(rows) == 700
-    for row in rows:
-        solution = row["completion"][0]["content"]
-        assert example.same_number(example.final_answer(solution), row["answer"]), solution
-        assert not example.same_number(example.final_answer(solution), str(float(row["answer"]) + 1))
-    assert example.final_answer("So she pays $1,234.50 in total.") == "1234.50"
-    assert example.final_answer("The result is 7, not 8.\n#### $18") == "18"
-    assert example.final_answer("no number here") is None
+def test_mawps_smollm2_scores_the_equation_it_writes():
+    """The MAWPS example scores the value of the equation the model writes: every reference equation in
+    examples/data/mawps scores as correct against its own answer, a wrong operator does not, train and test share no
+    problem, and the recipe trains on the shipped rows."""
+    example = load_example("mawps_smollm2")
+    rows = {name: [json.loads(line) for line in open(os.path.join(EXAMPLES, "data", "mawps", f"{name}.jsonl"))]
+            for name in ("train", "test")}  # fmt: skip
+    assert (len(rows["train"]), len(rows["test"])) == (288, 200)
+    for row in rows["train"] + rows["test"]:
+        equation = row["completion"][0]["content"]
+        assert example.same_number(example.predicted_value(equation, "equation"), row["answer"]), equation
+        assert not example.same_number(example.predicted_value(equation, "equation"), str(float(row["answer"]) + 1))
+    assert example.predicted_value("676 - 224 = 450", "equation") == "452"  # the equation counts, not its arithmetic
+    assert example.predicted_value("I think the answer is 7.", "equation") == "7"  # no equation: the stated number
+    questions = {name: {r["prompt"][0]["content"] for r in rs} for name, rs in rows.items()}
+    assert not questions["train"] & questions["test"]
+    _, training_args, model_args = example.parsed([], argparse.Namespace(model="any/model", max_steps=None))
+    assert training_args.objective_auto and model_args.use_peft  # the recipe trains `auto`, with LoRA
+    assert example.standard_error(0.25, 200) == pytest.approx((0.25 * 0.75 / 200) ** 0.5)
