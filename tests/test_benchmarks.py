@@ -270,3 +270,14 @@ def test_confidence_rows_need_two_seeds_common_to_every_eligible_candidate(confi
     assert v["rows_used"] == [] and v["auto"] == "D"
     d = c.paired(acc, key, "X", "nll")
     assert d["n"] == 2 and d["mean"] == pytest.approx(-0.2) and d["b_ahead"] == 2
+
+
+def test_confidence_runs_of_another_base_are_set_aside(confidence_bench, tmp_path):
+    """Toy bases are pretrained again on each machine and can come out at another strength; a recorded run counts for
+    the base built here only if its weights hash matches (or, recorded before hashing, if the base measured the same)."""
+    c = confidence_bench
+    (tmp_path / "model.safetensors").write_bytes(b"base")
+    sha = c.weights_sha256(str(tmp_path))
+    assert c.same_base({"base_sha256": sha}, sha, legacy_ok=False)
+    assert not c.same_base({"base_sha256": "0" * 16}, sha, legacy_ok=True)
+    assert c.same_base({}, sha, legacy_ok=True) and not c.same_base({}, sha, legacy_ok=False)

@@ -213,3 +213,22 @@ def test_harness_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     assert sorted(added) == [("mid", "p"), ("strong_noise20", "p")]
     with open(out) as f:
         assert len(json.load(f)["runs"]) == 6
+
+
+def test_runs_of_a_rebuilt_base_that_differs_are_refused(tmp_path):
+    """A warm-up base is rebuilt on each machine and floating point differs between CPUs: adding runs to a place whose
+    base now measures (or hashes) differently stops with one line naming both bases; the same base passes."""
+    (tmp_path / "model.safetensors").write_bytes(b"weights A")
+    sha = rc.weights_sha256(str(tmp_path))
+    assert len(sha) == 16 and sha == rc.weights_sha256(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"weights B")
+    assert rc.weights_sha256(str(tmp_path)) != sha
+
+    recorded = dict(base_test_acc=0.2, probe=dict(mean_p=0.7676))  # measured before bases were hashed
+    rc.check_same_base("strong", recorded, dict(recorded, base_sha256="x"), "out.json")
+    with pytest.raises(SystemExit, match=r"place strong: the base built here \(exact match 0\.185.*exact match 0\.200"):
+        rc.check_same_base("strong", recorded, dict(base_test_acc=0.185, probe=dict(mean_p=0.7701), base_sha256="x"),
+                           "out.json")
+    hashed = dict(recorded, base_sha256="a" * 16)
+    with pytest.raises(SystemExit, match="is not the base of the runs in out.json"):
+        rc.check_same_base("strong", hashed, dict(recorded, base_sha256="b" * 16), "out.json")  # same scores, other weights
