@@ -415,6 +415,8 @@ def main(argv=None):
     ap.add_argument("--long-seeds", type=int, default=6, help="seeds per long row (run seed by seed)")
     ap.add_argument("--mixture-seeds", type=int, default=3)
     ap.add_argument("--no-mixture", action="store_true")
+    ap.add_argument("--budgets", nargs="+", default=["short", "long"], choices=["short", "long"],
+                    help="which task rows to run (the rows of other budgets are still summarised)")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--long-epochs", type=float, default=24.0)
     ap.add_argument("--mixture-epochs", type=float, default=8.0)
@@ -473,6 +475,8 @@ def main(argv=None):
                 **info[base])
             print(f"{row_name(key):28s} {base_info[row_name(key)]}", flush=True)
             long = budget == "long"
+            if budget not in args.budgets:
+                continue
             names = [c for c in args.candidates if long or c not in HINDSIGHT]
             for seed in range(args.long_seeds if long else args.seeds):
                 for c in names:
