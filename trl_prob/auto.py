@@ -13,14 +13,16 @@ AUTO = "auto"
 # What `auto` trains: the ProbSFTConfig fields it sets.
 AUTO_SETTINGS: dict[str, object] = {
     "objective": "deft",
-    "objective_schedule": "none",
+    "objective_schedule": "adaptive",
+    "schedule_signal": "token_top1",
 }
 # One line for the log at start and the probe: what `auto` is and where its evidence is.
 AUTO_EVIDENCE = (
-    "DEFT, -p^a with a = the model's own sum_v p_v^2 per token (NLL where it is unsure, -p where it is confident): "
-    "first by the pre-written rule over 10 rows of benchmarks/confidence.py, behind the best fixed objective in 3 "
-    "rows against 4 for the adaptive schedule toward -p (a provisional verdict: 2 seeds, long rows not yet run; "
-    "benchmarks/README.md)"
+    "the adaptive schedule from NLL toward DEFT (-p^a, a = the model's own sum_v p_v^2 per token), following the "
+    "share of target tokens the model ranks first: first by the pre-written rule over 11 rows of "
+    "benchmarks/confidence.py, behind the best fixed objective in 3 rows (DEFT alone 4, the adaptive schedule toward "
+    "-p 5). Caveats in benchmarks/README.md: on a weak base trained long it collapsed on 1 of 2 seeds (toy long row: "
+    "0.126 / 0.890 against DEFT-Cayley's 0.850 / 0.858), and on SmolLM2 NLL and EAFT beat DEFT"
 )
 
 
