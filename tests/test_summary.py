@@ -49,6 +49,9 @@ def test_exact_match_agrees_with_a_string_level_scorer(tmp_path, shipped_tokeniz
     expected = exact_match_accuracy(trainer.model, shipped_tokenizer, rows)
     assert 0.3 < expected < 1.0  # the shipped model gets some right and some wrong: a real comparison
     assert exact_match(trainer, trainer.eval_dataset, batch_size=7) == pytest.approx(expected)
+    # the summary's one-pass form: every target token top-1 under teacher forcing is greedy exact match
+    teacher_forced = trainer.measure_token_probs(trainer.eval_dataset, progress=False).sequence_top1_share
+    assert teacher_forced == pytest.approx(expected)
 
 
 def test_summary_records_before_after_and_lambda_without_changing_training(tmp_path, shipped_tokenizer, held_out):

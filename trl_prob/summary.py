@@ -1,6 +1,6 @@
 """An end-of-training summary: what the run did to the model, in a few lines.
 
-Held-out exact match (greedy ``model.generate``) and mean target-token probability before and after training, the
+Held-out exact match (greedy, teacher-forced: one pass through the fused head) and mean target-token probability before and after training, the
 schedule's lambda at the first and the last step (with the moving target probability that drove it), and where the
 run's outputs are. Opt-in: ``trl-prob sft ... --summary true`` (the quickstart recipe turns it on), or from Python::
 
@@ -143,11 +143,18 @@ class RunSummary(TrainerCallback):
         self.result: dict = {}
 
     def measure(self) -> dict:
+        """One forward pass over the held-out samples through the fused head (no generation): greedy exact match is
+        the share of samples whose every target token, EOS included, is the model's top-1 given the reference prefix
+        (greedy decoding writes the reference exactly if and only if that holds, ties aside; :func:`exact_match` is the
+        same number by ``model.generate``, and a test holds them equal); mean target p comes from the same pass."""
         trainer = self.trainer
-        stats = trainer.measure_token_probs(self.dataset, num_samples=self.num_samples, progress=False)
+        if trainer.is_world_process_zero():
+            print(f"trl-prob summary: measuring {self.split_name} samples at step {trainer.state.global_step}", flush=True)
+        stats = trainer.measure_token_probs(self.dataset, num_samples=self.num_samples,
+                                            progress=not trainer.args.disable_tqdm)  # fmt: skip
         return {
             "step": trainer.state.global_step,
-            "exact_match": exact_match(trainer, self.dataset, self.num_samples),
+            "exact_match": stats.sequence_top1_share,
             "mean_token_prob": stats.mean_p,
         }
 
