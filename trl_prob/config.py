@@ -280,6 +280,14 @@ class ProbSFTConfig(SFTConfig):
             "No effect on GPU."
         },
     )
+    # ASFT's reference (trl_prob/asft.py), as TRL's trainers that take one name it.
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference model of --objective asft (its KL anchor) for full fine-tuning: a path or hub id with "
+            "the model's vocabulary. LoRA runs default to their own base with the adapters disabled."
+        },
+    )
 
     def __post_init__(self):
         self._take_deprecated_fields()

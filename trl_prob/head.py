@@ -36,6 +36,8 @@ class HeadTokens:
         entropy: entropy of the next-token distribution in nats, or None (read detached).
         log_sum_sq_probs: log sum_v p_v^2, or None (detached in TRL).
         vocab_size: the model's vocabulary size V (for entropy / ln V), or None.
+        ref_kl: KL(q_ref || p_model) over the vocabulary per target token (differentiable, fp32), or None: not a head
+            output but the trainer's, for ASFT (:mod:`trl_prob.asft`).
     """
 
     log_p: torch.Tensor
@@ -44,6 +46,7 @@ class HeadTokens:
     entropy: torch.Tensor | None = None
     log_sum_sq_probs: torch.Tensor | None = None
     vocab_size: int | None = None
+    ref_kl: torch.Tensor | None = None
 
     @classmethod
     def from_outputs(cls, outputs, vocab_size: int | None = None) -> HeadTokens:
@@ -55,6 +58,7 @@ class HeadTokens:
             entropy=getattr(outputs, "entropy", None),
             log_sum_sq_probs=getattr(outputs, "log_sum_sq_probs", None),
             vocab_size=vocab_size,
+            ref_kl=getattr(outputs, "ref_kl", None),  # set by trl_prob.asft's forward hook, for ASFT only
         )
 
     def get(self, name: str) -> torch.Tensor | None:
@@ -71,7 +75,8 @@ class HeadTokens:
     def rows(self, start: int, stop: int) -> HeadTokens:
         """Rows ``start:stop`` of every tensor (a slice of the batch)."""
         cut = {name: (None if self.get(name) is None else self.get(name)[start:stop]) for name in HEAD_OUTPUTS[1:]}
-        return replace(self, log_p=self.log_p[start:stop], mask=self.mask[start:stop], **cut)
+        ref_kl = None if self.ref_kl is None else self.ref_kl[start:stop]
+        return replace(self, log_p=self.log_p[start:stop], mask=self.mask[start:stop], ref_kl=ref_kl, **cut)
 
     @property
     def sum_sq_probs(self) -> torch.Tensor | None:

@@ -109,6 +109,7 @@ class Family:
     leans_on_prior: bool = False
     reads: tuple[str, ...] = ("log_probs",)
     uses_tokens: bool = False  # needs the micro-batch's HeadTokens (e.g. its label mask) even if it reads only log p
+    default_param: float | None = None  # the parameter of a bare ``name`` (``asft`` is ``asft:0.1``); None: required
 
     def __post_init__(self):
         unknown = set(self.reads) - set(HEAD_OUTPUTS)
@@ -332,6 +333,42 @@ for _family in (
     register_family(_family)
 
 
+# ------------------------------------------------------------------------------- ASFT: anchored to a reference
+# ASFT (arXiv 2509.23753): DFT plus alpha x KL(q_ref || p_model) over the vocabulary, per target token. The KL needs
+# the model's and a reference's hidden states, which the fused head does not see: trl_prob/asft.py computes it in
+# chunks through the LM head (LoRA: the model itself with its adapters disabled) and hands it in HeadTokens.ref_kl.
+
+ASFT_DEFAULT_ALPHA = 0.1  # the authors' kl_weight and LLaMA-Factory's asft_alpha
+
+
+def asft_loss(log_p: Tensor, alpha: float, tokens: HeadTokens) -> Tensor:
+    if tokens.ref_kl is None:
+        raise ValueError(
+            f"objective 'asft:{_format_number(alpha)}' adds alpha x KL(reference || model) per token, which "
+            "ProbSFTTrainer computes from the model's hidden states (trl_prob/asft.py); these head outputs carry none."
+        )
+    return -log_p * log_p.detach().exp() + alpha * tokens.ref_kl.float()
+
+
+register_family(
+    Family(
+        name="asft",
+        loss=asft_loss,
+        weight=lambda p, _, tokens: p.clone(),  # the DFT part; the KL's logit gradient is alpha (p_v - q_v)
+        loss_text="-sg(p) log p + alpha sum_v q_v log(q_v / p_v), q = the reference's next-token distribution",
+        weight_text="sg(p), plus alpha (p_v - q_v) on the logits",
+        help="ASFT: DFT anchored by alpha x KL(reference || model) over the vocabulary (alpha 0.1 by default; "
+        "LoRA: the reference is the base with adapters disabled, full fine-tuning: --ref_model_name_or_path)",
+        reference_text="ASFT `mode=asft` (`kl_weight`); LLaMA-Factory `use_asft_loss` (`asft_alpha`)",
+        param="alpha",
+        param_range="alpha >= 0",
+        check_param=lambda alpha: alpha >= 0,
+        uses_tokens=True,
+        default_param=ASFT_DEFAULT_ALPHA,
+    )
+)
+
+
 def valid_specs() -> str:
     """Every spec the registry accepts, for help texts and error messages."""
     specs = ", ".join(
@@ -465,6 +502,8 @@ def get_objective(spec: str | Objective) -> Objective:
         if param_text is not None:
             raise ValueError(f"Objective {family.name!r} takes no parameter, got {spec!r}. Valid specs: {valid_specs()}.")
         return Objective(family.name)
+    if param_text is None and family.default_param is not None:
+        return Objective(family.name, float(family.default_param))
     if param_text is None:
         raise ValueError(
             f"Objective {spec!r} needs a parameter {family.param} ({family.param_range}), e.g. {family.name}:0.2."

@@ -110,6 +110,10 @@ class ProbObjectiveMixin:
         if self.sources is not None:
             self.data_collator = SourceCollator(self.data_collator)
         self._attach_to_head(_unwrap_peft(self.model))
+        # ASFT: the per-token KL to a reference, hooked beside the head (trl_prob/asft.py); no reference: refused here
+        from .asft import attach_reference
+
+        self.asft_reference = attach_reference(self)
         self.add_callback(schedule_callback(self))
         self._warn_unsharded()
         precision = getattr(self.args, "_cpu_precision", None)  # which precision a CPU run uses, and why
