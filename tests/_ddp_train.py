@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import addition_dataset, base_args  # noqa: E402  (conftest also puts benchmarks/ on sys.path)
 from addition import build_tokenizer  # noqa: E402
 
+from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 from trl_prob.embedded import default_model_path  # noqa: E402
 
@@ -71,7 +72,7 @@ def main():
     if per_source:
         extra["schedule_per_source"] = True
     with tempfile.TemporaryDirectory() as tmp:
-        args = ProbSFTConfig(
+        args = ExperimentalSFTConfig(
             **base_args(
                 pathlib.Path(tmp),
                 objective=objective,

@@ -14,6 +14,7 @@ import torch
 from _reference import completion_mask
 from addition import random_tiny_llama
 from conftest import addition_dataset, base_args
+from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)
 from trl_prob import ProbSFTConfig, ProbSFTTrainer, get_objective
 from trl_prob.head import HeadTokens, MissingHeadOutput
 from trl_prob.loss import objective_loss
@@ -143,7 +144,7 @@ def test_cayley_mean_is_per_micro_batch():
 
 
 def make_trainer(tmp_path, tokenizer, spec, **overrides):
-    args = ProbSFTConfig(**base_args(tmp_path, objective=spec, per_device_train_batch_size=8, **overrides))
+    args = ExperimentalSFTConfig(**base_args(tmp_path, objective=spec, per_device_train_batch_size=8, **overrides))
     return ProbSFTTrainer(model=random_tiny_llama(seed=1), args=args, train_dataset=addition_dataset(16),
                           processing_class=tokenizer)  # fmt: skip
 
@@ -289,11 +290,11 @@ def drop_output(trainer, name):
     "spec, overrides, dropped, who",
     [
         # the bug of #20: without the warm start, a top-1 signal without is_top1 trained NLL all run, silently
-        ("p", dict(objective_schedule="adaptive", schedule_warm_start=False), "is_top1", "schedule_signal='token_top1'"),
+        ("p", dict(objective_schedule="adaptive", schedule_warm_start_samples=0), "is_top1", "schedule_signal='token_top1'"),
         ("p", dict(objective_schedule="adaptive"), "is_top1", "schedule_signal='token_top1'"),
         ("deft", {}, "log_sum_sq_probs", "objective 'deft'"),
         ("eaft:1", {}, "entropy", "objective 'eaft:1'"),
-        ("p", dict(objective_schedule="adaptive", schedule_signal="token_top1_clean", schedule_warm_start=False),
+        ("p", dict(objective_schedule="adaptive", schedule_signal="token_top1_clean", schedule_warm_start_samples=0),
          "log_sum_sq_probs", "schedule_signal='token_top1_clean'"),
     ],
 )
@@ -310,9 +311,9 @@ def test_a_per_source_signal_without_its_output_is_refused_before_step_1(tmp_pat
 
     data = concatenate_datasets([addition_dataset(8).add_column("source", ["add"] * 8),
                                  addition_dataset(8, seed=1).add_column("source", ["rev"] * 8)])  # fmt: skip
-    args = ProbSFTConfig(**base_args(tmp_path, objective="p", objective_schedule="adaptive", schedule_signal="mean",
+    args = ExperimentalSFTConfig(**base_args(tmp_path, objective="p", objective_schedule="adaptive", schedule_signal="mean",
                                      schedule_per_source=True, schedule_source_signal="rev=token_top1",
-                                     schedule_warm_start=False, max_steps=2))  # fmt: skip
+                                     schedule_warm_start_samples=0, max_steps=2))  # fmt: skip
     trainer = ProbSFTTrainer(model=random_tiny_llama(seed=1), args=args, train_dataset=data, processing_class=tokenizer)
     drop_output(trainer, "is_top1")
     with pytest.raises(MissingHeadOutput, match="schedule_source_signal\\['rev'\\]='token_top1' reads `is_top1`"):
@@ -358,7 +359,7 @@ class Step:
 
 
 def test_progress_waits_while_fresh_nll_falls_then_rises_and_holds():
-    from trl_prob.schedules import ProgressSchedule
+    from trl_prob.experimental import ProgressSchedule
 
     schedule = ProgressSchedule(window=2, threshold=0.10, ema_decay=0.0, fresh_steps=8)
     assert schedule.begin(10) == 0.0
@@ -388,7 +389,7 @@ def test_auto_resolves_to_the_benchmarks_choice_in_one_place(tmp_path, tokenizer
 
     from trl_prob.auto import AUTO_SETTINGS, describe
 
-    config = ProbSFTConfig(**base_args(tmp_path, objective="auto"))
+    config = ExperimentalSFTConfig(**base_args(tmp_path, objective="auto"))
     for key, value in AUTO_SETTINGS.items():
         assert getattr(config, key) == get_objective(value).spec if key == "objective" else getattr(config, key) == value
     assert config.objective_auto
@@ -406,4 +407,4 @@ def test_auto_with_a_conflicting_setting_is_one_line(tmp_path):
     other = {"objective_schedule": "constant", "schedule_signal": "mean", "schedule_token_gate": "certainty"}[key]
     assert other != AUTO_SETTINGS[key] and other != field.default
     with pytest.raises(ValueError, match=f"objective='auto' chooses {key}="):
-        ProbSFTConfig(**base_args(tmp_path, objective="auto", **{key: other}))
+        ExperimentalSFTConfig(**base_args(tmp_path, objective="auto", **{key: other}))

@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from addition import build_tokenizer, make_addition_examples, random_tiny_llama  # noqa: E402
+from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 from trl_prob.plots import TRAINING_PNG, find_trainer_state, plot_training  # noqa: E402
 
@@ -32,7 +33,7 @@ def _addition(n: int, seed: int) -> Dataset:
 def run_dir(tmp_path_factory):
     """A real 6-step run with a linear schedule in exponent mode (lambda and exponent logged) and eval every 3 steps."""
     output_dir = str(tmp_path_factory.mktemp("plots") / "run")
-    args = ProbSFTConfig(
+    args = ExperimentalSFTConfig(
         output_dir=output_dir,
         objective="power:4",
         objective_schedule="linear",
@@ -68,7 +69,7 @@ def test_plot_training_writes_a_png_from_a_real_run(run_dir):
     with open(os.path.join(run_dir, "trainer_state.json")) as f:
         logged = {key for entry in json.load(f)["log_history"] for key in entry}
     # What the figure draws is really in the log.
-    assert {"mean_token_prob", "ema_token_prob", "objective_lambda", "objective_exponent", "loss", "nll"} <= logged
+    assert {"mean_token_prob", "schedule_signal_ema", "objective_lambda", "objective_exponent", "loss", "nll"} <= logged
     assert {"eval_loss", "eval_nll", "eval_mean_token_prob"} <= logged
 
     path = plot_training(run_dir)
@@ -113,7 +114,7 @@ def test_empty_log_history_is_a_clear_error(tmp_path):
 def test_per_source_run_draws_a_line_per_source(tmp_path, monkeypatch):
     rows = [dict(r, source="add") for r in _addition(16, seed=0)]
     rows += [dict(prompt=r["prompt"], completion=r["completion"][::-1], source="rev") for r in _addition(16, seed=1)]
-    args = ProbSFTConfig(output_dir=str(tmp_path / "run"), objective="p", objective_schedule="adaptive",
+    args = ExperimentalSFTConfig(output_dir=str(tmp_path / "run"), objective="p", objective_schedule="adaptive",
                          schedule_per_source=True, max_steps=3, per_device_train_batch_size=8, logging_steps=1,
                          report_to="none", use_cpu=True, seed=0, disable_tqdm=True, save_strategy="no")  # fmt: skip
     trainer = ProbSFTTrainer(model=random_tiny_llama(seed=0), args=args, train_dataset=Dataset.from_list(rows),

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from _launch import accelerate_launch  # noqa: E402
 from addition import build_tokenizer, make_addition_examples, random_tiny_llama  # noqa: E402
+from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 from trl_prob.embedded import default_dataset_path, default_model_path  # noqa: E402
 from trl_prob.measure import Measurement, measure, sample_index  # noqa: E402
@@ -60,7 +61,7 @@ def make_trainer(tmp_path, model=None, dataset=None, tokenizer=None, **overrides
     args.update(overrides)
     return ProbSFTTrainer(
         model=model if model is not None else random_tiny_llama(seed=0),
-        args=ProbSFTConfig(**args),
+        args=ExperimentalSFTConfig(**args),
         train_dataset=dataset if dataset is not None else addition(),
         processing_class=tokenizer if tokenizer is not None else build_tokenizer(),
     )
@@ -269,7 +270,7 @@ def test_conversational_data_without_chat_template_is_named():
     with pytest.raises(ProbeInputError, match="no chat template"):
         check_probe_inputs(addition(format="messages"), tokenizer)
     check_probe_inputs(addition(), tokenizer)  # plain strings need no template
-    check_probe_inputs(conversational, tokenizer, ProbSFTConfig("out", use_cpu=True, chat_template_path="template.jinja"))
+    check_probe_inputs(conversational, tokenizer, ExperimentalSFTConfig("out", use_cpu=True, chat_template_path="template.jinja"))
 
 
 def test_truncation_that_leaves_no_target_is_counted(tmp_path):
@@ -336,7 +337,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
 
     out, num_samples = sys.argv[1], int(sys.argv[2])
     path = default_model_path()
-    args = ProbSFTConfig(output_dir=os.path.join(os.path.dirname(out), "run"), use_cpu=True, report_to="none",
+    args = ExperimentalSFTConfig(output_dir=os.path.join(os.path.dirname(out), "run"), use_cpu=True, report_to="none",
                          per_device_eval_batch_size=4, disable_tqdm=True, save_strategy="no", seed=0)
     trainer = ProbSFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=args,
                              train_dataset=load_dataset(default_dataset_path())["train"],

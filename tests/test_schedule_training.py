@@ -23,6 +23,7 @@ from conftest import addition_dataset, base_args  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
 from addition import mean_target_probability, random_tiny_llama  # noqa: E402
+from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 from trl_prob.embedded import default_model_path  # noqa: E402
 from trl_prob.schedules import warmup_lambda  # noqa: E402
@@ -33,7 +34,7 @@ from trl_prob.checkpoints import (  # noqa: E402
     CheckpointError,
 )
 
-SCHEDULE_KEYS = ("objective_lambda", "ema_token_prob", "mean_token_prob", "loss")
+SCHEDULE_KEYS = ("objective_lambda", "schedule_signal_ema", "mean_token_prob", "loss")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def make_trainer(tmp_path, model, tokenizer, dataset=None, trainer_class=ProbSFT
     args = base_args(tmp_path, **overrides)
     return trainer_class(
         model=model,
-        args=ProbSFTConfig(**args),
+        args=ExperimentalSFTConfig(**args),
         train_dataset=dataset if dataset is not None else addition_dataset(),
         processing_class=tokenizer,
     )
@@ -112,7 +113,7 @@ def test_resume_reproduces_the_schedule_step_for_step(tmp_path, uninterrupted, s
     saved = saved_schedule(checkpoint)
     assert saved["step"] == 4
     assert saved["warm_started"] is True
-    assert saved["p_ema"] == pytest.approx(full[4]["ema_token_prob"], rel=1e-9)
+    assert saved["p_ema"] == pytest.approx(full[4]["schedule_signal_ema"], rel=1e-9)
     assert saved["objective_lambda"] == pytest.approx(full[5]["objective_lambda"], rel=1e-9)
 
     resumed = make_trainer(tmp_path, shipped_model(), shipped_tokenizer, **RESUME)
@@ -167,7 +168,7 @@ def test_resume_without_schedule_state_is_refused_unless_reset_is_asked(tmp_path
     # The model, data order and step-5 statistic are the checkpoint's; only the schedule state was lost: the EMA
     # restarts from a fresh warm start instead of continuing, so the trajectory departs from the uninterrupted one.
     assert again[5]["mean_token_prob"] == pytest.approx(full[5]["mean_token_prob"], rel=1e-5)
-    assert again[5]["ema_token_prob"] != pytest.approx(full[5]["ema_token_prob"], rel=1e-6)
+    assert again[5]["schedule_signal_ema"] != pytest.approx(full[5]["schedule_signal_ema"], rel=1e-6)
 
 
 def test_legacy_checkpoint_with_a_schedule_file_resumes_the_same_trajectory(tmp_path, uninterrupted, shipped_tokenizer):
@@ -271,7 +272,7 @@ def test_lambda_is_constant_within_an_optimizer_step_under_accumulation(tmp_path
         assert per_step == pytest.approx([s / steps for s in range(steps)])
     else:
         # lambda(s + 1) from the EMA logged at step s, through the configured band
-        expected = [min(1.0, max(0.0, (logs[s]["ema_token_prob"] - 0.55) / 0.30)) for s in range(1, steps)]
+        expected = [min(1.0, max(0.0, (logs[s]["schedule_signal_ema"] - 0.55) / 0.30)) for s in range(1, steps)]
         assert per_step[1:] == pytest.approx(expected, abs=1e-9)
 
 
@@ -286,14 +287,14 @@ def test_adaptive_follows_capability(tmp_path, shipped_tokenizer, tokenizer):
     strong_logs = step_logs(strong).values()
     strong_lambdas = [e["objective_lambda"] for e in strong_logs]
     assert sum(strong_lambdas) / len(strong_lambdas) > 0.9, strong_lambdas
-    assert all(e["ema_token_prob"] > strong.args.schedule_ramp_low for e in strong_logs)
+    assert all(e["schedule_signal_ema"] > strong.args.schedule_ramp_low for e in strong_logs)
 
     weak = make_trainer(tmp_path / "weak", random_tiny_llama(seed=0), tokenizer, **common)
     weak.train()
     weak_logs = step_logs(weak).values()
     weak_lambdas = [e["objective_lambda"] for e in weak_logs]
     assert sum(weak_lambdas) / len(weak_lambdas) < 0.05, weak_lambdas
-    assert all(e["ema_token_prob"] < weak.args.schedule_ramp_low for e in weak_logs)
+    assert all(e["schedule_signal_ema"] < weak.args.schedule_ramp_low for e in weak_logs)
 
 
 def full_logits_mean_p(trainer, num_samples: int, signal: str = "mean") -> float:
@@ -358,7 +359,7 @@ def test_warm_start_measures_the_base_model(tmp_path, shipped_tokenizer, signal)
     assert logs[1]["objective_lambda"] == begin.objective_lambda
     # the first logged EMA continues from the warm start rather than replacing it
     step_signal = logs[1]["mean_token_prob" if signal == "mean" else "token_top1_share"]
-    assert logs[1]["ema_token_prob"] == pytest.approx(decay * begin.p_ema + (1 - decay) * step_signal, rel=1e-9)
+    assert logs[1]["schedule_signal_ema"] == pytest.approx(decay * begin.p_ema + (1 - decay) * step_signal, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------ warm-up / exponent
@@ -431,7 +432,7 @@ def test_monotone_lambda_never_decreases_in_training(tmp_path, uninterrupted, sh
     # each step's lambda is the max of the previous one and what the EMA logged one step earlier asks for
     held_back = 0
     for previous, entry in zip(logs, logs[1:]):
-        band = min(1.0, max(0.0, (previous["ema_token_prob"] - 0.55) / 0.30))
+        band = min(1.0, max(0.0, (previous["schedule_signal_ema"] - 0.55) / 0.30))
         assert entry["objective_lambda"] == pytest.approx(max(previous["objective_lambda"], band), abs=1e-9)
         held_back += band < previous["objective_lambda"] - 1e-6
     assert held_back > 0  # the monotone rule did act on this run
@@ -464,7 +465,7 @@ def test_ema_follows_the_configured_statistic(tmp_path, shipped_tokenizer, stati
     assert ema is not None and 0.0 <= ema <= 1.0
     for entry in logs:
         ema = decay * ema + (1 - decay) * entry[key]
-        assert entry["ema_token_prob"] == pytest.approx(ema, rel=1e-9, abs=1e-12)
+        assert entry["schedule_signal_ema"] == pytest.approx(ema, rel=1e-9, abs=1e-12)
 
 
 def test_default_signal_equals_trls_own_token_accuracy(tmp_path, shipped_tokenizer):

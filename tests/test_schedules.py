@@ -12,13 +12,13 @@ import re
 import pytest
 
 from trl_prob import ProbSFTConfig
+from trl_prob.experimental import CosineSchedule, ExperimentalSFTConfig  # the research rows these tests also check
 from trl_prob.schedules import (
     SIGNALS,
     MODES,
     SCHEDULES,
     AdaptiveSchedule,
     ConstantSchedule,
-    CosineSchedule,
     NoSchedule,
     ScheduleStateError,
     WarmupSchedule,
@@ -185,7 +185,7 @@ def test_none_is_the_target_alone():
 
 
 def test_constant():
-    assert run(ConstantSchedule(objective_lambda=0.3), [0.9] * 10) == [0.3] * 10
+    assert run(ConstantSchedule(constant_lambda=0.3), [0.9] * 10) == [0.3] * 10
     assert run(ConstantSchedule(), [0.9] * 4) == [1.0] * 4  # default objective_lambda
 
 
@@ -236,7 +236,7 @@ def test_monotone_never_decreases():
 
 
 def test_monotone_constant_keeps_the_larger_restored_value():
-    schedule = ConstantSchedule(objective_lambda=0.3, monotone=True)
+    schedule = ConstantSchedule(constant_lambda=0.3, monotone=True)
     schedule.load_state_dict({"step": 2, "p_ema": None, "objective_lambda": 0.8, "warm_started": False})
     assert schedule.step(Stats(0.5)) == 0.8
 
@@ -293,7 +293,7 @@ def test_load_state_dict_names_what_is_wrong(state, message):
 
 
 def config(tmp_path, **kwargs) -> ProbSFTConfig:
-    return ProbSFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, **kwargs)
+    return ExperimentalSFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, **kwargs)
 
 
 def raises_naming(value):
@@ -308,7 +308,7 @@ def test_valid_config_defaults(tmp_path):
     assert args.schedule_mode == "blend"
     assert args.schedule_ramp_low == 0.30 and args.schedule_ramp_high == 0.55
     assert args.schedule_ema_decay == 0.9
-    assert args.schedule_warm_start is False
+    assert args.schedule_warm_start_samples == 256
     assert not args.uses_objective
     assert set(SCHEDULES) == {"none", "constant", "linear", "cosine", "adaptive", "token_gate", "progress"}
     assert set(MODES) == {"blend", "exponent"}
@@ -334,7 +334,7 @@ def test_p_low_must_be_below_p_high(tmp_path, low, high):
     assert str(low) in str(info.value) and str(high) in str(info.value)
 
 
-@pytest.mark.parametrize("field", ["objective_lambda", "schedule_warmup_ratio", "schedule_ramp_low", "schedule_ramp_high"])
+@pytest.mark.parametrize("field", ["schedule_constant_lambda", "schedule_warmup_ratio", "schedule_ramp_low", "schedule_ramp_high"])
 @pytest.mark.parametrize("value", [-0.1, 1.5, NAN, float("inf")])
 def test_unit_interval_fields(tmp_path, field, value):
     with pytest.raises(ValueError) as info:
@@ -343,7 +343,7 @@ def test_unit_interval_fields(tmp_path, field, value):
     assert field in message and repr(value) in message
 
 
-@pytest.mark.parametrize("field, value", [("objective_lambda", 0.0), ("objective_lambda", 1.0),
+@pytest.mark.parametrize("field, value", [("schedule_constant_lambda", 0.0), ("schedule_constant_lambda", 1.0),
                                           ("schedule_warmup_ratio", 0.0), ("schedule_warmup_ratio", 1.0)])
 def test_unit_interval_ends_are_allowed(tmp_path, field, value):
     assert getattr(config(tmp_path, objective="p", objective_schedule="constant", **{field: value}), field) == value
@@ -396,15 +396,12 @@ def test_label_smoothing_with_non_nll_objective(tmp_path):
 @pytest.mark.parametrize(
     "schedule, expected", [("none", False), ("constant", False), ("linear", False), ("cosine", False), ("adaptive", True)]
 )
-def test_warm_start_defaults_on_for_adaptive_only(tmp_path, schedule, expected):
-    assert config(tmp_path, objective="p", objective_schedule=schedule).schedule_warm_start is expected
+def test_only_the_adaptive_schedule_warm_starts(tmp_path, schedule, expected):
+    assert build_schedule(config(tmp_path, objective="p", objective_schedule=schedule)).warm_starts is expected
 
 
-def test_warm_start_explicit_setting_is_kept(tmp_path):
-    assert config(tmp_path, objective="p", objective_schedule="adaptive", schedule_warm_start=False).schedule_warm_start is False
-    assert config(tmp_path, objective="p", objective_schedule="linear", schedule_warm_start=True).schedule_warm_start is True
-
-
-def test_warm_start_samples_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="schedule_warm_start_samples must be >= 1, got 0"):
-        config(tmp_path, objective="p", objective_schedule="adaptive", schedule_warm_start_samples=0)
+def test_warm_start_samples_zero_turns_it_off_and_negative_is_refused(tmp_path):
+    assert config(tmp_path, objective="p", objective_schedule="adaptive",
+                  schedule_warm_start_samples=0).schedule_warm_start_samples == 0  # fmt: skip
+    with pytest.raises(ValueError, match=r"schedule_warm_start_samples must be an integer >= 0 .*got -1"):
+        config(tmp_path, objective="p", objective_schedule="adaptive", schedule_warm_start_samples=-1)

@@ -23,7 +23,7 @@ from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-KEYS = ["loss", "mean_token_prob", "nll", "grad_norm", "objective_lambda", "ema_token_prob"]
+KEYS = ["loss", "mean_token_prob", "nll", "grad_norm", "objective_lambda", "schedule_signal_ema"]
 
 
 def run_fsdp2(out, per_device_batch: int, timeout: int = 480) -> dict:

@@ -324,7 +324,7 @@ LORA_RUN = ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_
             "--schedule_warm_start_samples", "8", "--per_device_train_batch_size", "2", "--max_length", "96",
             "--learning_rate", "1e-3", "--max_steps", "10", "--save_strategy", "steps", "--save_steps", "5",
             "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
-SCHEDULE_KEYS = ("loss", "mean_token_prob", "nll", "objective_lambda", "ema_token_prob")
+SCHEDULE_KEYS = ("loss", "mean_token_prob", "nll", "objective_lambda", "schedule_signal_ema")
 
 
 def run_sft(args, timeout=600):

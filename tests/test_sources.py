@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)
 from trl_prob.head import HeadTokens  # noqa: E402
 from conftest import addition_dataset, base_args  # noqa: E402
 from datasets import Dataset, concatenate_datasets  # noqa: E402
@@ -122,7 +123,7 @@ PER_SOURCE = dict(
 
 
 def make(tmp_path, dataset, tokenizer, **overrides):
-    args = ProbSFTConfig(**base_args(tmp_path, **{**PER_SOURCE, **overrides}))
+    args = ExperimentalSFTConfig(**base_args(tmp_path, **{**PER_SOURCE, **overrides}))
     return ProbSFTTrainer(model=shipped_model(), args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
@@ -140,7 +141,7 @@ def test_one_source_is_the_run_wide_schedule(tmp_path, shipped_tokenizer):
     lambdas = [entry["objective_lambda"] for entry in b.values()]
     assert all(0.0 < lam < 1.0 for lam in lambdas), lambdas
     for step in b:
-        for key in ("loss", "mean_token_prob", "ema_token_prob", "grad_norm"):
+        for key in ("loss", "mean_token_prob", "schedule_signal_ema", "grad_norm"):
             assert a[step][key] == b[step][key], (step, key)  # the same bits: one source is the global schedule
         # logged per-source as the step's token-weighted mean lambda: equal up to that mean's rounding
         assert a[step]["objective_lambda"] == pytest.approx(b[step]["objective_lambda"], rel=1e-12)
@@ -194,7 +195,7 @@ def test_resume_reproduces_every_source_schedule(tmp_path, shipped_tokenizer):
     resumed = make(tmp_path / "b", dataset, shipped_tokenizer, **run)
     resumed.train(resume_from_checkpoint=checkpoint)
     a, b = step_logs(uninterrupted), step_logs(resumed)
-    keys = [key for key in a[4] if key.startswith(("objective_lambda", "mean_token_prob", "ema_token_prob", "loss"))]
+    keys = [key for key in a[4] if key.startswith(("objective_lambda", "mean_token_prob", "schedule_signal_ema", "loss"))]
     assert {"objective_lambda/add", "objective_lambda/rev"} <= set(keys)
     for step in (4, 5, 6):
         for key in keys:
@@ -244,12 +245,12 @@ def test_a_source_without_tokens_keeps_its_statistic_and_is_said_once(tmp_path, 
 )
 def test_bad_per_source_options_are_one_clear_error(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        ProbSFTConfig(**base_args(tmp_path, **{**PER_SOURCE, **overrides}))
+        ExperimentalSFTConfig(**base_args(tmp_path, **{**PER_SOURCE, **overrides}))
 
 
 def test_source_lambda_parses_json_and_pairs(tmp_path):
-    pairs = ProbSFTConfig(**base_args(tmp_path, **PER_SOURCE, schedule_source_lambda="chat=0, code=0.5"))
-    as_json = ProbSFTConfig(**base_args(tmp_path, **PER_SOURCE, schedule_source_lambda='{"chat": 0, "code": 0.5}'))
+    pairs = ExperimentalSFTConfig(**base_args(tmp_path, **PER_SOURCE, schedule_source_lambda="chat=0, code=0.5"))
+    as_json = ExperimentalSFTConfig(**base_args(tmp_path, **PER_SOURCE, schedule_source_lambda='{"chat": 0, "code": 0.5}'))
     assert pairs.schedule_source_lambda == as_json.schedule_source_lambda == {"chat": 0.0, "code": 0.5}
 
 
@@ -371,4 +372,4 @@ def test_a_source_can_follow_its_own_signal(tmp_path, shipped_tokenizer):
 )
 def test_bad_source_statistic_is_one_clear_error(tmp_path, value, message):
     with pytest.raises(ValueError, match=message):
-        ProbSFTConfig(**base_args(tmp_path, **{**PER_SOURCE, "schedule_source_signal": value}))
+        ExperimentalSFTConfig(**base_args(tmp_path, **{**PER_SOURCE, "schedule_source_signal": value}))

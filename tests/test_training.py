@@ -22,6 +22,7 @@ from addition import random_tiny_llama
 from _launch import ddp_train as launch
 from conftest import addition_dataset, base_args
 from _reference import completion_mask, reference_loss
+from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
 from trl_prob.embedded import default_model_path
 
@@ -80,7 +81,7 @@ FAMILIES = ["p", "power:10", "top_p:0.6", "bottom_logp:0.6", "dft"]
 def test_training_run_logs_metrics_that_match_the_model(tmp_path, tokenizer, spec):
     model = shipped_model()
     before = copy.deepcopy(model).eval()
-    args = ProbSFTConfig(
+    args = ExperimentalSFTConfig(
         **base_args(tmp_path, objective=spec, max_steps=2, save_strategy="steps", save_steps=2, bf16=False)
     )
     trainer = CapturingTrainer(model=model, args=args, train_dataset=addition_dataset(32), processing_class=tokenizer)
@@ -143,7 +144,7 @@ def test_nll_objective_reproduces_plain_sft_trainer(tmp_path, tokenizer):
     kwargs = base_args(tmp_path, max_steps=4, per_device_train_batch_size=4, bf16=False)
     ours = ProbSFTTrainer(
         model=shipped_model(),
-        args=ProbSFTConfig(**kwargs, objective="nll"),
+        args=ExperimentalSFTConfig(**kwargs, objective="nll"),
         train_dataset=addition_dataset(32),
         processing_class=tokenizer,
     )
@@ -174,7 +175,7 @@ def test_nll_objective_reproduces_plain_sft_trainer(tmp_path, tokenizer):
 
 
 def run(tmp_path, tokenizer, name, **overrides):
-    args = ProbSFTConfig(**base_args(tmp_path, output_dir=str(tmp_path / name), bf16=False, **overrides))
+    args = ExperimentalSFTConfig(**base_args(tmp_path, output_dir=str(tmp_path / name), bf16=False, **overrides))
     trainer = ProbSFTTrainer(
         model=shipped_model(), args=args, train_dataset=addition_dataset(32), processing_class=tokenizer
     )
@@ -200,7 +201,7 @@ def test_gradient_accumulation_matches_big_batch(tmp_path, tokenizer, objective)
     assert len(big_logs) == len(acc_logs) == 3
     keys = ["loss", "mean_token_prob", "nll", "grad_norm"]
     if "objective_schedule" in objective:
-        keys += ["objective_lambda", "ema_token_prob"]
+        keys += ["objective_lambda", "schedule_signal_ema"]
         lambdas = [entry["objective_lambda"] for entry in big_logs]
         assert any(0.0 < lam < 1.0 for lam in lambdas), f"lambda should be strictly inside (0, 1): {lambdas}"
     for a, b in zip(big_logs, acc_logs):
@@ -228,7 +229,7 @@ def test_qlora_trains_adapters_only(tmp_path, tokenizer):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
-    args = ProbSFTConfig(**base_args(tmp_path, objective="power:10", max_steps=3, learning_rate=1e-2))
+    args = ExperimentalSFTConfig(**base_args(tmp_path, objective="power:10", max_steps=3, learning_rate=1e-2))
     trainer = ProbSFTTrainer(
         model=model, args=args, train_dataset=addition_dataset(32), processing_class=tokenizer, peft_config=lora
     )
@@ -286,7 +287,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, objective, schedule, stat
     assert len(one_logs) == len(two_logs) == one["max_steps"]
     keys = ["loss", "mean_token_prob", "nll", "grad_norm"]
     if schedule == "adaptive":
-        keys += ["objective_lambda", "ema_token_prob"] + (["sequence_top1_share"] if statistic == "sequence_top1" else [])
+        keys += ["objective_lambda", "schedule_signal_ema"] + (["sequence_top1_share"] if statistic == "sequence_top1" else [])
         if statistic == "per_source":
             keys += [f"{metric}/{source}" for metric in ("objective_lambda", "mean_token_prob") for source in ("add", "rev")]
             assert all(entry["objective_lambda/add"] != entry["objective_lambda/rev"] for entry in one_logs)
@@ -326,7 +327,7 @@ def test_cpu_training_flushes_subnormals_unless_opted_out(tmp_path, tokenizer, f
     torch.set_flush_denormal(False)
     assert _subnormals_survive()
     try:
-        args = ProbSFTConfig(**base_args(tmp_path, objective="p", max_steps=1, flush_denormal=flush))
+        args = ExperimentalSFTConfig(**base_args(tmp_path, objective="p", max_steps=1, flush_denormal=flush))
         trainer = ProbSFTTrainer(model=random_tiny_llama(seed=0), args=args, train_dataset=addition_dataset(8),
                                  processing_class=tokenizer)
         with caplog.at_level("INFO", logger="trl_prob.trainer"):

@@ -22,12 +22,25 @@ class RunArguments:
     summary: bool = field(
         default=False,
         metadata={
-            "help": "At the end of training, print what the run did: held-out exact match (greedy generate) and mean "
-            "target-token probability before and after, lambda at the first and last step, where the model, "
+            "help": "At the end of training, print what the run did: held-out greedy exact match (on 200 samples) and "
+            "mean target-token probability before and after, lambda at the first and last step, where the model, "
             "checkpoints and plot (written to OUTPUT_DIR/training.png) are; also saved to OUTPUT_DIR/summary.json. "
             "Needs prompt-completion data with a held-out split (--dataset_test_split)."
         },
     )
+    experimental: bool = field(
+        default=False,
+        metadata={
+            "help": "Parse with trl_prob.experimental's research knobs (more schedule signals and kinds, per-source "
+            "schedules, ...: `trl-prob sft --experimental --help`). None was shown to help on a real model."
+        },
+    )
+
+
+@dataclass
+class ExperimentalRunArguments(RunArguments):
+    """``--experimental`` run flags."""
+
     summary_samples: int | None = field(
         default=200, metadata={"help": "Held-out samples the summary measures (None: the whole split)."}
     )

@@ -23,7 +23,7 @@ import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 
-from .arguments import ProbeArguments, RunArguments  # noqa: F401  (the command's own flags; importable from here too)
+from .arguments import ExperimentalRunArguments, ProbeArguments, RunArguments  # noqa: F401  (the command's own flags)
 from .preflight import CLIError, bad_input, check_probe_inputs, check_run, load_data
 
 PROG = "trl-prob"
@@ -42,13 +42,41 @@ DESCRIPTIONS = {
 }
 
 
-def make_parser(command: str = "sft", prog: str | None = None):
-    """``trl/scripts/sft.py``'s parser with [`ProbSFTConfig`] for ``SFTConfig``, plus the command's own flags."""
+def wants_experimental(argv: Sequence[str]) -> bool:
+    """``--experimental`` on the command line (``--experimental``, ``--experimental true``) or ``experimental: true``
+    in the ``--config`` YAML: the parser then knows trl_prob.experimental's flags."""
+    argv = list(argv)
+    for i, flag in enumerate(argv):
+        if flag == "--experimental":
+            return i + 1 >= len(argv) or argv[i + 1].startswith("--") or argv[i + 1].lower() in ("true", "1", "yes")
+        if flag.startswith("--experimental="):
+            return flag.split("=", 1)[1].lower() in ("true", "1", "yes")
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import yaml
+
+        try:
+            with open(argv[argv.index("--config") + 1]) as f:
+                loaded = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            return False  # the parser reports the file itself
+        return isinstance(loaded, dict) and loaded.get("experimental") is True
+    return False
+
+
+def make_parser(command: str = "sft", prog: str | None = None, experimental: bool = False):
+    """``trl/scripts/sft.py``'s parser with [`ProbSFTConfig`] for ``SFTConfig``, plus the command's own flags;
+    ``experimental``: with :class:`trl_prob.experimental.ExperimentalSFTConfig` and its run flags."""
     from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
     from .config import ProbSFTConfig
     from .objectives import objective_help
+
+    run_arguments = RunArguments
+    if experimental:
+        from .experimental import ExperimentalSFTConfig as ProbSFTConfig  # noqa: N814  (registers the research rows)
+
+        run_arguments = ExperimentalRunArguments
 
     class Parser(TrlParser):
         def error(self, message: str):  # argparse would print a usage line naming every one of ~250 flags
@@ -57,7 +85,7 @@ def make_parser(command: str = "sft", prog: str | None = None):
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Defaults in the flag help (as HfArgumentParser does) and a hand-wrapped epilog."""
 
-    dataclass_types = (ScriptArguments, ProbSFTConfig, ModelConfig, DatasetMixtureConfig, RunArguments)
+    dataclass_types = (ScriptArguments, ProbSFTConfig, ModelConfig, DatasetMixtureConfig, run_arguments)
     parser = Parser(dataclass_types + ((ProbeArguments,) if command == "probe" else ()), prog=prog or f"{PROG} {command}",
                     description=DESCRIPTIONS[command], epilog=ACCELERATE_EPILOG, formatter_class=Formatter,
                     allow_abbrev=False)  # fmt: skip
@@ -78,7 +106,7 @@ def parse(command: str, argv: Sequence[str], **kwargs):
         # TRL's SFTConfig defaults `gradient_checkpointing=True`, which transformers 5 reports as a deprecated alias
         # of `activation_checkpointing` whenever the config is built: noise the user did not cause.
         warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
-        return make_parser(command).parse_args_and_config(list(argv), **kwargs)
+        return make_parser(command, experimental=wants_experimental(argv)).parse_args_and_config(list(argv), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- the script
@@ -106,11 +134,12 @@ def sft(script_args, training_args, model_args, dataset_args, run_args, probe_ar
         trainer = ProbSFTTrainer(model=model_args.model_name_or_path, args=training_args, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset, quantization_config=get_quantization_config(model_args),
                                  peft_config=get_peft_config(model_args),
-                                 callbacks=[rank_log_callback(run_args.rank_log_dir)] if run_args.rank_log_dir else None)
+                                 callbacks=[rank_log_callback(run_args.rank_log_dir)]
+                                 if getattr(run_args, "rank_log_dir", None) else None)  # fmt: skip
         if summary:
             from .summary import RunSummary
 
-            summary = RunSummary(trainer, num_samples=run_args.summary_samples, print_at_end=False,
+            summary = RunSummary(trainer, num_samples=getattr(run_args, "summary_samples", 200), print_at_end=False,
                                  split_name=f"{test_split!r}")  # fmt: skip
             trainer.add_callback(summary)
 
@@ -182,6 +211,8 @@ def end(trainer) -> None:
 # bitsandbytes logs this on import on CPUs with AVX512-BF16 when the optional `kernels` package is absent. peft imports
 # bitsandbytes at module level and transformers imports peft for every run, so every run would show it.
 BNB_KERNEL_LOGGER, BNB_KERNEL_WARNING = "bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"
+# Offline, the `kernels` package says first that it skips the trust check of that same bitsandbytes kernel.
+KERNELS_LOGGER, KERNELS_NOTICE = "kernels._internals.hf_hub", "kernels-community/quantization-bitsandbytes"
 # transformers' bitsandbytes optimizers (`--optim`): their names contain one of these.
 BITSANDBYTES_OPTIM_MARKS = ("bnb", "8bit", "paged", "lion", "ademamix")
 
@@ -205,14 +236,17 @@ class HeldKernelWarning(logging.Filter):
 
     def __enter__(self):
         self.held = []
-        logging.getLogger(BNB_KERNEL_LOGGER).addFilter(self)
+        for name in (BNB_KERNEL_LOGGER, KERNELS_LOGGER):
+            logging.getLogger(name).addFilter(self)
         return self
 
     def __exit__(self, *exc_info):
-        logging.getLogger(BNB_KERNEL_LOGGER).removeFilter(self)
+        for name in (BNB_KERNEL_LOGGER, KERNELS_LOGGER):
+            logging.getLogger(name).removeFilter(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith(BNB_KERNEL_WARNING):
+        message = record.getMessage()
+        if message.startswith(BNB_KERNEL_WARNING) or (record.name == KERNELS_LOGGER and KERNELS_NOTICE in message):
             self.held.append(record)
             return False
         return True
@@ -220,7 +254,7 @@ class HeldKernelWarning(logging.Filter):
     def release(self) -> None:
         self.__exit__()
         for record in self.held:
-            logging.getLogger(BNB_KERNEL_LOGGER).handle(record)
+            logging.getLogger(record.name).handle(record)
 
 
 # --------------------------------------------------------------------------------------------- per-process entry

@@ -21,7 +21,7 @@ from .head import TRL_SFT_OUTPUTS, HeadTokens, require, union
 from .loss import distributed_sum, objective_loss
 from .measure import Measurement, gather_rows, num_samples, per_sample_stats, sample_index
 from .objectives import get_objective
-from .schedules import SIGNALS, ProgressSchedule, Schedule, TokenGateSchedule, build_schedule
+from .schedules import SIGNALS, Schedule, build_schedule
 from .stats import LAMBDA_SUM, SourceStats, TokenProbStats
 
 NLL = get_objective("nll")
@@ -55,12 +55,9 @@ class ObjectiveHook:
         needs = {}
         if self.trains_objective:
             needs[f"objective {self.objective.spec!r}"] = self.objective.reads
-        if self.args.objective_schedule == "adaptive":
-            needs[f"schedule_signal={self.schedule.signal_name!r}"] = SIGNALS[self.schedule.signal_name].reads
-            if self.per_source is not None:
-                needs.update(self.per_source.needs())
-        if self.args.objective_schedule == "token_gate":
-            needs[f"schedule_token_gate={self.schedule.gate.name!r}"] = self.schedule.gate.reads
+        needs.update(self.schedule.needs())
+        if self.per_source is not None:
+            needs.update(self.per_source.needs())
         return needs
 
     @property
@@ -101,20 +98,19 @@ class ObjectiveHook:
         index = sample_index(batch, tokens.mask) if padding_free else None
         if self.per_source is not None and sources is None:
             raise RuntimeError("schedule_per_source: a batch came without its source ids (a custom collator?).")
+        # the seam: the lambda each token trains with (one float for the step, or one per token)
         if sources is not None:
             objective_lambda = self.per_source.token_lambdas(sources, index)
-        elif isinstance(self.schedule, TokenGateSchedule):
-            objective_lambda = self.schedule.token_lambdas(tokens)
         else:
-            objective_lambda = self.objective_lambda
+            objective_lambda = self.schedule.token_lambdas(tokens)
         loss, stats = objective_loss(
             tokens, objective, objective_lambda, self.args.schedule_mode, all_reduce=distributed_sum,
             sample_index=index, num_samples=num_samples(batch) if padding_free else None,
             sample_source=sources, num_sources=self.per_source.num_sources if sources is not None else 1,
         )  # fmt: skip
         if training:
-            if isinstance(self.schedule, TokenGateSchedule):  # the step's mean token lambda, in the same all-reduce
-                stats.sums[LAMBDA_SUM] = (objective_lambda.double() * tokens.mask).sum()
+            if sources is None and isinstance(objective_lambda, torch.Tensor):  # the step's mean token lambda, in the
+                stats.sums[LAMBDA_SUM] = (objective_lambda.double() * tokens.mask).sum()  # same all-reduce
             self.step_stats = stats if self.step_stats is None else self.step_stats + stats
             return loss
         # per sample, so that gather_for_metrics counts each evaluation sample once
@@ -133,13 +129,11 @@ class ObjectiveHook:
               steps_per_epoch: int | None = None) -> None:
         """Start the schedule(s) of a fresh run, warm-started from a measurement of the base model if given;
         ``steps_per_epoch`` tells the ``progress`` schedule which steps see fresh batches."""
-        if isinstance(self.schedule, ProgressSchedule):
-            self.schedule.fresh_steps = steps_per_epoch
         if warm is not None:
             self.schedule.warm_start(warm.stats)
             if self.per_source is not None:
                 self.per_source.warm_start(warm.sources)
-        self.schedule.begin(total_steps)
+        self.schedule.begin(total_steps, steps_per_epoch)
         if self.per_source is not None:
             self.per_source.begin(total_steps, device)
 
@@ -161,11 +155,8 @@ class ObjectiveHook:
         signal = SIGNALS[schedule.signal_name]
         if signal.metric is not None:
             metrics[signal.metric].append(schedule.signal(stats))
-        gated = isinstance(schedule, TokenGateSchedule)
-        if gated:
-            schedule.step(stats, stats.mean_lambda)
         if by_source is None:
-            metrics["objective_lambda"].append(schedule.value)
+            metrics["objective_lambda"].append(schedule.trained_lambda(stats))
         else:
             lambda_now = self.per_source.mean_lambda(by_source)  # what the step trained overall: its tokens' mean
             if lambda_now is not None:
@@ -173,11 +164,9 @@ class ObjectiveHook:
             self.per_source.log(by_source, metrics)
         if args.schedule_mode == "exponent" and by_source is None:
             metrics["objective_exponent"].append(schedule.value * self.objective.param)
-        if not gated:
-            schedule.step(stats)
+        schedule.step(stats)
         ema = schedule.p_ema if schedule.p_ema is not None else math.nan
         metrics["schedule_signal_ema"].append(ema)
-        metrics["ema_token_prob"].append(ema)  # the old name of schedule_signal_ema, logged beside it this release
         if by_source is not None:
             self.per_source.step(by_source, device)
 

@@ -170,7 +170,7 @@ def _load_dataset(script_args):
 def _load_mixture(dataset_args, training_args):
     """TRL's ``get_dataset`` of the ``datasets:`` mixture; with per-source schedules, each row also carries its source in
     ``--source_column``: the entry's name where the data have no such column (:func:`trl_prob.sources.load_mixture`)."""
-    if not training_args.schedule_per_source:
+    if not getattr(training_args, "schedule_per_source", False):
         from trl import get_dataset
 
         return get_dataset(dataset_args)

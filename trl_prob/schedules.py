@@ -5,12 +5,16 @@ returns lambda for the next step, ``state_dict()`` / ``load_state_dict()`` carry
 nothing about trainers: it takes the step's target-token statistics (:class:`~trl_prob.stats.TokenProbStats`).
 
 - ``none``: lambda = 1, the target objective alone.
-- ``constant``: lambda = ``objective_lambda``.
-- ``linear`` / ``cosine``: lambda rises from 0 to 1 over the first ``warmup_ratio`` of the optimizer steps.
+- ``constant``: lambda = ``schedule_constant_lambda``.
+- ``linear``: lambda rises from 0 to 1 over the first ``warmup_ratio`` of the optimizer steps.
 - ``adaptive``: lambda = clip((ema - low) / (high - low), 0, 1), where ema is an exponential moving average of a
   per-step signal of the model's confidence on the target tokens (:data:`SIGNALS`), read on the ramp low -> high.
   The paper's finding, made dynamic: NLL while the model is weak on the data, the prior-leaning objective once it
   is confident.
+
+The research kinds (``cosine``, ``token_gate``, ``progress``) register themselves from :mod:`trl_prob.experimental`:
+a kind is one :func:`register_schedule` call, built from the config by its own :meth:`Schedule.from_args`, and gives
+each token its lambda through :meth:`Schedule.token_lambdas` (the seam the loss reads), so nothing here branches on it.
 
 Every schedule keeps the signal's moving average (``p_ema`` in its state, logged as ``schedule_signal_ema``). Two ways to apply lambda (``schedule_mode``):
 ``blend`` trains (1 - lambda) nll + lambda target; ``exponent`` trains ``power:(lambda k)`` for a ``power:k``
@@ -78,34 +82,12 @@ def unregister_signal(name: str) -> None:
 for _signal in (
     Signal("mean", lambda stats: stats.mean_p, "mean target-token p, the paper's capability proxy (its Eq. 5)",
            title="mean target-token p"),
-    Signal("median", lambda stats: stats.median_p, "median target-token p", metric="median_token_prob",
-           title="median target-token p"),
-    Signal("share_confident", lambda stats: stats.share_confident,
-           "share of target tokens with p > 0.55 (the paper's cut-off)", metric="confident_token_share",
-           title="share of target tokens with p > 0.55"),
-    Signal("geomean", lambda stats: stats.geometric_mean_p,
-           "geometric mean of p, exp(-NLL): dominated by the hardest tokens", metric="geomean_token_prob",
-           title="geometric mean target-token p"),
-    Signal("p25", lambda stats: stats.quantile(0.25),
-           "25th percentile of p: where the hard quarter of the tokens stands", metric="p25_token_prob",
-           title="25th percentile of target-token p"),
     Signal("token_top1", lambda stats: stats.token_top1_share,
            "share of target tokens that are the model's top-1 choice", metric="token_top1_share",
            reads=("log_probs", "is_top1"), title="share of target tokens ranked first"),
-    Signal("sequence_top1", lambda stats: stats.sequence_top1_share,
-           "share of completions whose every target token is the model's top-1 (teacher-forced exact match)",
-           ramp_low=0.20, ramp_high=0.50, metric="sequence_top1_share", reads=("log_probs", "is_top1"),
-           title="share of completions ranked first throughout"),
-    Signal("token_top1_clean", lambda stats: stats.token_top1_share_without_conflicts,
-           "token_top1 over the target tokens that are not confident conflicts (the model puts sum_v p_v^2 >= 0.5 "
-           "on another token): noisy labels a capable model contradicts do not hold the signal down",
-           metric="token_top1_share_without_conflicts", reads=("log_probs", "is_top1", "log_sum_sq_probs"),
-           title="share of non-conflicting target tokens ranked first"),
-    Signal("confidence", lambda stats: stats.mean_sum_sq_probs,
-           "mean sum_v p_v^2 over target positions: how concentrated the model's predictions are, right or wrong",
-           metric="mean_sum_sq_probs", reads=("log_probs", "log_sum_sq_probs"), title="mean sum_v p_v^2"),
 ):
     register_signal(_signal)
+# More signals (median, geomean, p25, sequence_top1, ...) are research rows: `import trl_prob.experimental`.
 # The adaptive schedule's default signal: first by benchmarks/signals.py's selection rule (benchmarks/README.md).
 DEFAULT_SIGNAL = "token_top1"
 
@@ -172,6 +154,24 @@ class Schedule:
 
     initial_value: ClassVar[float] = 0.0  # lambda before training begins (e.g. an evaluation before train())
 
+    @classmethod
+    def from_args(cls, args, **common) -> Schedule:
+        """This kind built from a [`ProbSFTConfig`]; ``common`` holds signal, ema_decay and monotone."""
+        return cls(**common)
+
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        """The fused head's outputs this schedule reads per token, by who reads them (none by default)."""
+        return {}
+
+    def token_lambdas(self, tokens):
+        """The lambda each target token of a micro-batch trains with: one float for the whole step (this default), or a
+        ``[batch, seq]`` tensor (the hook then adds the step's mean token lambda to the statistics it all-reduces)."""
+        return self.value
+
+    def trained_lambda(self, stats: TokenProbStats) -> float:
+        """The lambda the finished step trained with, for the logs (read before :meth:`step`)."""
+        return self.value
+
     def lambda_now(self) -> float:
         """Lambda after ``last_step`` completed steps, before the monotone hold."""
         raise NotImplementedError
@@ -184,8 +184,9 @@ class Schedule:
         self.p_ema = self.signal(stats)
         self.warm_started = True
 
-    def begin(self, total_steps: int) -> float:
-        """Lambda of the first optimizer step of a fresh run over ``total_steps`` steps."""
+    def begin(self, total_steps: int, steps_per_epoch: int | None = None) -> float:
+        """Lambda of the first optimizer step of a fresh run over ``total_steps`` steps (``steps_per_epoch`` for kinds
+        that tell fresh batches from repeated ones)."""
         self.total_steps = total_steps
         self.value = self._held(self.lambda_now(), previous=0.0)
         return self.value
@@ -241,16 +242,20 @@ class NoSchedule(Schedule):
 
 
 class ConstantSchedule(Schedule):
-    """A fixed blend ``objective_lambda``."""
+    """A fixed blend: lambda = ``constant_lambda`` throughout (``schedule_constant_lambda``)."""
 
     name = "constant"
 
-    def __init__(self, objective_lambda: float = 1.0, **kwargs):
-        self.objective_lambda = objective_lambda
+    def __init__(self, constant_lambda: float = 1.0, **kwargs):
+        self.constant_lambda = constant_lambda
         super().__init__(**kwargs)
 
+    @classmethod
+    def from_args(cls, args, **common) -> Schedule:
+        return cls(constant_lambda=args.schedule_constant_lambda, **common)
+
     def lambda_now(self) -> float:
-        return self.objective_lambda
+        return self.constant_lambda
 
 
 class WarmupSchedule(Schedule):
@@ -262,12 +267,13 @@ class WarmupSchedule(Schedule):
         self.warmup_ratio, self.start = warmup_ratio, start
         super().__init__(**kwargs)
 
+    @classmethod
+    def from_args(cls, args, **common) -> Schedule:
+        # a late start is a research knob (trl_prob.experimental); the product ramp starts at step 0
+        return cls(warmup_ratio=args.schedule_warmup_ratio, start=getattr(args, "schedule_warmup_start", 0.0), **common)
+
     def lambda_now(self) -> float:
         return warmup_lambda(self.last_step, self.total_steps, self.warmup_ratio, self.name, self.start)
-
-
-class CosineSchedule(WarmupSchedule):
-    name = "cosine"
 
 
 class AdaptiveSchedule(Schedule):
@@ -280,133 +286,39 @@ class AdaptiveSchedule(Schedule):
         self.ramp_low, self.ramp_high = ramp_low, ramp_high
         super().__init__(**kwargs)
 
+    @classmethod
+    def from_args(cls, args, **common) -> Schedule:
+        return cls(ramp_low=args.schedule_ramp_low, ramp_high=args.schedule_ramp_high, **common)
+
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        return {f"schedule_signal={self.signal_name!r}": SIGNALS[self.signal_name].reads}
+
     def lambda_now(self) -> float:
         if self.p_ema is None or math.isnan(self.p_ema):
             return 0.0  # nothing measured yet: NLL
         return adaptive_lambda(self.p_ema, self.ramp_low, self.ramp_high)
 
 
-@dataclass(frozen=True)
-class TokenGate:
-    """A per-token confidence the ``token_gate`` schedule reads, from the fused head's outputs for that token."""
-
-    name: str
-    read: Callable  # HeadTokens -> [batch, seq] tensor in [0, 1], detached
-    reads: tuple[str, ...]
-    help: str
+SCHEDULES: dict[str, type[Schedule]] = {}
 
 
-TOKEN_GATES: dict[str, TokenGate] = {
-    gate.name: gate
-    for gate in (
-        TokenGate("sum_sq", lambda tokens: tokens.sum_sq_probs, ("log_probs", "log_sum_sq_probs"),
-                  "the token's sum_v p_v^2 (1/V when the prediction is flat, 1 when certain)"),
-        TokenGate("certainty", lambda tokens: 1.0 - tokens.normalised_entropy, ("log_probs", "entropy"),
-                  "1 - H / ln V of the token's prediction"),
-    )
-}
+def register_schedule(cls: type[Schedule]) -> type[Schedule]:
+    """Add a schedule kind to the registry (its name must be free); the config and the CLI help read the registry."""
+    if cls.name in SCHEDULES:
+        raise ValueError(f"Schedule {cls.name!r} already registered.")
+    SCHEDULES[cls.name] = cls
+    return cls
 
 
-class TokenGateSchedule(Schedule):
-    """Each token's own lambda from its own confidence c (:data:`TOKEN_GATES`): clip((c - low) / (high - low), 0, 1).
-
-    No run-wide lambda: a token the model is unsure of trains NLL, one it is confident about (right or, for a noisy
-    label, wrong) trains the objective, in the same batch. :attr:`value` is the last step's mean token lambda (for
-    logs); the loss reads :meth:`token_lambdas`.
-    """
-
-    name = "token_gate"
-
-    def __init__(self, gate: str = "sum_sq", ramp_low: float = DEFAULT_RAMP[0], ramp_high: float = DEFAULT_RAMP[1],
-                 **kwargs):
-        self.gate, self.ramp_low, self.ramp_high = TOKEN_GATES[gate], ramp_low, ramp_high
-        super().__init__(**kwargs)
-
-    def token_lambdas(self, tokens):
-        import torch
-
-        c = self.gate.read(tokens).float()
-        return torch.clamp((c - self.ramp_low) / (self.ramp_high - self.ramp_low), 0.0, 1.0)
-
-    def lambda_now(self) -> float:
-        return self.value  # set from the step's tokens by the trainer's hook
-
-    def step(self, stats: TokenProbStats, mean_lambda: float | None = None) -> float:
-        self.p_ema = ema_update(self.p_ema, self.signal(stats), self.ema_decay)
-        self.last_step += 1
-        if mean_lambda is not None and not math.isnan(mean_lambda):
-            self.value = mean_lambda
-        return self.value
-
-
-class ProgressSchedule(Schedule):
-    """NLL while the model still learns from fresh data, then toward the objective: learning progress as the signal.
-
-    During the first epoch each optimizer step's NLL is measured on a batch the model has not trained on yet (before
-    its update). Its moving average (``ema_decay``) is compared with its value ``window`` steps earlier: lambda =
-    clip(1 - r / threshold, 0, 1) with r the relative fall, so lambda stays 0 while the NLL on fresh batches falls by
-    ``threshold`` or more per window and reaches 1 when it has stopped falling. After the first epoch the batches are
-    no longer fresh: lambda holds. Lambda never decreases.
-    """
-
-    name = "progress"
-
-    def __init__(self, window: int = 50, threshold: float = 0.05, fresh_steps: int | None = None, **kwargs):
-        self.window, self.threshold, self.fresh_steps = window, threshold, fresh_steps
-        self.nll_ema: float | None = None
-        self.history: list[float] = []  # the moving average at each of the last `window` steps
-        super().__init__(**kwargs)
-
-    def lambda_now(self) -> float:
-        return self.value if self.last_step else 0.0
-
-    def step(self, stats: TokenProbStats) -> float:
-        self.p_ema = ema_update(self.p_ema, self.signal(stats), self.ema_decay)
-        self.last_step += 1
-        if self.fresh_steps is None or self.last_step <= self.fresh_steps:
-            self.nll_ema = ema_update(self.nll_ema, stats.nll, self.ema_decay)
-            if len(self.history) >= self.window and self.nll_ema is not None and not math.isnan(self.nll_ema):
-                before = self.history[-self.window]
-                fall = (before - self.nll_ema) / before if before > 0 else 0.0
-                self.value = max(self.value, ramp(1.0 - fall / self.threshold))
-            self.history = (self.history + [self.nll_ema])[-self.window:]
-        return self.value
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "nll_ema": self.nll_ema, "history": list(self.history)}
-
-    def load_state_dict(self, state: Any) -> None:
-        super().load_state_dict(state)
-        history = state.get("history", [])
-        if not isinstance(history, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                    for x in history):  # fmt: skip
-            raise ScheduleStateError(f"history must be a list of numbers, got {history!r}")
-        nll_ema = state.get("nll_ema")
-        if nll_ema is not None and (isinstance(nll_ema, bool) or not isinstance(nll_ema, (int, float))):
-            raise ScheduleStateError(f"nll_ema must be null or a number, got {nll_ema!r}")
-        self.history, self.nll_ema = [float(x) for x in history], None if nll_ema is None else float(nll_ema)
-
-
-SCHEDULES: dict[str, type[Schedule]] = {
-    cls.name: cls
-    for cls in (NoSchedule, ConstantSchedule, WarmupSchedule, CosineSchedule, AdaptiveSchedule, TokenGateSchedule,
-                ProgressSchedule)
-}
+for _kind in (NoSchedule, ConstantSchedule, WarmupSchedule, AdaptiveSchedule):
+    register_schedule(_kind)
 
 
 def build_schedule(args) -> Schedule:
     """The schedule a [`ProbSFTConfig`] asks for."""
-    common = dict(signal=args.schedule_signal, ema_decay=args.schedule_ema_decay, monotone=args.schedule_monotone)
     kind = args.objective_schedule
     if kind not in SCHEDULES:
         raise ValueError(f"Unknown objective schedule {kind!r}; allowed: {', '.join(SCHEDULES)}.")
-    specific = {
-        "constant": dict(objective_lambda=args.objective_lambda),
-        "linear": dict(warmup_ratio=args.schedule_warmup_ratio, start=args.schedule_warmup_start),
-        "cosine": dict(warmup_ratio=args.schedule_warmup_ratio, start=args.schedule_warmup_start),
-        "adaptive": dict(ramp_low=args.schedule_ramp_low, ramp_high=args.schedule_ramp_high),
-        "token_gate": dict(gate=args.schedule_token_gate, ramp_low=args.schedule_ramp_low,
-                           ramp_high=args.schedule_ramp_high),
-        "progress": dict(window=args.schedule_progress_window, threshold=args.schedule_progress_threshold),
-    }.get(kind, {})
-    return SCHEDULES[kind](**specific, **common)
+    common = dict(signal=args.schedule_signal, ema_decay=args.schedule_ema_decay,
+                  monotone=getattr(args, "schedule_monotone", False))  # fmt: skip
+    return SCHEDULES[kind].from_args(args, **common)

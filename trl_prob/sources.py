@@ -94,7 +94,7 @@ def with_source_ids(dataset, column: str, sources: list[str], dataset_name: str 
 def tag_sources(args, train, evaluation):
     """Per-source runs: the run's sources from the training data, and every raw dataset with its integer
     :data:`SOURCE_ID` column (TRL's preparation keeps it). Returns ``(sources, train, evaluation)``."""
-    from .config import check_source_names
+    from .experimental.config import check_source_names
 
     if train is None:
         raise ValueError("schedule_per_source needs a train_dataset (the sources are read from it).")
@@ -296,14 +296,14 @@ class SourceLambdas:
 
         def make(name: str):
             if name in fixed:
-                return ConstantSchedule(objective_lambda=fixed[name], signal=args.schedule_signal,
+                return ConstantSchedule(constant_lambda=fixed[name], signal=args.schedule_signal,
                                         ema_decay=args.schedule_ema_decay)  # fmt: skip
             if name in signals:  # its own signal, on that signal's ramp unless the run gave one
                 signal = SIGNALS[signals[name]]
                 return AdaptiveSchedule(
                     ramp_low=signal.ramp_low if low_given is None else low_given,
                     ramp_high=signal.ramp_high if high_given is None else high_given,
-                    signal=signal.name, ema_decay=args.schedule_ema_decay, monotone=args.schedule_monotone,
+                    signal=signal.name, ema_decay=args.schedule_ema_decay, monotone=getattr(args, "schedule_monotone", False),
                 )  # fmt: skip
             return build_schedule(args)
 

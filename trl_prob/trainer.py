@@ -93,7 +93,7 @@ class ProbObjectiveMixin:
         check_assistant_only(config, named.get("processing_class"))
         self.sources: list[str] | None = None  # per-source runs: the data sources, in statistics-row order
         per_source = None
-        if config.schedule_per_source:
+        if getattr(config, "schedule_per_source", False):  # trl_prob.experimental
             self.sources, named["train_dataset"], named["eval_dataset"] = tag_sources(config, raw_train, raw_eval)
             per_source = SourceLambdas(config, self.sources)
         self.objective_hook = ObjectiveHook(config, per_source)
@@ -192,9 +192,11 @@ class ProbObjectiveMixin:
         """Before step 1 (the callback's ``on_train_begin``): refuse a forward that lacks an output the run reads, then
         start the schedule from the checkpoint, from a warm start, or afresh."""
         args, hook = self.args, self.objective_hook
-        if args.flush_denormal and args.device.type == "cpu" and torch.set_flush_denormal(True):
-            logger.info("trl-prob: subnormal floats flushed to zero on CPU (pass --flush_denormal false to keep them).")
-        warm = hook.schedule.warm_starts and args.schedule_warm_start and self._resume is None
+        # p-weighted objectives make the head's backward compute on subnormals, which x86 CPUs do in slow microcode
+        # (2x the step time, benchmarks/README.md): flushed to zero, as GPUs do in hardware
+        if getattr(args, "flush_denormal", True) and args.device.type == "cpu" and torch.set_flush_denormal(True):
+            logger.info("trl-prob: subnormal floats flushed to zero on CPU.")
+        warm = hook.schedule.warm_starts and args.schedule_warm_start_samples > 0 and self._resume is None
         measured = None
         if warm:  # the measurement checks the head's outputs; without one, the first micro-batch does, before step 1
             logger.info("trl-prob warm start: measuring the model on %d training samples", args.schedule_warm_start_samples)
