@@ -306,9 +306,9 @@ class ProbeReport:
             ),
             ("note", "note", self.note),
             ("", "", ""),
-            ("recommended", "recommended_flags", self.recommended_flags),
-            ("why", "reason", self.reason),
-            ("or, without choosing", "auto", self.auto),
+            ("recommended", "auto", self.auto),
+            ("the paper's rule here", "recommended_flags", self.recommended_flags),
+            ("why (paper)", "reason", self.reason),
             ("", "", ""),
         ]
         if self.sources:
