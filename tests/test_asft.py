@@ -126,12 +126,20 @@ def test_lora_loss_and_gradient_match_full_logits_reference(tmp_path, tokenizer,
     inputs = first_batch(trainer)
     assert (inputs["attention_mask"] == 0).any(), "the batch should contain padding"
 
+    # each backbone pass: grad enabled?, adapters disabled?, training mode? (the model's, then the reference's)
+    lora_layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    passes = []
+    backbone = trainer.asft_reference.backbone
+    handle = backbone.register_forward_hook(lambda *a: passes.append(
+        (torch.is_grad_enabled(), lora_layer.disable_adapters, backbone.training)))  # fmt: skip
     model.zero_grad()
     loss = trainer.compute_loss(model, dict(inputs))
     loss.backward()
+    handle.remove()
     ours = grads(model)
+    assert passes == [(True, False, True), (False, True, False)]
     assert trainer.asft_reference.reference_passes == 1
-    assert adapters_enabled(model)  # enabled again after the reference pass
+    assert adapters_enabled(model) and backbone.training  # enabled again, train mode again, after the reference pass
 
     model.zero_grad()
     want, kl = full_logits_loss(model, inputs, alpha, disabled_adapters(model), lam)

@@ -28,6 +28,7 @@ from dataclasses import replace
 
 import torch
 import transformers
+from torch.distributed.tensor import DTensor
 from accelerate.utils import is_peft_model
 from packaging.version import Version
 
@@ -82,6 +83,9 @@ def chunked_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, scale=1.0
 
     if hidden.shape[0] == 0:  # no target token: a zero that stays connected to the graph
         return hidden.sum(-1).float() * 0.0
+    # FSDP2 shards the heads into DTensors: gathered once here, as TRL's fused head and distillation loss do
+    weight, bias, ref_weight, ref_bias = (x.full_tensor() if isinstance(x, DTensor) else x
+                                          for x in (weight, bias, ref_weight, ref_bias))  # fmt: skip
     kl, _ = ChunkedDivergenceFunction.apply(
         hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(),
         0.0, 1.0, scale, softcap, ref_scale, ref_softcap,
@@ -138,7 +142,8 @@ class AsftReference:
         self._handle.remove()
 
     def _capture(self, module, args, kwargs, output):
-        if not self._in_reference:
+        # only inside the trainer's compute_loss (not generate(), whose forwards the outer hook never sees)
+        if not self._in_reference and self.active():
             self._captured = (args, kwargs, output.last_hidden_state)
 
     def take(self):
