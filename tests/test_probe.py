@@ -337,7 +337,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
 
     out, num_samples = sys.argv[1], int(sys.argv[2])
     path = default_model_path()
-    args = ExperimentalSFTConfig(output_dir=os.path.join(os.path.dirname(out), "run"), use_cpu=True, report_to="none",
+    args = ProbSFTConfig(output_dir=os.path.join(os.path.dirname(out), "run"), use_cpu=True, report_to="none",
                          per_device_eval_batch_size=4, disable_tqdm=True, save_strategy="no", seed=0)
     trainer = ProbSFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=args,
                              train_dataset=load_dataset(default_dataset_path())["train"],
