@@ -150,6 +150,30 @@ def test_lora_loss_and_gradient_match_full_logits_reference(tmp_path, tokenizer,
     assert_grads_close(ours, grads(model))
 
 
+def test_per_token_kl_lines_up_with_trls_positions_shifted_or_not(tmp_path, tokenizer):
+    """Per token, the KL equals the full-logits KL at the position TRL scores: ``hidden[:, :-1]`` against
+    ``labels[:, 1:]``, or, with pre-shifted ``shift_labels`` (context parallelism), every position unshifted."""
+    trainer = make_trainer(tmp_path, tokenizer, perturbed_lora(random_tiny_llama(seed=1)))
+    model, reference = trainer.model, trainer.asft_reference
+    inputs = first_batch(trainer)
+    ids, attention = inputs["input_ids"], inputs["attention_mask"]
+    mask = inputs["labels"][:, 1:] != -100
+    reference.active = lambda: True
+    with torch.no_grad():
+        reference.backbone(input_ids=ids, attention_mask=attention)
+        captured = reference.take()
+        kl = reference.kl(mask, captured, shifted=False)
+        kl_shifted = reference.kl(torch.nn.functional.pad(mask, (0, 1)), captured, shifted=True)
+        log_p = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
+        log_q = disabled_adapters(model)(ids, attention)[:, :-1].float().log_softmax(-1)
+    want = (log_q.exp() * (log_q - log_p)).sum(-1) * mask
+    assert want[mask].min() > 0
+    torch.testing.assert_close(kl, want, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(kl_shifted[:, :-1], kl, rtol=1e-5, atol=1e-8)
+    assert (kl_shifted[:, -1] == 0).all() and (kl[~mask] == 0).all()
+    assert adapters_enabled(model)
+
+
 def test_trained_head_copy_is_not_the_reference(tmp_path, tokenizer):
     """``modules_to_save=["lm_head"]``: p reads the trained copy of the head, q the original one (PEFT disables the copy
     with the adapters). TRL refuses a LoRA on lm_head itself."""
