@@ -384,7 +384,8 @@ def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
     else:
         assert f"{AUTO_SETTINGS['objective']} throughout" in result.stdout  # a fixed objective, said in the summary
     for text in ("exact match", "mean target p", "lambda" if scheduled else "throughout", f"model        {output_dir}",
-                 "checkpoints  none", f"plot         {output_dir / 'training.png'}"):  # fmt: skip
+                 f"summary      {output_dir / 'summary.json'}", "checkpoints  none",
+                 f"plot         {output_dir / 'training.png'}", "on the paper's continuum"):  # fmt: skip
         assert text in result.stdout, result.stdout[-2000:]
     assert (output_dir / "training.png").read_bytes()[:4] == b"\x89PNG"
     assert (output_dir / "adapter_model.safetensors").is_file()

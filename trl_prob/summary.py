@@ -159,8 +159,16 @@ class RunSummary(TrainerCallback):
         }
 
     def on_train_begin(self, args, state, control, **kwargs):
+        from .probe import place_on_continuum
+
         n = len(self.dataset) if self.num_samples is None else min(self.num_samples, len(self.dataset))
-        self.result = {"num_samples": n, "before": self.measure(), "lambda": {}}
+        before = self.measure()
+        before["continuum"] = place_on_continuum(before["mean_token_prob"])  # the probe's placement, on held-out data
+        self.result = {"num_samples": n, "before": before, "lambda": {}}
+        if self.trainer.is_world_process_zero():
+            print(f"trl-prob: before training, on {n} {self.split_name} samples: exact match "
+                  f"{before['exact_match']:.3f}, mean target p {before['mean_token_prob']:.3f}: {before['continuum']} "
+                  "on the paper's continuum (trl-prob probe's placement)", flush=True)  # fmt: skip
 
     def on_step_begin(self, args, state, control, **kwargs):
         schedule = getattr(self.trainer, "schedule", None)
@@ -208,6 +216,7 @@ class RunSummary(TrainerCallback):
                 key=lambda d: int(d[11:]),
             ) if os.path.isdir(output_dir) else []  # fmt: skip
             lines.append(f"  model        {output_dir}")
+            lines.append(f"  summary      {os.path.join(output_dir, SUMMARY_FILE)}")
             lines.append(
                 f"  checkpoints  {', '.join(os.path.join(output_dir, c) for c in checkpoints) if checkpoints else 'none'}"
             )
