@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from _asft_train import perturbed_lora
-from _launch import accelerate_launch, python, TESTS
+from _launch import TESTS, accelerate_launch, python
 from addition import random_tiny_llama
 from conftest import addition_dataset, base_args
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
@@ -210,6 +210,22 @@ def test_full_fine_tuning_without_a_reference_is_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="--ref_model_name_or_path") as error:
         make_trainer(tmp_path, tokenizer, random_tiny_llama(seed=1), objective="asft")
     assert len(str(error.value).splitlines()) == 1
+
+
+def test_cli_full_fine_tuning_without_a_reference_is_one_line(tmp_path, capsys):
+    from trl_prob.embedded import default_dataset_path, default_model_path
+
+    from trl_prob import cli
+
+    status = cli.main(["sft", "--model_name_or_path", default_model_path(), "--dataset_name", default_dataset_path(),
+                       "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--output_dir", str(tmp_path),
+                       "--objective", "asft", "--max_steps", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    # the model loads first (its progress bar may come before): the error is the one last line, no traceback
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]
+    assert status != 0 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("trl-prob sft: error: ") and "--ref_model_name_or_path" in lines[0], lines[0]
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoint-1"))
 
 
 def test_reference_for_another_objective_is_refused(tmp_path, tokenizer):
