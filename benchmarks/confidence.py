@@ -42,11 +42,11 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+import signals
+import sources
+from common import RunLog, average_ranks, mean_se, paired_difference, rank_by_rule, weights_sha256
 
-import signals  # noqa: E402
-import sources  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULT = "adaptive:token_top1"  # today's default: objective="p", objective_schedule="adaptive", signal token_top1
 FIXED = ["nll", "p", "deft", "deft_cayley", "eaft:1"]
@@ -104,17 +104,6 @@ def job_id(r) -> tuple:
     return task_key(r) + (r["objective"], r["seed"])
 
 
-def weights_sha256(model_dir: str) -> str:
-    """The first 16 hex digits of the SHA-256 of a base's weight files."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(n for n in os.listdir(model_dir) if n.endswith((".safetensors", ".bin"))):
-        with open(os.path.join(model_dir, name), "rb") as f:
-            digest.update(f.read())
-    return digest.hexdigest()[:16]
-
-
 def same_base(run, current_sha: str, legacy_ok: bool) -> bool:
     """Whether a recorded run trained from the base built here. Bases are pretrained again on each machine, and
     floating point differs between CPUs, so a base can come out at another strength (add2 strong: 0.826 test exact
@@ -138,10 +127,6 @@ def run_job(job):
 # ------------------------------------------------------------------------------------------------------------------
 # Cells and the selection rule
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def mean_se(xs):
-    return signals.mean_se(xs)
 
 
 def collect(runs):
@@ -182,20 +167,6 @@ def build_table(acc, row_keys, eligible=ELIGIBLE, extra=HINDSIGHT, min_seeds=MIN
     return table
 
 
-def _average_ranks(values: dict) -> dict:
-    """Rank 1 = highest; ties share their average rank."""
-    order = sorted(values, key=lambda c: -values[c])
-    ranks, i = {}, 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for c in order[i:j + 1]:
-            ranks[c] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 def apply_rule(table, eligible=ELIGIBLE, fixed=FIXED, default=DEFAULT):
     """The rule of benchmarks/README.md ("Confidence-aware candidates and `--objective auto`").
 
@@ -215,7 +186,7 @@ def apply_rule(table, eligible=ELIGIBLE, fixed=FIXED, default=DEFAULT):
         rows_used.append(row["row"])
         best = max(fixed, key=lambda f: res[f]["mean"])
         b = res[best]
-        ranks = _average_ranks({c: res[c]["mean"] for c in eligible})
+        ranks = average_ranks({c: res[c]["mean"] for c in eligible})
         for c in eligible:
             r = res[c]
             se = math.hypot(b["se"], r["se"])
@@ -231,8 +202,7 @@ def apply_rule(table, eligible=ELIGIBLE, fixed=FIXED, default=DEFAULT):
     for c in eligible:
         per[c]["mean_rank"] = statistics.fmean(per[c]["ranks"]) if per[c]["ranks"] else None
         per[c]["meets_goal"] = not per[c]["behind"] and bool(per[c]["ahead_of_every_fixed"])
-    ranking = sorted(eligible, key=lambda c: (len(per[c]["behind"]), -len(per[c]["ahead"]),
-                                              per[c]["mean_rank"] if per[c]["mean_rank"] is not None else 1e9))
+    ranking = rank_by_rule({c: per[c] for c in eligible})
     first = ranking[0]
     nb, nd = len(per[first]["behind"]), len(per[default]["behind"])
     better = nb < nd or (nb == nd and len(per[first]["ahead"]) > len(per[default]["ahead"]))
@@ -248,9 +218,7 @@ def paired(acc, key, a, b, only=None):
     seeds = sorted(set(xa) & set(xb) & (set(only) if only else set(xa)))
     if not seeds:
         return None
-    d = [xa[s] - xb[s] for s in seeds]
-    m, se = mean_se(d)
-    return dict(mean=m, se=se, n=len(d), a_ahead=sum(x > 0 for x in d), b_ahead=sum(x < 0 for x in d))
+    return paired_difference([xa[s] for s in seeds], [xb[s] for s in seeds])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -400,10 +368,7 @@ def plot(table, path):
 
 
 def load_runs(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return RunLog(path, key=job_id).runs
 
 
 def main(argv=None):
@@ -552,14 +517,13 @@ def main(argv=None):
         todo, args.reuse = [], False
     pool = None if args.summarise_only else mp.get_context("spawn").Pool(
         args.workers, initializer=signals._init_worker, initargs=(1, evaluation))
-    log = open(runs_path, "a")
+    log = RunLog(runs_path, key=job_id)
 
     def record(r, note=None):
         r = dict(r, base_sha256=base_sha[row_of(r)], **(note or {}))
         done.append(r)
         finished.add(job_id(r))
-        log.write(json.dumps(r) + "\n")
-        log.flush()
+        log.add(r)
 
     if args.reuse:
         # Only rows whose base measures exactly as it did then (probe mean p, base test accuracy) can reuse runs.
@@ -626,7 +590,6 @@ def main(argv=None):
     if pool is not None:
         pool.close()
         pool.join()
-    log.close()
 
     acc = collect(done)
     table = build_table(acc, row_keys)

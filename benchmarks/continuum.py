@@ -32,6 +32,8 @@ import warnings
 
 import torch
 
+from common import mean_se
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OBJECTIVES = ["nll", "p", "power:10", "top_p:0.2", "adaptive"]
 # Clean-validation accuracy at which each base is snapshotted during one pretraining run ("none" is the random init).
@@ -55,7 +57,7 @@ def _quiet():
 
 def _config_option(text: str) -> tuple[str, object]:
     """``FIELD=VALUE`` for ProbSFTConfig; the value is read as JSON when it parses (numbers, true/false)."""
-    from trl_prob import ProbSFTConfig
+    from trl_prob.experimental import ExperimentalSFTConfig as ProbSFTConfig  # the research knobs
 
     field, sep, value = text.partition("=")
     if not sep or field not in ProbSFTConfig.__dataclass_fields__:
@@ -134,7 +136,9 @@ def run_one(job):
     from datasets import Dataset
     from transformers import LlamaForCausalLM, TrainerCallback
 
-    from trl_prob import ProbSFTConfig, ProbSFTTrainer
+    from trl_prob import ProbSFTTrainer
+
+    from trl_prob.experimental import ExperimentalSFTConfig as ProbSFTConfig  # the research knobs
     from addition import exact_match_accuracy
 
     tok, val, test = _WORKER["tok"], _WORKER["val"], _WORKER["test"]
@@ -206,13 +210,6 @@ def best_learning_rates(first_runs, k):
         groups.setdefault((r["base"], r["noise"], r["objective"]), []).append(r)
     return {key + (r["lr"],) for key, group in groups.items()
             for r in sorted(group, key=lambda r: (-r["val_acc"], r["lr"]))[:k]}
-
-
-def mean_se(xs):
-    """Mean and standard error of the mean (0 for a single seed: no spread measured)."""
-    m = statistics.fmean(xs)
-    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
-    return m, se
 
 
 def summarise(runs, cells, args, base_info):

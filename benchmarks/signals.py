@@ -48,8 +48,9 @@ import time
 
 import torch
 
+from common import RunLog, mean_se
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
 FAMILIES = {
     "add2": dict(digits=2, scaffold=False, max_new_tokens=6),
@@ -156,7 +157,8 @@ def run_one(job):
     from transformers import LlamaForCausalLM, TrainerCallback
 
     from addition import exact_match_accuracy
-    from trl_prob import ProbSFTConfig, ProbSFTTrainer
+    from trl_prob import ProbSFTTrainer
+    from trl_prob.experimental import ExperimentalSFTConfig as ProbSFTConfig  # the research knobs
 
     tok = _WORKER["tok"]
     val, test = _WORKER["evaluation"][job["family"]]
@@ -211,11 +213,6 @@ def run_one(job):
 # ------------------------------------------------------------------------------------------------------------------
 # Summary and the selection rule
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def mean_se(xs):
-    m = statistics.fmean(xs)
-    return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
 
 
 def summarise(runs, rows_spec, objs):
@@ -399,22 +396,18 @@ def main(argv=None):
                                      epochs=epochs, lr=args.long_lr if budget == "long" else args.lr))
 
     runs_path = args.out + ".runs.jsonl"
-    done = []
-    if os.path.exists(runs_path):
-        with open(runs_path) as f:
-            done = [json.loads(line) for line in f if line.strip()]
+    log = RunLog(runs_path, key=lambda r: (_key(r), r["objective"], r["seed"]))
+    done = log.runs
     finished = {(_key(r), r["objective"], r["seed"]) for r in done}
     todo = [j for j in jobs if (_key(j), j["objective"], j["seed"]) not in finished]
     random.Random(0).shuffle(todo)  # long and short runs interleaved: partial results cover every row
     todo.sort(key=lambda j: (j["budget"] == "long") != args.long_first)  # short rows first unless --long-first
     print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {runs_path}", flush=True)
     runs = [r for r in done if (_key(r), r["objective"], r["seed"]) in {(_key(j), j["objective"], j["seed"]) for j in jobs}]
-    with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(1, evaluation)) as pool, \
-            open(runs_path, "a") as log:
+    with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(1, evaluation)) as pool:
         for r in pool.imap_unordered(run_one, todo):
             runs.append(r)
-            log.write(json.dumps(r) + "\n")
-            log.flush()
+            log.add(r)
             lam = f" lambda {r['lambda_path'][0]:.2f}/{r['lambda_path'][1]:.2f}/{r['lambda_path'][2]:.2f}" if r["lambda_path"] else ""
             print(f"  [{len(runs):3d}/{len(jobs)}] {r['family']:8s} {r['base']:7s} nz={r['noise']:.1f} {r['budget']:5s} "
                   f"{r['objective']:22s} seed={r['seed']}: test {r['test_acc']:.3f} ({r['seconds']:.0f}s){lam}", flush=True)

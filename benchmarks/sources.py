@@ -53,10 +53,10 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+from common import RunLog, mean_se
+from signals import _WORKER, _init_worker, build_bases, make_examples, splits
 
-from signals import _WORKER, _init_worker, build_bases, make_examples, mean_se, splits  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SOURCES = {"add": "37+45= -> 82", "new": "37+45== -> 28"}  # source name -> what its rows look like
 MAX_NEW_TOKENS = 6  # greedy decoding budget: a 3-digit answer and the stop token fit
@@ -135,7 +135,8 @@ def run_one(job):
     from transformers import LlamaForCausalLM
 
     from addition import exact_match_accuracy
-    from trl_prob import ProbSFTConfig, ProbSFTTrainer
+    from trl_prob import ProbSFTTrainer
+    from trl_prob.experimental import ExperimentalSFTConfig as ProbSFTConfig  # the research knobs
 
     tok, test = _WORKER["tok"], _WORKER["evaluation"]  # signals.py's worker state: one initialiser for both
     t0 = time.time()
@@ -352,10 +353,8 @@ def main(argv=None):
     jobs = [dict(candidate=c, seed=seed, setup_key=setup_key, data=data, base_dir=base_dir, batch_size=args.batch_size,
                  epochs=args.epochs, lr=args.lr) for c in args.candidates for seed in range(args.seeds)]
     runs_path = args.out + ".runs.jsonl"
-    done = []
-    if os.path.exists(runs_path):
-        with open(runs_path) as f:
-            done = [json.loads(line) for line in f if line.strip()]
+    log = RunLog(runs_path, key=lambda r: (r.get("setup_key"), r["candidate"], r["seed"]))
+    done = list(log.runs)
     wanted = {(j["candidate"], j["seed"]) for j in jobs}
     runs = [r for r in done if r.get("setup_key") == setup_key and (r["candidate"], r["seed"]) in wanted]
     finished = {(r["candidate"], r["seed"]) for r in runs}
@@ -363,12 +362,10 @@ def main(argv=None):
     todo.sort(key=lambda j: j["seed"])  # seed by seed: a partial result covers every candidate
     print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already in {runs_path}", flush=True)
     if todo:
-        with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(1, test)) as pool, \
-                open(runs_path, "a") as log:
+        with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(1, test)) as pool:
             for r in pool.imap_unordered(run_one, todo):
                 runs.append(r)
-                log.write(json.dumps(r) + "\n")
-                log.flush()
+                log.add(r)
                 lam = ""
                 if r["lambda_trajectory"]:
                     lam = " lambda " + " ".join(f"{s} {t[0]:.2f}/{t[TRAJECTORY_POINTS // 2]:.2f}/{t[-1]:.2f}"

@@ -199,7 +199,9 @@ def parse_case(case: str) -> dict:
 def build_trainer(case: str, model, dataset, tokenizer, args, output_dir: str):
     from trl import SFTConfig, SFTTrainer
 
-    from trl_prob import ProbSFTConfig, ProbSFTTrainer
+    from trl_prob import ProbSFTTrainer
+
+    from trl_prob.experimental import ExperimentalSFTConfig as ProbSFTConfig  # the research knobs
 
     info = parse_case(case)
     on_gpu = args.device.startswith("cuda")
@@ -247,7 +249,7 @@ def hot_path(args) -> dict:
     """Per-call cost of trl-prob's per-micro-batch and per-step code, on CPU, with op and sync counts."""
     from torch.profiler import ProfilerActivity, profile
 
-    from trl_prob import ProbSFTConfig
+    from trl_prob.experimental import ExperimentalSFTConfig as ProbSFTConfig  # the research knobs
 
     syncing = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item")
     n = args.hot_path_tokens or args.batch_size * (args.seq_len - 1)  # TRL's log_probs: [batch, seq_len - 1]
