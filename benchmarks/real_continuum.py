@@ -1,28 +1,37 @@
-"""The capability continuum on a real model: SmolLM2-135M-Instruct, LoRA SFT on real math word problems, every
-candidate objective side by side at several places on the continuum, on 2 CPU cores.
+"""The benchmark of record (issue 27): which objective or schedule wins on a real model, at places that span the
+capability continuum, by a rule committed before the runs (benchmarks/README.md, "Real-model continuum").
 
-Data (benchmarks/data/real_continuum/, sources and licences in its README): MAWPS (SingleOp, AddSub, MultiArith)
-and SVAMP word problems, as chat rows (user: the problem; assistant: the completion). Places (see
-PLACES): the base model on answer-only rows ("The answer is N."), the same with 20% noisy answers, a harder
-format (the equation, then the answer), and a strong base made by a short NLL LoRA warm-up on a disjoint split,
-merged into the weights, saved once and reused. Each place is measured before training by the probe (mean target p
-and token_top1 on the rows it trains on) and by held-out greedy exact match.
+SmolLM2-135M-Instruct, LoRA SFT (r=8 on the top 6 of 30 layers) on real math word problems, on CPU (or ``--device
+cuda``). Data (benchmarks/data/real_continuum/, sources and licences in its README): MAWPS SingleOp + AddSub and SVAMP,
+as chat rows whose completion is the equation that answers the problem; the harness computes the value of the equation
+the model writes (``common.predicted_value``), so the model is scored on choosing numbers and operations.
 
-Each candidate (CANDIDATES: a name and ProbSFTConfig kwargs; `deft`, `deft_cayley`, `eaft:1` and `auto` join by
-themselves once trl_prob accepts them) trains the same LoRA (top layers only, so the backward stops early), rows,
-steps and learning rate at each place, with several seeds; held-out greedy exact match on the place's test problems
-(never trained on, clean answers), mean target p before and after, and lambda's path for scheduled candidates.
+Places (PLACES), each measured before training (probe mean p and token_top1 on its training rows, base exact match,
+a trivial baseline): ``weak`` (prefix equations), ``mid`` (infix, the base as it is), ``strong`` (infix, a base made
+competent by a longer NLL warm-up on disjoint rows, merged and cached), ``strong_noise25`` (the same base, 25% of the
+training labels with one operator swapped), ``svamp`` (SVAMP's own equations: a second data set).
 
-    python benchmarks/real_continuum.py            # the table (benchmarks/README.md), about an hour on 2 cores
-    python benchmarks/real_continuum.py --quick    # 2 places, 1 seed, fewer test problems: about 10 minutes
+Candidates (CANDIDATES; ``asft`` and any other joins by itself once trl_prob accepts it, see :func:`accepted`): the
+fixed objectives, the shipped schedule, today's ``auto``, the probe's own recommendation (per place, from the base
+before training) and two new ``auto`` designs. One learning rate for all, three passes over the training rows.
 
-Results go to benchmarks/results/real_continuum.json (one entry per run under "runs") and .png; a rerun skips the
-runs already in the JSON (same place, objective, seed and settings) and only adds what is missing.
+Stage 1: every candidate at every place with seed 0 (place by place, nll / auto / eaft:1 first). Stage 2: seeds 1 and 2
+for the candidates within two s.e. of the best fixed objective at a place (paired per problem, on seed 0). Every run
+saves ``hits`` (0/1 per test problem, in the place's fixed test order).
+
+    python benchmarks/real_continuum.py              # the table, resumable (about 5 h on 2 idle cores; README)
+    python benchmarks/real_continuum.py --smoke      # 2 places, 2 candidates, 1 step, 8 test problems (< 3 min idle)
+    python benchmarks/real_continuum.py --device cuda
+    python benchmarks/real_continuum.py --summary_only
+
+Results: benchmarks/results/real_continuum.json (``runs``: one per line, written as each lands; ``places``; the
+``summary`` by the rule). A rerun skips the runs already there (same place, training, seed and settings).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import functools
@@ -38,6 +47,26 @@ import tempfile
 import time
 import warnings
 
+from common import (
+    NUMBER,
+    RunLog,
+    average_ranks,
+    cache_dir,
+    equation_ok,
+    evaluate_infix,
+    format_number,
+    mean_over_seeds,
+    mean_se,
+    paired_difference,
+    predicted_value,
+    rank_by_rule,
+    same_number,
+    smollm2_dir,
+    standing,
+    to_prefix,
+    weights_sha256,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -47,22 +76,34 @@ DATA_DIR = os.path.join(HERE, "data", "real_continuum")
 OUT = os.path.join(HERE, "results", "real_continuum.json")
 
 # ------------------------------------------------------------------------------------------------------------------
-# Candidates: (name, ProbSFTConfig kwargs). Append to extend the table; a rerun adds only the new runs.
+# Candidates: (name, ProbSFTConfig kwargs), in the order stage 1 runs them at each place. PROBE: the probe's own
+# recommendation at the place, made from the base before training.
 # ------------------------------------------------------------------------------------------------------------------
 
+PROBE = "probe"
 CANDIDATES = [
     ("nll", dict(objective="nll")),
+    ("auto", dict(objective="auto")),  # today's auto (trl_prob/auto.py)
+    ("eaft:1", dict(objective="eaft:1")),
     ("p", dict(objective="p")),
-    ("default", dict(objective="p", objective_schedule="adaptive")),  # today's default: adaptive, default signal
-]
-# Joined automatically once trl_prob accepts them (the confidence-aware issue adds them).
-OPTIONAL_CANDIDATES = [
+    ("dft", dict(objective="dft")),
     ("deft", dict(objective="deft")),
     ("deft_cayley", dict(objective="deft_cayley")),
-    ("eaft:1", dict(objective="eaft:1")),
-    ("auto", dict(objective="auto")),
+    ("asft", dict(objective="asft")),
+    ("adaptive->p", dict(objective="p", objective_schedule="adaptive")),  # the mission's schedule as shipped
+    (PROBE, None),
+    # new auto designs: adaptive from NLL toward eaft:1, on the shipped signal (token_top1) and on mean p
+    ("adaptive->eaft:1", dict(objective="eaft:1", objective_schedule="adaptive")),
+    ("adaptive:mean->eaft:1", dict(objective="eaft:1", objective_schedule="adaptive", schedule_signal="mean")),
 ]
-FIXED = {"nll", "p", "deft", "deft_cayley", "eaft:1"}  # "the best fixed objective" is the best of these present
+FIXED = ["nll", "p", "dft", "deft", "deft_cayley", "eaft:1", "asft"]  # "the best fixed objective": best of these
+PROBE_CONFIG = dict(objective="p", objective_schedule="adaptive")  # the config the probe advises from (its defaults)
+SMOKE_CANDIDATES = ["nll", "p"]
+# The ProbSFTConfig fields that say what a candidate trains (after trl_prob resolves it): two candidates with the
+# same values train the same thing, so their runs are shared (today's auto and another, or the probe's choice).
+KEY_FIELDS = ("objective", "objective_schedule", "schedule_signal", "schedule_mode", "schedule_ramp_low",
+              "schedule_ramp_high", "schedule_ema_decay", "schedule_constant_lambda", "schedule_warmup_ratio",
+              "ref_model_name_or_path")
 
 
 def accepted(kwargs: dict) -> bool:
@@ -80,8 +121,10 @@ def accepted(kwargs: dict) -> bool:
     return True
 
 
-def available_candidates() -> list[tuple[str, dict]]:
-    return list(CANDIDATES) + [(name, kw) for name, kw in OPTIONAL_CANDIDATES if accepted(kw)]
+def available_candidates(names=None) -> list[tuple[str, dict | None]]:
+    """The candidates trl_prob accepts today (``probe`` always), in stage-1 order; ``names`` keeps only those."""
+    out = [(n, kw) for n, kw in CANDIDATES if kw is None or accepted(kw)]
+    return [c for c in out if names is None or c[0] in names]
 
 
 def resolved(kwargs: dict) -> str:
@@ -90,69 +133,17 @@ def resolved(kwargs: dict) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _resolved(kwargs_json: str) -> str:
-    """What a candidate trains, after trl_prob resolves it (``auto`` becomes its chosen settings): the ProbSFTConfig
-    fields trl_prob adds to TRL's SFTConfig, as JSON."""
-    from trl import SFTConfig
-
+    """What a candidate trains, after trl_prob resolves it (``auto`` becomes its settings): KEY_FIELDS, as JSON."""
     from trl_prob import ProbSFTConfig
 
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(open(os.devnull, "w")):
         config = ProbSFTConfig(output_dir=out, use_cpu=True, bf16=False, report_to="none", **json.loads(kwargs_json))
-    own = sorted(set(ProbSFTConfig.__dataclass_fields__) - set(SFTConfig.__dataclass_fields__))
-    return json.dumps({k: getattr(config, k) for k in own}, sort_keys=True, default=str)
+    return json.dumps({k: getattr(config, k) for k in KEY_FIELDS if hasattr(config, k)}, sort_keys=True, default=str)
 
 
-def aliases(candidates: list[tuple[str, dict]]) -> dict[str, str]:
-    """Candidates that resolve to the same training as an earlier one (today ``auto`` = ``default``): name -> the
-    earlier name. Their runs would repeat the earlier runs seed for seed, so the table shows the earlier runs under
-    both names, and a rerun trains them once ``auto`` resolves to something else."""
-    seen, out = {}, {}
-    for name, kwargs in candidates:
-        sig = resolved(kwargs)
-        if sig in seen:
-            out[name] = seen[sig]
-        else:
-            seen[sig] = name
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Answer extraction (the one place it is written; tests/test_real_continuum.py)
-# ------------------------------------------------------------------------------------------------------------------
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-MARKER = re.compile(r"answer is\s*:?\s*\$?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)
-
-
-def extract_answer(text: str) -> str | None:
-    """The number after the first "answer is" (the trained format), else the last number in ``text``; commas and
-    a trailing sentence dot dropped. ``None`` when the text holds no number."""
-    marked = MARKER.search(text)
-    if marked:
-        found = marked.group(1)
-    else:
-        numbers = NUMBER.findall(text)
-        if not numbers:
-            return None
-        found = numbers[-1]
-    return found.replace(",", "")
-
-
-def same_number(predicted: str | None, reference: str) -> bool:
-    if predicted is None:
-        return False
-    try:
-        return abs(float(predicted) - float(reference)) < 1e-6
-    except ValueError:
-        return False
-
-
-def format_number(value) -> str:
-    """43.0 -> "43", 2.50 -> "2.5", "1,000" -> "1000"."""
-    x = float(str(value).replace(",", ""))
-    if x == int(x):
-        return str(int(x))
-    return f"{x:.6f}".rstrip("0").rstrip(".")
+def training_of(kwargs: dict) -> str:
+    """A short id of what a candidate trains (shared by candidates that resolve alike)."""
+    return hashlib.sha1(resolved(kwargs).encode()).hexdigest()[:10]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -218,117 +209,6 @@ def load_problems(data_dir: str = DATA_DIR) -> dict[str, list[dict]]:
     return out
 
 
-ARITHMETIC = re.compile(r"[\d\s.+\-*/()]+")
-OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
-
-
-def _parse_infix(text: str):
-    """The syntax tree of an arithmetic expression of numbers and + - * / ( ), or None."""
-    import ast
-
-    if not ARITHMETIC.fullmatch(text) or not NUMBER.search(text):
-        return None
-    try:
-        tree = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError:
-        return None
-
-    def ok(node) -> bool:
-        if isinstance(node, ast.Constant):
-            return isinstance(node.value, (int, float))
-        if isinstance(node, ast.BinOp):
-            return isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)) and ok(node.left) and ok(node.right)
-        if isinstance(node, ast.UnaryOp):
-            return isinstance(node.op, ast.USub) and ok(node.operand)
-        return False
-
-    return tree if ok(tree) else None
-
-
-def evaluate_infix(text: str) -> float | None:
-    """The value of an infix arithmetic expression ("290 / 2", "(4 + 22) - 6"), or None (not one, or / 0)."""
-    import ast
-
-    tree = _parse_infix(text)
-    if tree is None:
-        return None
-    symbol = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-
-    def value(node):
-        if isinstance(node, ast.Constant):
-            return float(node.value)
-        if isinstance(node, ast.UnaryOp):
-            return -value(node.operand)
-        return OPS[symbol[type(node.op)]](value(node.left), value(node.right))
-
-    try:
-        return value(tree)
-    except (ZeroDivisionError, OverflowError):
-        return None
-
-
-def to_prefix(text: str) -> str:
-    """An infix expression in prefix (Polish) notation: "(4 + 22) - 6" -> "- + 4 22 6"."""
-    import ast
-
-    tree = _parse_infix(text)
-    if tree is None:
-        raise ValueError(f"not an arithmetic expression: {text!r}")
-    symbol = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-
-    def walk(node) -> list[str]:
-        if isinstance(node, ast.Constant):
-            return [format_number(node.value)]
-        if isinstance(node, ast.UnaryOp):
-            return [format_number(-float(node.operand.value))] if isinstance(node.operand, ast.Constant) else (
-                ["-", "0", *walk(node.operand)])
-        return [symbol[type(node.op)], *walk(node.left), *walk(node.right)]
-
-    return " ".join(walk(tree))
-
-
-def evaluate_prefix(text: str) -> float | None:
-    """The value of a prefix expression ("- + 4 22 6" -> 20), or None (malformed, trailing tokens, or / 0)."""
-    tokens = text.split()
-    position = 0
-
-    def parse():
-        nonlocal position
-        if position >= len(tokens):
-            raise ValueError("short")
-        token = tokens[position]
-        position += 1
-        if token in OPS:
-            left, right = parse(), parse()
-            return OPS[token](left, right)
-        if not NUMBER.fullmatch(token):
-            raise ValueError(token)
-        return float(token.replace(",", ""))
-
-    try:
-        result = parse()
-    except (ValueError, ZeroDivisionError, OverflowError, RecursionError):
-        return None
-    return result if position == len(tokens) else None
-
-
-def predicted_value(text: str, fmt: str) -> str | None:
-    """What a generated completion answers, as a number string: for the equation formats the value of the expression
-    it writes (its first line, up to any "=" or final dot), computed here, so the model is scored on choosing the
-    numbers and operations, not on doing the arithmetic; else, or when that does not parse, :func:`extract_answer`."""
-    if fmt in ("equation", "prefix"):
-        line = text.strip().split("\n")[0].split("=")[0].strip().rstrip(".").strip()
-        value = evaluate_infix(line) if fmt == "equation" else evaluate_prefix(line)
-        if value is not None:
-            return format_number(round(value, 6))
-    return extract_answer(text)
-
-
-def equation_ok(row: dict) -> bool:
-    """An equation of numbers and + - * / ( ) only, whose value is the answer (a few rows round it)."""
-    eq = row.get("equation")
-    value = evaluate_infix(eq) if eq else None
-    return value is not None and abs(value - float(row["answer"])) < 1e-6
 
 
 def completion_text(row: dict, fmt: str) -> str:
@@ -379,48 +259,80 @@ def noisy_equation(equation: str, answer: str, rng: random.Random) -> str:
     return equation[: m.start()] + noisy_answer(m.group(), rng) + equation[m.end() :]
 
 
+
+
 # A place: which problems, which format, label noise, and whether the base is first warmed up (NLL, disjoint rows).
-# The places use MAWPS SingleOp + AddSub with derived equations; SVAMP (its own equations) and the answer-only format
-# were tried first and dropped: 6% and 3-5% held-out exact match after NLL (benchmarks/README.md).
 EASY = ["mawps_singleop", "mawps_addsub"]
 PLACES = {
     "weak": dict(sources=EASY, fmt="prefix", noise=0.0, warmup=False),
+    "strong_noise25": dict(sources=EASY, fmt="equation", noise=0.25, warmup=True),
     "mid": dict(sources=EASY, fmt="equation", noise=0.0, warmup=False),
-    "mid_noise20": dict(sources=EASY, fmt="equation", noise=0.2, warmup=False),
     "strong": dict(sources=EASY, fmt="equation", noise=0.0, warmup=True),
-    "strong_noise20": dict(sources=EASY, fmt="equation", noise=0.2, warmup=True),
     "svamp": dict(sources=["svamp"], fmt="equation", noise=0.0, warmup=False),
-    "answer": dict(sources=["mawps_singleop", "mawps_addsub", "mawps_multiarith", "svamp"], fmt="answer", noise=0.0,
-                   warmup=False),
 }
+SMOKE_PLACES = ["weak", "mid"]
+MIN_TEST = 400  # every place tests on at least this many problems (all it does not use)
+STRONG_MARGIN = 0.05  # a strong base beats the trivial baseline by at least this much exact match
+
+
+def problem_pool(sources: list[str], problems: dict, split_seed: int) -> list[dict]:
+    """The place's problems with a checked equation, each question once, in the fixed order of ``split_seed``."""
+    seen, unique = set(), []
+    for r in (r for s in sources for r in problems[s]):
+        if equation_ok(r) and r["question"] not in seen:  # the same question twice would leak test into train
+            seen.add(r["question"])
+            unique.append(r)
+    random.Random(split_seed).shuffle(unique)
+    return unique
 
 
 def place_splits(place: str, args, problems: dict) -> dict:
-    """Disjoint test / train / warm-up rows of a place, fixed by SPLIT_SEED (the same for every candidate and seed).
-    Places that share sources share the same shuffle, so a strong base's warm-up rows are never its test rows."""
+    """Train / warm-up / test rows of a place, fixed by ``args.split_seed`` (the same for every candidate and seed).
+    Places with the same sources share the shuffle: their training rows are the first ``train_rows``, the warm-up base
+    of those sources (if any place has one) learns the next ``warmup_rows``, and the test set is every problem left,
+    in shuffle order: the four MAWPS places test on the same problems, none of which any of them trains or warms up
+    on (``--test_limit`` keeps the first N: smoke runs)."""
     spec = PLACES[place]
-    pool = [r for s in spec["sources"] for r in problems[s] if spec["fmt"] == "answer" or equation_ok(r)]
-    seen, unique = set(), []
-    for r in pool:  # the same question twice in a pool (ASDiv / SVAMP overlap) would leak test into train
-        if r["question"] not in seen:
-            seen.add(r["question"])
-            unique.append(r)
-    random.Random(args.split_seed).shuffle(unique)
-    n_test, n_train, n_warm = args.test_rows, args.train_rows, args.warmup_rows
-    if n_test + n_train + n_warm > len(unique):
-        raise ValueError(f"place {place}: {len(unique)} problems, asked for {n_test + n_train + n_warm}")
-    test = unique[:n_test]
-    train = unique[n_test : n_test + n_train]
-    warm = unique[n_test + n_train : n_test + n_train + n_warm]
+    pool = problem_pool(spec["sources"], problems, args.split_seed)
+    warmed = any(q["warmup"] and q["sources"] == spec["sources"] for q in PLACES.values())
+    n_train, n_warm = args.train_rows, args.warmup_rows if warmed else 0
+    train, warm = pool[:n_train], pool[n_train : n_train + n_warm]
+    test = pool[n_train + n_warm :]
+    if args.test_limit:
+        test = test[: args.test_limit]
+    elif len(test) < MIN_TEST:
+        raise ValueError(f"place {place}: {len(test)} test problems left, fewer than {MIN_TEST}")
     rng = random.Random(args.split_seed + 1)
     noisy = set(rng.sample(range(len(train)), round(spec["noise"] * len(train))))
-    def noisy_row(r):
-        if spec["fmt"] == "answer":
-            return chat_row(r, spec["fmt"], answer=noisy_answer(r["answer"], rng))
-        return chat_row(r, spec["fmt"], equation=noisy_equation(r["equation"], r["answer"], rng))
+    rows = [chat_row(r, spec["fmt"], equation=noisy_equation(r["equation"], r["answer"], rng)) if i in noisy
+            else chat_row(r, spec["fmt"]) for i, r in enumerate(train)]
+    return dict(test=test, train=rows, train_clean=train, warm=[chat_row(r, spec["fmt"]) for r in warm],
+                fmt=spec["fmt"], noisy=sorted(noisy))
 
-    train_rows = [noisy_row(r) if i in noisy else chat_row(r, spec["fmt"]) for i, r in enumerate(train)]
-    return dict(test=test, train=train_rows, warm=[chat_row(r, spec["fmt"]) for r in warm], fmt=spec["fmt"])
+
+# ------------------------------------------------------------------------------------------------------------------
+# The trivial baseline: the first two numbers of the problem with the place's most common operator
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def most_common_operator(equations: list[str]) -> str:
+    """The operator that occurs most often in ``equations`` (ties: the first of + - * /)."""
+    counts = collections.Counter(ch for eq in equations for ch in eq if ch in "+-*/")
+    return max("+-*/", key=lambda op: counts[op])  # max keeps the first of equal counts
+
+
+def trivial_prediction(question: str, op: str) -> str | None:
+    """``a op b`` for the first two numbers ``a``, ``b`` of the question, as a number string (None: fewer than two
+    numbers, or / 0)."""
+    numbers = [m.group().replace(",", "") for m in NUMBER.finditer(question)]
+    if len(numbers) < 2:
+        return None
+    value = evaluate_infix(f"{numbers[0]} {op} {numbers[1]}")
+    return None if value is None else format_number(round(value, 6))
+
+
+def trivial_hits(rows: list[dict], op: str) -> list[int]:
+    return [int(same_number(trivial_prediction(r["question"], op), r["answer"])) for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -454,11 +366,16 @@ def lora_config(model_dir: str, args):
                       layers_to_transform=list(range(n - top, n)), layers_pattern="layers")
 
 
-def load_model(model_dir: str):
+def load_model(model_dir: str, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+
+
+def steps_for(rows: int, args, epochs: float | None = None) -> int:
+    """Optimizer steps for ``epochs`` passes (default ``args.epochs``) over ``rows`` rows at ``args.batch``."""
+    return max(1, math.ceil((args.epochs if epochs is None else epochs) * rows / args.batch))
 
 
 def make_trainer(model_dir: str, rows: list[dict], args, kwargs: dict, seed: int, out: str, steps: int, lr: float,
@@ -470,13 +387,13 @@ def make_trainer(model_dir: str, rows: list[dict], args, kwargs: dict, seed: int
 
     set_seed(seed)  # the LoRA init happens when the trainer wraps the model, before the Trainer seeds itself
     config = ProbSFTConfig(
-        output_dir=out, use_cpu=True, bf16=False, max_length=args.max_length, per_device_train_batch_size=args.batch,
-        per_device_eval_batch_size=32, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant_with_warmup",
-        warmup_steps=2, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-        gradient_checkpointing=False, seed=seed, data_seed=seed, dataloader_num_workers=0,
-        schedule_warm_start_samples=min(args.probe_rows, len(rows)), **kwargs)  # fmt: skip
+        output_dir=out, use_cpu=args.device == "cpu", bf16=False, max_length=args.max_length,
+        per_device_train_batch_size=args.batch, per_device_eval_batch_size=32, max_steps=steps, learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=2, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, gradient_checkpointing=False, seed=seed, data_seed=seed,
+        dataloader_num_workers=0, schedule_warm_start_samples=min(args.probe_rows, len(rows)), **kwargs)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return ProbSFTTrainer(model=load_model(model_dir), args=config, train_dataset=Dataset.from_list(rows),
+    return ProbSFTTrainer(model=load_model(model_dir, args.device), args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=lora_config(model_dir, args),
                           callbacks=list(callbacks))  # fmt: skip
 
@@ -502,95 +419,140 @@ def generate_answers(model, tokenizer, questions: list[str], batch_size: int, ma
     return answers
 
 
-def exact_match(model, tokenizer, test: list[dict], args, fmt: str) -> tuple[float, list[str]]:
-    """Greedy exact match of the extracted final number against the clean answer."""
+def score(answers: list[str], test: list[dict], fmt: str) -> list[int]:
+    """``hits``: 1 where the value of the answer is the clean reference answer, in the order of ``test``."""
+    return [int(same_number(predicted_value(a, fmt), r["answer"])) for a, r in zip(answers, test, strict=True)]
+
+
+def exact_match(model, tokenizer, test: list[dict], args, fmt: str) -> tuple[list[int], list[str]]:
+    """Greedy answers to the test problems and their hits, in the test order."""
     answers = generate_answers(model, tokenizer, [r["question"] for r in test], args.eval_batch, args.max_new_tokens)
-    hits = sum(same_number(predicted_value(a, fmt), r["answer"]) for a, r in zip(answers, test))
-    return hits / len(test), answers
+    return score(answers, test, fmt), answers
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Places: the base model of each (the strong one warmed up once and cached) and its measured placement
+# Places: the base of each (the strong one warmed up once and cached) and its measured placement
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def settings_key(args, *extra) -> str:
-    fields = dict(model=args.model, split_seed=args.split_seed, train_rows=args.train_rows, test_rows=args.test_rows,
+    fields = dict(model=args.model, split_seed=args.split_seed, train_rows=args.train_rows, test_limit=args.test_limit,
                   warmup_rows=args.warmup_rows, max_length=args.max_length, lora_r=args.lora_r,
                   lora_layers=args.lora_layers, batch=args.batch, extra=extra)
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def base_dir_for(place: str, split: dict, args) -> str:
-    """The model directory a place trains from: the model itself, or (warm-up places) the model after a short NLL
-    LoRA warm-up on the place's disjoint warm-up rows, merged and saved once under ``args.cache_dir``."""
-    if not PLACES[place]["warmup"]:
-        return args.model
-    key = settings_key(args, "warmup", PLACES[place]["fmt"], PLACES[place]["sources"], args.warmup_steps,
-                       args.warmup_lr)
+def base_dir_for(place: str, split: dict, args) -> tuple[str, dict]:
+    """The model directory a place trains from, and how it was made. Warm-up places: the model after NLL LoRA on the
+    place's disjoint warm-up rows (``--warmup_epochs`` passes at ``--warmup_lr``), merged, then checked on the place's
+    clean training rows (never its test rows): if its exact match there does not beat the trivial baseline by
+    STRONG_MARGIN, another round of the same warm-up (at most ``--warmup_rounds``). Saved once under
+    ``args.cache_dir`` with ``warmup.json`` and reused."""
+    spec = PLACES[place]
+    if not spec["warmup"]:
+        return args.model, {}
+    key = settings_key(args, "warmup", spec["fmt"], spec["sources"], args.warmup_epochs, args.warmup_lr,
+                       args.warmup_rounds, STRONG_MARGIN)
     path = os.path.join(args.cache_dir, f"warm-{key}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    t0 = time.time()
-    with tempfile.TemporaryDirectory() as out:
-        trainer = make_trainer(args.model, split["warm"], args, dict(objective="nll"), seed=0, out=out,
-                               steps=args.warmup_steps, lr=args.warmup_lr)
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-            trainer.train()
-        merged = trainer.model.merge_and_unload()
-        tmp = path + f".tmp{os.getpid()}"
-        merged.save_pretrained(tmp)
-        trainer.processing_class.save_pretrained(tmp)
-        os.replace(tmp, path)
-    print(f"  warm-up base for {place}: {args.warmup_steps} NLL steps on {len(split['warm'])} disjoint rows, "
-          f"{time.time() - t0:.0f} s -> {path}", flush=True)
-    return path
+    if os.path.exists(os.path.join(path, "warmup.json")):
+        with open(os.path.join(path, "warmup.json")) as f:
+            return path, json.load(f)
+    from transformers import AutoTokenizer
 
+    t0, current, rounds = time.time(), args.model, []
+    check = split["train_clean"]
+    trivial = statistics.fmean(trivial_hits(check, most_common_operator([r["equation"] for r in check])))
+    for round_ in range(1, args.warmup_rounds + 1):
+        steps = steps_for(len(split["warm"]), args, args.warmup_epochs)
+        with tempfile.TemporaryDirectory() as out:
+            trainer = make_trainer(current, split["warm"], args, dict(objective="nll"), seed=round_ - 1, out=out,
+                                   steps=steps, lr=args.warmup_lr)
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                trainer.train()
+            merged = trainer.model.merge_and_unload()
+            tmp = path + f".round{round_}.tmp{os.getpid()}"
+            merged.save_pretrained(tmp)
+            trainer.processing_class.save_pretrained(tmp)
+            del trainer, merged
+        hits, _ = exact_match(load_model(tmp, args.device), AutoTokenizer.from_pretrained(tmp), check, args,
+                              spec["fmt"])
+        acc = statistics.fmean(hits)
+        rounds.append(dict(round=round_, steps=steps, train_rows_exact_match=acc, train_rows_trivial=trivial))
+        print(f"  warm-up base for {place}, round {round_}: {steps} NLL steps on {len(split['warm'])} disjoint rows; "
+              f"exact match on the training rows {acc:.3f} vs trivial {trivial:.3f} ({time.time() - t0:.0f} s)",
+              flush=True)
+        if current != args.model:
+            import shutil
 
-def weights_sha256(model_dir: str) -> str:
-    """The first 16 hex digits of the SHA-256 of a model directory's weight files: which base a run trained from."""
-    digest = hashlib.sha256()
-    for name in sorted(n for n in os.listdir(model_dir) if n.endswith((".safetensors", ".bin"))):
-        with open(os.path.join(model_dir, name), "rb") as f:
-            for block in iter(functools.partial(f.read, 1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+            shutil.rmtree(current)
+        current = tmp
+        if acc >= trivial + STRONG_MARGIN:
+            break
+    info = dict(rounds=rounds, warmup_rows=len(split["warm"]), warmup_epochs=args.warmup_epochs,
+                warmup_lr=args.warmup_lr, seconds=round(time.time() - t0, 1))
+    with open(os.path.join(current, "warmup.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(current, path)
+    return path, info
 
 
 def check_same_base(place: str, recorded: dict, fresh: dict, out: str) -> None:
     """Refuse to add runs to a place whose base, built again here, is not the one its recorded runs trained from.
 
-    A warm-up base is rebuilt on each new machine, and floating point differs between CPUs: the same 20 steps can
-    give another base (another place on the continuum). Runs of two bases must not be averaged as seeds of one."""
-    if recorded.get("base_sha256") is not None:
-        same = recorded["base_sha256"] == fresh["base_sha256"]
-    else:  # recorded before weights were hashed: compare what was measured of the base
-        same = (recorded.get("base_test_acc") == fresh["base_test_acc"]
-                and abs(recorded["probe"]["mean_p"] - fresh["probe"]["mean_p"]) < 1e-6)
-    if not same:
+    A warm-up base is rebuilt on each new machine, and floating point differs between CPUs: the same steps can give
+    another base (another place on the continuum). Runs of two bases must not be averaged as seeds of one."""
+    if recorded.get("base_sha256") != fresh["base_sha256"]:
         raise SystemExit(
-            f"real_continuum: place {place}: the base built here (exact match {fresh['base_test_acc']:.3f}, probe "
-            f"mean p {fresh['probe']['mean_p']:.4f}) is not the base of the runs in {out} (exact match "
-            f"{recorded.get('base_test_acc', float('nan')):.3f}, mean p {recorded['probe']['mean_p']:.4f}); write "
+            f"real_continuum: place {place}: the base built here (exact match {fresh['base_exact_match']:.3f}, "
+            f"probe mean p {fresh['probe']['mean_p']:.4f}) is not the base of the runs in {out} (exact match "
+            f"{recorded.get('base_exact_match', float('nan')):.3f}, mean p {recorded['probe']['mean_p']:.4f}); write "
             f"these runs to another --out, or point --cache_dir at the original base")
 
 
-def measure_place(place: str, split: dict, base_dir: str, args) -> dict:
+def probe_recommendation(base_dir: str, split: dict, args) -> dict:
+    """What the probe recommends for this base on the place's training rows, by the paper's rule as the probe computes
+    it (``recommended_objective`` / ``recommended_schedule`` of trl_prob.probe.run_probe, on a trainer configured as
+    PROBE_CONFIG; ``auto`` is a candidate of its own): the candidate ``probe`` trains exactly that."""
+    from trl_prob.probe import run_probe
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = make_trainer(base_dir, split["train"], args, PROBE_CONFIG, seed=0, out=out, steps=1, lr=0.0)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            report = run_probe(trainer, num_samples=min(args.probe_rows, len(split["train"])), output_dir=None,
+                               progress=False)
+        signals = getattr(report, "signals", {}) or {}
+        if "token_top1" in signals:
+            stats = dict(mean_p=report.mean_p, token_top1=signals["token_top1"],
+                         sequence_top1=signals.get("sequence_top1"))
+        else:
+            stats = probe_stats(trainer, args.probe_rows)
+        del trainer
+    kwargs = dict(objective=report.recommended_objective)
+    if report.recommended_schedule != "none":
+        kwargs["objective_schedule"] = report.recommended_schedule
+    return dict(stats=stats, kwargs=kwargs, flags=report.recommended_flags, continuum=report.continuum)
+
+
+def measure_place(place: str, split: dict, base_dir: str, warmup: dict, args) -> dict:
     from transformers import AutoTokenizer
 
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as out:
-        trainer = make_trainer(base_dir, split["train"], args, dict(objective="nll"), seed=0, out=out, steps=1,
-                               lr=0.0)
-        probe = probe_stats(trainer, args.probe_rows)
-        del trainer
-    model = load_model(base_dir)
-    acc, answers = exact_match(model, AutoTokenizer.from_pretrained(base_dir), split["test"], args, split["fmt"])
-    info = dict(place=place, **{k: v for k, v in PLACES[place].items()}, base_dir=base_dir, probe=probe,
-                base_test_acc=acc, test_rows=len(split["test"]), train_rows=len(split["train"]),
+    rec = probe_recommendation(base_dir, split, args)
+    hits, answers = exact_match(load_model(base_dir, args.device), AutoTokenizer.from_pretrained(base_dir),
+                                split["test"], args, split["fmt"])
+    op = most_common_operator([r["equation"] for r in split["train_clean"]])
+    trivial = trivial_hits(split["test"], op)
+    base_em, trivial_em = statistics.fmean(hits), statistics.fmean(trivial)
+    info = dict(place=place, **PLACES[place], base_dir=base_dir, probe=rec["stats"], probe_recommends=rec["kwargs"],
+                probe_flags=rec["flags"], probe_continuum=rec["continuum"], base_exact_match=base_em,
+                trivial_baseline=trivial_em, trivial_operator=op, base_hits=hits,
+                base_vs_trivial=paired_difference(hits, trivial), warmup_base=warmup,
+                strong_enough=(base_em >= trivial_em + STRONG_MARGIN) if PLACES[place]["warmup"] else None,
+                test_rows=len(split["test"]), train_rows=len(split["train"]), noisy_rows=len(split["noisy"]),
                 first_answers=answers[:3], seconds=round(time.time() - t0, 1))
-    print(f"  place {place:14s} probe mean p {probe['mean_p']:.3f} token_top1 {probe['token_top1']:.3f} | base exact "
-          f"match {acc:.3f} on {len(split['test'])} ({info['seconds']:.0f} s)", flush=True)
+    print(f"  place {place:15s} probe mean p {rec['stats']['mean_p']:.3f} token_top1 {rec['stats']['token_top1']:.3f}"
+          f" | base exact match {base_em:.3f}, trivial ({op}) {trivial_em:.3f} on {len(split['test'])} | probe "
+          f"recommends {rec['flags']} ({info['seconds']:.0f} s)", flush=True)
     return info
 
 
@@ -609,175 +571,147 @@ def run_one(place: str, split: dict, base_dir: str, name: str, kwargs: dict, see
         def on_step_end(self, a, state, control, **kw):
             lambdas.append(float(trainer.objective_lambda))
 
+    steps = steps_for(len(split["train"]), args)
     with tempfile.TemporaryDirectory() as out:
-        trainer = make_trainer(base_dir, split["train"], args, kwargs, seed, out, args.steps, args.lr,
+        trainer = make_trainer(base_dir, split["train"], args, kwargs, seed, out, steps, args.lr,
                                callbacks=[RecordLambda()])
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             trainer.train()
         trained = time.time() - t0
         after = probe_stats(trainer, args.probe_rows)
-        acc, answers = exact_match(trainer.model, trainer.processing_class, split["test"], args, split["fmt"])
+        hits, answers = exact_match(trainer.model, trainer.processing_class, split["test"], args, split["fmt"])
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     scheduled = kwargs.get("objective_schedule", "none") != "none" or kwargs.get("objective") == "auto"
-    return dict(place=place, objective=name, seed=seed, config=kwargs, test_acc=acc,
-                mean_p_before=args.place_info[place]["probe"]["mean_p"], mean_p_after=after["mean_p"],
-                token_top1_after=after["token_top1"],
-                lambda_path=lambdas if scheduled else None, steps=args.steps, lr=args.lr,
+    return dict(place=place, objective=name, training=training_of(kwargs), seed=seed, config=kwargs,
+                resolved=json.loads(resolved(kwargs)), test_acc=statistics.fmean(hits), hits=hits,
+                mean_p_after=after["mean_p"], token_top1_after=after["token_top1"],
+                lambda_path=lambdas if scheduled else None, steps=steps, lr=args.lr,
                 loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                 first_answers=answers[:3], train_seconds=round(trained, 1), seconds=round(time.time() - t0, 1),
-                key=run_key(place, name, kwargs, seed, args))  # fmt: skip
+                key=run_key(place, kwargs, seed, args))  # fmt: skip
 
 
-def run_key(place, name, kwargs, seed, args) -> str:
-    return f"{place}|{name}|{seed}|" + settings_key(args, resolved(kwargs), args.steps, args.lr, args.max_new_tokens)
+def run_key(place, kwargs, seed, args) -> str:
+    return f"{place}|{training_of(kwargs)}|{seed}|" + settings_key(args, args.epochs, args.lr, args.max_new_tokens,
+                                                                   args.place_info[place]["base_sha256"])
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Summary and the selection rule
+# The rule (benchmarks/README.md, "Real-model continuum": committed before any run)
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def mean_se(xs):
-    m = statistics.fmean(xs)
-    return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
+def place_table(cell: dict, fixed=FIXED) -> dict:
+    """One place: ``cell[candidate][seed]`` = hits (0/1 per test problem, in the place's test order).
+
+    Each candidate's exact match is the mean over its seeds; the best fixed objective is the fixed candidate with the
+    highest (ties: the first in ``fixed``). A candidate's difference from it is paired per problem: the candidate's
+    hits averaged over its seeds minus the best fixed objective's averaged over its own, with the s.e. of that mean
+    over problems; *behind* below -1 s.e., *ahead* above +1 s.e. The seed spread (stdev of exact match over seeds)
+    is reported beside it."""
+    rows = {}
+    for c, by_seed in cell.items():
+        accs = [statistics.fmean(by_seed[s]) for s in sorted(by_seed)]
+        m, se = mean_se(accs)
+        rows[c] = dict(mean=m, seed_se=se, seed_sd=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                       seeds=sorted(by_seed), accs=accs, hits=mean_over_seeds([by_seed[s] for s in sorted(by_seed)]))
+    present = [f for f in fixed if f in rows]
+    if not present:
+        raise ValueError("no fixed objective at this place")
+    best = max(present, key=lambda f: (rows[f]["mean"], -present.index(f)))
+    ranks = average_ranks({c: r["mean"] for c, r in rows.items()})
+    for c, r in rows.items():
+        d = paired_difference(r["hits"], rows[best]["hits"])
+        r.update(diff=d["mean"], diff_se=d["se"], standing=standing(d["mean"], d["se"]),
+                 within_two_se=bool(d["mean"] >= -2 * d["se"]), rank=ranks[c])
+    return dict(best_fixed=best, candidates=rows)
 
 
-def summarise(runs: list[dict], default: str = "default") -> dict:
-    """Per place and candidate: mean +- s.e. of test accuracy over seeds; per place the goal check (best fixed vs
-    worst fixed separated by more than one combined s.e.; ``default`` within one combined s.e. of the best fixed);
-    over places, the selection rule of issue 21 applied to every candidate: fewest places more than one combined s.e.
-    behind the best fixed objective, then most places more than one combined s.e. ahead of it, then mean rank."""
-    places = list(dict.fromkeys(r["place"] for r in runs))
-    names = list(dict.fromkeys(r["objective"] for r in runs))
-    table = {}
-    for place in places:
-        cell = {}
-        for name in names:
-            rs = [r for r in runs if r["place"] == place and r["objective"] == name]
-            if not rs:
-                continue
-            m, se = mean_se([r["test_acc"] for r in rs])
-            pa = [r["mean_p_after"] for r in rs if r.get("mean_p_after") is not None]
-            entry = dict(mean=m, se=se, n=len(rs), seeds=sorted(r["seed"] for r in rs),
-                         mean_p_after=statistics.fmean(pa) if pa else None)
-            paths = [r["lambda_path"] for r in rs if r.get("lambda_path")]
-            if paths:
-                length = min(map(len, paths))
-                entry["lambda_path_mean"] = [statistics.fmean(p[i] for p in paths) for i in
-                                             sorted({0, length // 4, length // 2, 3 * length // 4, length - 1})]
-            cell[name] = entry
-        table[place] = cell
+def stage_two(cell: dict, fixed=FIXED, seed: int = 0) -> list[str]:
+    """The candidates that get seeds 1 and 2 at a place: within two s.e. of the best fixed objective (or ahead of it),
+    paired per problem on ``seed`` (stage 1) alone."""
+    first = {c: {seed: by_seed[seed]} for c, by_seed in cell.items() if seed in by_seed}
+    table = place_table(first, fixed)
+    return [c for c, r in table["candidates"].items() if r["within_two_se"]]
 
-    goal = {}
-    per = {n: dict(behind=[], ahead=[], ranks=[]) for n in names}
-    for place, cell in table.items():
-        fixed = {n: r for n, r in cell.items() if n in FIXED}
-        if len(fixed) < 2:
+
+def apply_rule(cells: dict, candidates: list[str], fixed=FIXED) -> dict:
+    """Over places (``cells[place][candidate][seed]`` = hits): per place :func:`place_table`; a place enters the rule
+    once every candidate has run there (others are reported, outside the verdict). Candidates are ranked by fewest
+    places behind, then most places ahead, then mean rank of exact match at the places (1 = best, ties averaged).
+    ``auto`` becomes the first of that ranking: the first candidate never behind if there is one, else the one
+    behind in the fewest places."""
+    tables, complete = {}, []
+    for place, cell in cells.items():
+        cell = {c: s for c, s in cell.items() if s}
+        if not any(f in cell for f in fixed):
             continue
-        best_name = max(fixed, key=lambda n: fixed[n]["mean"])
-        worst_name = min(fixed, key=lambda n: fixed[n]["mean"])
-        best, worst = fixed[best_name], fixed[worst_name]
-        sep_se = math.hypot(best["se"], worst["se"])
-        g = dict(best_fixed=best_name, worst_fixed=worst_name, gap=best["mean"] - worst["mean"], gap_se=sep_se,
-                 separated=bool(best["mean"] - worst["mean"] > sep_se))
-        if default in cell:
-            d = cell[default]
-            se = math.hypot(best["se"], d["se"])
-            g.update(default_gap=best["mean"] - d["mean"], default_se=se,
-                     default_within=bool(best["mean"] - d["mean"] <= se))
-        g["met"] = bool(g["separated"] and g.get("default_within", False))
-        goal[place] = g
-        order = sorted(cell, key=lambda n: -cell[n]["mean"])
-        for n, r in cell.items():
-            se = math.hypot(best["se"], r["se"])
-            if best["mean"] - r["mean"] > se:
-                per[n]["behind"].append(place)
-            if r["mean"] - best["mean"] > se:
-                per[n]["ahead"].append(place)
-            # ties share the better rank
-            per[n]["ranks"].append(1 + sum(cell[o]["mean"] > r["mean"] for o in order))
-    for n in names:
-        per[n]["mean_rank"] = statistics.fmean(per[n]["ranks"]) if per[n]["ranks"] else None
-    ranking = sorted(names, key=lambda n: (len(per[n]["behind"]), -len(per[n]["ahead"]),
-                                           per[n]["mean_rank"] if per[n]["mean_rank"] is not None else 99))
-    return dict(table=table, goal=goal, selection=dict(ranking=ranking, per=per),
-                goal_met_everywhere=bool(goal) and all(g["met"] for g in goal.values()))
+        tables[place] = place_table(cell, fixed)
+        if all(c in cell for c in candidates):
+            complete.append(place)
+    per = {c: dict(behind=[], ahead=[], ranks=[]) for c in candidates}
+    for place in complete:
+        for c in candidates:
+            r = tables[place]["candidates"][c]
+            if r["standing"] != "level":
+                per[c][r["standing"]].append(place)
+            per[c]["ranks"].append(r["rank"])
+    for c in candidates:
+        per[c]["mean_rank"] = statistics.fmean(per[c]["ranks"]) if per[c]["ranks"] else None
+    ranking = rank_by_rule(per) if complete else []
+    never_behind = [c for c in ranking if not per[c]["behind"]]
+    return dict(tables=tables, places_in_rule=complete, per=per, ranking=ranking, never_behind=never_behind,
+                auto=ranking[0] if ranking else None)
 
 
-def format_summary(summary: dict, place_info: dict) -> str:
-    table = summary["table"]
-    names = list(dict.fromkeys(n for cell in table.values() for n in cell))
-    head = f"{'place':15s} {'probe p':>7s} {'top1':>5s} {'base':>5s} " + " ".join(f"{n:>13s}" for n in names)
-    lines = [head]
-    for place, cell in table.items():
+def cells_from_runs(runs: list[dict], place_candidates: dict) -> dict:
+    """``{place: {candidate: {seed: hits}}}``: a candidate's runs are those of what it trains at the place (runs are
+    shared by candidates that resolve alike, e.g. ``probe`` and the candidate whose settings it recommends)."""
+    cells = {}
+    for place, names in place_candidates.items():
+        by_training = collections.defaultdict(dict)
+        for r in runs:
+            if r["place"] == place:
+                by_training[r["training"]][r["seed"]] = r["hits"]
+        cells[place] = {name: dict(by_training.get(training, {})) for name, training in names.items()}
+    return cells
+
+
+def format_summary(verdict: dict, place_info: dict) -> str:
+    lines = []
+    for place, t in verdict["tables"].items():
         info = place_info.get(place, {})
         probe = info.get("probe", {})
-        cells = [f"{cell[n]['mean']:.3f}±{cell[n]['se']:.3f}".rjust(13) if n in cell else " " * 13 for n in names]
-        lines.append(f"{place:15s} {probe.get('mean_p', float('nan')):7.3f} {probe.get('token_top1', float('nan')):5.3f} "
-                     f"{info.get('base_test_acc', float('nan')):5.3f} " + " ".join(cells))
+        lines.append(f"{place}: probe mean p {probe.get('mean_p', float('nan')):.3f} token_top1 "
+                     f"{probe.get('token_top1', float('nan')):.3f}; base {info.get('base_exact_match', float('nan')):.3f}"
+                     f", trivial {info.get('trivial_baseline', float('nan')):.3f}; best fixed {t['best_fixed']}"
+                     + ("" if place in verdict["places_in_rule"] else " (incomplete: outside the rule)"))
+        for c, r in sorted(t["candidates"].items(), key=lambda kv: -kv[1]["mean"]):
+            lines.append(f"    {c:22s} {r['mean']:.3f} (seeds {len(r['seeds'])}, spread {r['seed_sd']:.3f}) "
+                         f"vs best {r['diff']:+.3f} ± {r['diff_se']:.3f} {r['standing']}")
     lines.append("")
-    for place, g in summary["goal"].items():
-        line = (f"  {place}: best fixed {g['best_fixed']} - worst fixed {g['worst_fixed']} = {g['gap']:+.3f} "
-                f"(combined s.e. {g['gap_se']:.3f}: {'separated' if g['separated'] else 'NOT separated'})")
-        if "default_gap" in g:
-            line += (f"; best fixed - default = {g['default_gap']:+.3f} (s.e. {g['default_se']:.3f}: "
-                     f"{'within' if g['default_within'] else 'NOT within'})")
-        lines.append(line)
-    lines.append("")
-    lines.append("selection (fewest places behind the best fixed, then most places ahead, then mean rank):")
-    for i, n in enumerate(summary["selection"]["ranking"], 1):
-        v = summary["selection"]["per"][n]
-        rank = f"{v['mean_rank']:.2f}" if v["mean_rank"] is not None else "-"
-        lines.append(f"  {i}. {n:12s} behind {len(v['behind'])} {v['behind']} | ahead {len(v['ahead'])} "
-                     f"{v['ahead']} | mean rank {rank}")
+    lines.append(f"ranking over {verdict['places_in_rule']} (fewest behind, most ahead, mean rank):")
+    for i, c in enumerate(verdict["ranking"], 1):
+        v = verdict["per"][c]
+        lines.append(f"  {i:2d}. {c:22s} behind {v['behind']} | ahead {v['ahead']} | mean rank {v['mean_rank']:.2f}")
+    lines.append(f"never behind: {verdict['never_behind']}; auto by the rule: {verdict['auto']}")
     return "\n".join(lines)
 
 
-def format_markdown(summary: dict, place_info: dict) -> str:
-    """The table as benchmarks/README.md shows it: one row per place and candidate, losers included."""
-    lines = ["| place | probe mean p / token_top1 (base) | base exact match | candidate | seeds | held-out exact match "
-             "(mean ± s.e.) | mean p after | lambda (first ... last, mean over seeds) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for place, cell in summary["table"].items():
+def format_markdown(verdict: dict, place_info: dict) -> str:
+    lines = ["| place | probe mean p / top1 | base / trivial | candidate | seeds | exact match | vs best fixed "
+             "(paired ± s.e.) | seed spread | standing |", "|---|---|---|---|---|---|---|---|---|"]
+    for place, t in verdict["tables"].items():
         info = place_info.get(place, {})
         probe = info.get("probe", {})
-        for i, (name, r) in enumerate(sorted(cell.items(), key=lambda kv: -kv[1]["mean"])):
-            lam = " ".join(f"{x:.2f}" for x in r["lambda_path_mean"]) if r.get("lambda_path_mean") else "-"
-            pa = f"{r['mean_p_after']:.3f}" if r.get("mean_p_after") is not None else "-"
-            head = (f"| {place} | {probe.get('mean_p', float('nan')):.3f} / {probe.get('token_top1', float('nan')):.3f} | "
-                    f"{info.get('base_test_acc', float('nan')):.3f} |") if i == 0 else "| | | |"
-            lines.append(f"{head} {name} | {r['n']} | {r['mean']:.3f} ± {r['se']:.3f} | {pa} | {lam} |")
+        for i, (c, r) in enumerate(sorted(t["candidates"].items(), key=lambda kv: -kv[1]["mean"])):
+            head = (f"| {place} | {probe.get('mean_p', float('nan')):.3f} / {probe.get('token_top1', float('nan')):.3f}"
+                    f" | {info.get('base_exact_match', float('nan')):.3f} / {info.get('trivial_baseline', float('nan')):.3f} |"
+                    ) if i == 0 else "| | | |"
+            name = f"**{c}**" if c == t["best_fixed"] else c
+            lines.append(f"{head} {name} | {len(r['seeds'])} | {r['mean']:.3f} | {r['diff']:+.3f} ± {r['diff_se']:.3f}"
+                         f" | {r['seed_sd']:.3f} | {r['standing']} |")
     return "\n".join(lines)
-
-
-def plot(summary: dict, place_info: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = summary["table"]
-    places = list(table)
-    names = list(dict.fromkeys(n for cell in table.values() for n in cell))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(places) * max(1, len(names)) / 3), 4))
-    width = 0.8 / max(1, len(names))
-    for j, n in enumerate(names):
-        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(places))]
-        ms = [table[p][n]["mean"] if n in table[p] else float("nan") for p in places]
-        ses = [table[p][n]["se"] if n in table[p] else 0 for p in places]
-        ax.bar(xs, ms, width, yerr=ses, capsize=2, label=n)
-    for i, p in enumerate(places):
-        base = place_info.get(p, {}).get("base_test_acc")
-        if base is not None:
-            ax.hlines(base, i - 0.4, i + 0.4, colors="k", linestyles="dotted")
-    labels = [f"{p}\nprobe p {place_info.get(p, {}).get('probe', {}).get('mean_p', float('nan')):.2f}" for p in places]
-    ax.set_xticks(range(len(places)), labels)
-    ax.set_ylabel("held-out exact match (mean ± s.e. over seeds)")
-    ax.set_title("SmolLM2-135M-Instruct, LoRA SFT on math word problems (dotted: base model)", fontsize=9)
-    ax.legend(fontsize=8, ncol=min(4, len(names)))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -785,51 +719,46 @@ def plot(summary: dict, place_info: dict, path: str) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _save(record: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 places, 1 seed, 100 test problems, the 3 core candidates (~10 minutes)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 places, 2 candidates, 8 training rows, 1 pass, 8 test problems, 1 seed (< 3 min)")
     parser.add_argument("--places", nargs="+", default=None, choices=list(PLACES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=None)
-    parser.add_argument("--only", nargs="+", default=None, help="candidate names to run (default: all available)")
-    parser.add_argument("--steps", type=int, default=None, help="LoRA steps per run")
-    parser.add_argument("--lr", type=float, default=1e-3, help="one learning rate for every candidate")
+    parser.add_argument("--only", nargs="+", default=None, help="candidate names to run (default: all accepted)")
+    parser.add_argument("--stage", type=int, choices=[1, 2], default=2, help="1: seed 0 only; 2: then seeds 1, 2")
+    parser.add_argument("--epochs", type=float, default=3.0, help="passes over the training rows (every run)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="one learning rate for every candidate and place")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--train_rows", type=int, default=None, help="training rows per place (default: steps x batch)")
-    parser.add_argument("--test_rows", type=int, default=None)
-    parser.add_argument("--warmup_rows", type=int, default=160)
-    parser.add_argument("--warmup_steps", type=int, default=20)
+    parser.add_argument("--train_rows", type=int, default=96, help="training rows per place")
+    parser.add_argument("--test_limit", type=int, default=0, help="keep the first N test problems (smoke runs only)")
+    parser.add_argument("--warmup_rows", type=int, default=397, help="disjoint rows the strong base warms up on")
+    parser.add_argument("--warmup_epochs", type=float, default=3.0)
+    parser.add_argument("--warmup_rounds", type=int, default=3, help="warm-up rounds at most, until strong enough")
     parser.add_argument("--warmup_lr", type=float, default=1e-3)
-    parser.add_argument("--probe_rows", type=int, default=32)
-    parser.add_argument("--max_length", type=int, default=160)
+    parser.add_argument("--probe_rows", type=int, default=96)
+    parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--max_new_tokens", type=int, default=20, help="greedy tokens per answer")
     parser.add_argument("--eval_batch", type=int, default=100)
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--lora_layers", type=int, default=6, help="LoRA on the top N decoder layers only")
     parser.add_argument("--split_seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on an oversubscribed machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: this machine's 2 cores are shared; 2 is faster on idle cores)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--data_dir", default=DATA_DIR)
     parser.add_argument("--cache_dir", default=None, help="where warm-up bases are kept")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--summary_only", action="store_true", help="train nothing: merge, summarise, plot")
-    parser.add_argument("--merge", nargs="+", default=None,
-                        help="JSON files of other workers (same settings, other seeds) whose runs join --out")
+    parser.add_argument("--summary_only", action="store_true", help="train nothing: apply the rule to the JSON")
     args = parser.parse_args(argv)
-    quick = args.quick
-    args.places = args.places or (["mid", "strong_noise20"] if quick else ["weak", "mid", "strong_noise20"])
-    args.seeds = args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2])
-    args.steps = args.steps or 16
-    args.train_rows = args.train_rows or args.steps * args.batch
-    args.test_rows = args.test_rows or (100 if quick else 200)
-    args.out = args.out or (OUT.replace(".json", "_quick.json") if quick else OUT)
+    if args.smoke:
+        args.places = args.places or SMOKE_PLACES
+        args.only = args.only or SMOKE_CANDIDATES
+        args.stage, args.train_rows, args.epochs = 1, 8, 1.0
+        args.test_limit, args.probe_rows, args.eval_batch = args.test_limit or 8, 8, 8
+        args.out = args.out or os.path.join(tempfile.gettempdir(), "real_continuum_smoke.json")
+    args.places = args.places or list(PLACES)
+    args.out = args.out or OUT
     return args
 
 
@@ -840,88 +769,99 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     _quiet()
     if args.model is None:
-        sys.path.insert(0, HERE)
-        from trl_prob.models import cache_dir, smollm2_dir
-
         args.model = smollm2_dir()
         args.cache_dir = args.cache_dir or os.path.join(cache_dir(), "real_continuum")
     args.cache_dir = args.cache_dir or os.path.join(tempfile.gettempdir(), "trl-prob-real-continuum")
-    candidates = list(CANDIDATES) if args.quick and not args.only else available_candidates()
-    if args.only:
-        candidates = [c for c in candidates if c[0] in args.only]
-    alias = aliases(candidates)
-    print(f"candidates: {', '.join(n for n, _ in candidates)} (same training as another: {alias or 'none'}); places: {', '.join(args.places)}; seeds {args.seeds}; "
-          f"{args.steps} steps x batch {args.batch}, lr {args.lr}, LoRA r={args.lora_r} on the top {args.lora_layers} "
-          f"layers", flush=True)
+    candidates = available_candidates(args.only)
+    names = [n for n, _ in candidates]
+    print(f"candidates: {', '.join(names)}; places: {', '.join(args.places)}; {args.epochs:g} passes over "
+          f"{args.train_rows} rows at batch {args.batch}, lr {args.lr}, LoRA r={args.lora_r} on the top "
+          f"{args.lora_layers} layers; {args.device}", flush=True)
 
-    record = {"runs": [], "places": {}}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            record = json.load(f)
-    for path in args.merge or ():  # runs of other workers (e.g. one process per seed), by key
-        with open(path) as f:
-            other = json.load(f)
-        keys = {r["key"] for r in record["runs"]}
-        record["runs"] += [r for r in other["runs"] if r["key"] not in keys]
-        for place, info in other.get("places", {}).items():
-            record.setdefault("places", {}).setdefault(place, info)
-    done = {r["key"] for r in record["runs"]}
-    problems = load_problems(args.data_dir)
+    log = RunLog(args.out)
+    record = log.record
     args.place_info = record.setdefault("places", {})
+    problems = load_problems(args.data_dir)
     t_start = time.time()
     prepared = {}
-    for place in [] if args.summary_only else args.places:  # every place's rows, base and placement first
-        split = place_splits(place, args, problems)
-        base_dir = base_dir_for(place, split, args)
-        pkey = settings_key(args, "place", place, PLACES[place], args.max_new_tokens, base_dir)
-        sha, info = weights_sha256(base_dir), args.place_info.get(place, {})
-        if info.get("key") != pkey or info.get("base_sha256") != sha:
-            fresh = dict(measure_place(place, split, base_dir, args), key=pkey, base_sha256=sha)
-            if any(r["place"] == place for r in record["runs"]) and info.get("key") == pkey:
-                check_same_base(place, info, fresh, args.out)
-            args.place_info[place] = fresh
-            _save(record, args.out)
-        prepared[place] = split, base_dir
-    for seed in [] if args.summary_only else args.seeds:  # seed by seed: a run cut short holds whole seeds
-        for place in args.places:
-            split, base_dir = prepared[place]
-            for name, kwargs in candidates:
-                if name in alias:
-                    continue
-                key = run_key(place, name, kwargs, seed, args)
-                if key in done:
-                    continue
-                run = run_one(place, split, base_dir, name, kwargs, seed, args)
-                record["runs"] = [r for r in record["runs"] if (r["place"], r["objective"], r["seed"]) !=
-                                  (place, name, seed)] + [run]  # a run with other settings is replaced
-                done.add(key)
-                _save(record, args.out)
-                lam = f" lambda {run['lambda_path'][0]:.2f}->{run['lambda_path'][-1]:.2f}" if run["lambda_path"] else ""
-                print(f"  {place:14s} {name:12s} seed {seed}: test acc {run['test_acc']:.3f}, mean p "
-                      f"{run['mean_p_before']:.3f} -> {run['mean_p_after']:.3f}{lam} ({run['train_seconds']:.0f} s "
-                      f"train, {run['seconds']:.0f} s total; {time.time() - t_start:.0f} s so far)", flush=True)
 
+    def prepare(place):
+        if place not in prepared:
+            split = place_splits(place, args, problems)
+            base_dir, warmup = base_dir_for(place, split, args)
+            pkey = settings_key(args, "place", place, PLACES[place], args.max_new_tokens, base_dir, PROBE_CONFIG)
+            sha, info = weights_sha256(base_dir), args.place_info.get(place, {})
+            if info.get("key") != pkey or info.get("base_sha256") != sha:
+                fresh = dict(measure_place(place, split, base_dir, warmup, args), key=pkey, base_sha256=sha)
+                if info.get("key") == pkey and any(r["place"] == place for r in log.runs):
+                    check_same_base(place, info, fresh, args.out)
+                args.place_info[place] = fresh
+                log.save()
+            kwargs = {n: (args.place_info[place]["probe_recommends"] if kw is None else kw) for n, kw in candidates}
+            prepared[place] = split, base_dir, kwargs
+        return prepared[place]
+
+    def run(place, name, seed):
+        split, base_dir, kwargs = prepare(place)
+        key = run_key(place, kwargs[name], seed, args)
+        if key in log:
+            return
+        try:
+            r = run_one(place, split, base_dir, name, kwargs[name], seed, args)
+        except Exception as e:  # noqa: BLE001 - one candidate failing (e.g. one trl_prob cannot train yet) is reported
+            failed = dict(place=place, objective=name, seed=seed, config=kwargs[name], error=repr(e)[:500],
+                          date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            log.record.setdefault("failed", []).append(failed)
+            log.save()
+            print(f"  {place:15s} {name:22s} seed {seed}: FAILED {failed['error']} (not recorded as a run; a rerun "
+                  "tries again)", flush=True)
+            return
+        log.add(r)
+        lam = f" lambda {r['lambda_path'][0]:.2f}->{r['lambda_path'][-1]:.2f}" if r["lambda_path"] else ""
+        print(f"  {place:15s} {name:22s} seed {seed}: exact match {r['test_acc']:.3f}, mean p after "
+              f"{r['mean_p_after']:.3f}{lam} ({r['train_seconds']:.0f} s train, {r['seconds']:.0f} s total; "
+              f"{time.time() - t_start:.0f} s so far)", flush=True)
+
+    if not args.summary_only:
+        for place in args.places:  # stage 1: every candidate at every place, seed 0, place by place
+            for name in names:
+                run(place, name, 0)
+        if args.stage == 2:  # stage 2: seeds 1 and 2 for those within two s.e. of the best fixed objective
+            for seed in (1, 2):
+                for place in args.places:
+                    prepare(place)
+                    cell = cells_from_runs(log.runs, {place: place_trainings(place, candidates, args)})[place]
+                    if all(0 in cell[n] for n in names):  # stage 1 complete here
+                        for name in stage_two(cell):
+                            run(place, name, seed)
+
+    place_candidates = {p: place_trainings(p, candidates, args) for p in args.places if p in args.place_info}
+    verdict = apply_rule(cells_from_runs(log.runs, place_candidates), names)
     import transformers
     import trl
 
-    runs = [r for r in record["runs"] if r["place"] in args.places]
-    record["aliases"] = alias
-    runs += [dict(r, objective=name, alias_of=target) for name, target in alias.items() for r in runs
-             if r["objective"] == target]
-    summary = summarise(runs)
     record.update(
         date=datetime.date.today().isoformat(),
         command="python benchmarks/real_continuum.py " + " ".join(sys.argv[1:] if argv is None else argv),
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-        settings={k: v for k, v in vars(args).items() if k not in ("place_info",)},
-        summary=summary,
+        settings={k: v for k, v in vars(args).items() if k != "place_info"},
+        candidates={n: kw for n, kw in candidates}, place_candidates=place_candidates,
+        summary={k: v for k, v in verdict.items() if k != "tables"},
+        tables={p: dict(best_fixed=t["best_fixed"], candidates={c: {k: v for k, v in r.items() if k != "hits"}
+                                                                 for c, r in t["candidates"].items()})
+                for p, t in verdict["tables"].items()},
     )
-    _save(record, args.out)
-    text = format_summary(summary, args.place_info)
-    print("\n" + text + "\n\n" + format_markdown(summary, args.place_info), flush=True)
-    plot(summary, args.place_info, os.path.splitext(args.out)[0] + ".png")
-    print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.png", flush=True)
-    return record
+    log.save()
+    print("\n" + format_summary(verdict, args.place_info) + "\n\n" + format_markdown(verdict, args.place_info),
+          flush=True)
+    print(f"wrote {args.out}", flush=True)
+    return dict(record, runs=log.runs, verdict=verdict)
+
+
+def place_trainings(place: str, candidates, args) -> dict:
+    """``{candidate: what it trains at the place}`` (the probe's choice is the place's)."""
+    rec = args.place_info[place]["probe_recommends"]
+    return {n: training_of(rec if kw is None else kw) for n, kw in candidates}
 
 
 if __name__ == "__main__":
