@@ -145,6 +145,7 @@ def test_lora_loss_and_gradient_match_full_logits_reference(tmp_path, tokenizer,
     want, kl = full_logits_loss(model, inputs, alpha, disabled_adapters(model), lam)
     want.backward()
     assert kl.item() > 1e-3, f"the adapters should move the model off its base: KL {kl.item()}"
+    assert trainer.asft_reference.step_kl() == pytest.approx(kl.item(), rel=1e-4)  # the asft_kl metric
     torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-3, atol=0)
     assert all("lora_" in name for name in ours)  # the reference pass left no gradient on the frozen base
     assert_grads_close(ours, grads(model))
@@ -319,8 +320,9 @@ def test_two_processes_match_one_process(tmp_path):
     assert one["adapters_enabled"] and two["adapters_enabled"]
     assert len(one["logs"]) == len(two["logs"]) == 2
     for a, b in zip(one["logs"], two["logs"]):
-        for key in ("loss", "mean_token_prob", "nll", "grad_norm"):
+        for key in ("loss", "mean_token_prob", "nll", "grad_norm", "asft_kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
+        assert a["asft_kl"] > 1e-3  # the perturbed adapters: a real KL, all-reduced over the two ranks
     # evaluation ran through the KL too (its loss is a mean of per-batch means, which the batch split changes: the
     # per-sample statistics are compared, as in test_training.py)
     for key in ("eval_mean_token_prob", "eval_nll"):

@@ -112,6 +112,7 @@ class AsftReference:
         self._in_reference = False
         self._handle = self.backbone.register_forward_hook(self._capture, with_kwargs=True)
         self.reference_passes = 0  # for tests and logs: how many reference forwards ran
+        self._kl_sum = None  # [sum, count] of this optimizer step's training KL over its target tokens
 
     @classmethod
     def for_trainer(cls, model, args) -> AsftReference:
@@ -204,7 +205,22 @@ class AsftReference:
         self.reference_passes += 1
         kl = chunked_kl(hidden[mask], weight, lm_head.bias, ref_hidden[mask], ref_weight, ref_bias,
                         self.scale, self.softcap, self.ref_scale, self.ref_softcap)  # fmt: skip
+        if self.base.training:
+            step = torch.stack([kl.detach().double().sum(), torch.tensor(float(kl.numel()), dtype=torch.float64,
+                                                                         device=kl.device)])  # fmt: skip
+            self._kl_sum = step if self._kl_sum is None else self._kl_sum + step
         return kl.new_zeros(mask.shape).masked_scatter(mask, kl)
+
+    def step_kl(self, device: torch.device | str = "cpu") -> float:
+        """The mean KL(q_ref || p_model) over the optimizer step's target tokens on all processes (one all-reduce,
+        called on every rank), and a fresh accumulator: the ``asft_kl`` metric. NaN for a step without targets."""
+        from .loss import distributed_sum
+
+        sums, self._kl_sum = self._kl_sum, None
+        if sums is None:
+            sums = torch.zeros(2, dtype=torch.float64, device=device)
+        total, count = distributed_sum(sums.to(device)).tolist()
+        return total / count if count else float("nan")
 
 
 def attach_reference(trainer) -> AsftReference | None:
@@ -218,7 +234,17 @@ def attach_reference(trainer) -> AsftReference | None:
                 f"(objective_schedule={args.objective_schedule!r}) reads none. Drop it, or use --objective asft."
             )
         return None
+    from transformers import TrainerCallback
+
     reference = AsftReference.for_trainer(trainer.model, args)
     reference.active = lambda: trainer._in_compute_loss
     trainer.model.register_forward_hook(reference.on_forward, with_kwargs=True, prepend=True)
+
+    class AsftKL(TrainerCallback):
+        """Logs ``asft_kl`` (the step's mean KL to the reference) with the objective's metrics, on every rank."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            trainer.objective_hook.metrics["asft_kl"].append(reference.step_kl(args.device))
+
+    trainer.add_callback(AsftKL())
     return reference
