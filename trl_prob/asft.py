@@ -18,6 +18,7 @@ model copy and the full fp32 logits of both. Here:
 
 The trainer hands the KL to the objective in :attr:`trl_prob.head.HeadTokens.ref_kl`; everything else (schedules,
 normalisation by TRL over target tokens, accumulation, DDP, checkpoints) is the per-token seam as for every objective.
+Each optimizer step logs ``asft_kl``, its mean KL over the target tokens of all processes.
 """
 
 from __future__ import annotations
