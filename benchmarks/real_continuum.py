@@ -83,7 +83,10 @@ OUT = os.path.join(HERE, "results", "real_continuum.json")
 PROBE = "probe"
 CANDIDATES = [
     ("nll", dict(objective="nll")),
-    ("auto", dict(objective="auto")),  # today's auto (trl_prob/auto.py)
+    # `auto` as it was when the rule was committed (086e746: trl_prob/auto.py's AUTO_SETTINGS then), pinned so that the
+    # design does not move under the run; the auto shipped since (4e8572e: adaptive toward eaft:1 on token_top1) is
+    # the candidate `adaptive->eaft:1` (the same training, so the same runs)
+    ("auto", dict(objective="deft", objective_schedule="adaptive", schedule_signal="token_top1")),
     ("eaft:1", dict(objective="eaft:1")),
     ("p", dict(objective="p")),
     ("dft", dict(objective="dft")),

@@ -263,8 +263,8 @@ def test_runs_of_a_rebuilt_base_that_differs_are_refused(tmp_path):
 
 
 def test_candidates_join_when_accepted(monkeypatch):
-    monkeypatch.setattr(rc, "accepted", lambda kw: kw["objective"] in ("nll", "asft", "auto"))
-    assert [n for n, _ in rc.available_candidates()] == ["nll", "auto", "asft", rc.PROBE]
+    monkeypatch.setattr(rc, "accepted", lambda kw: kw["objective"] in ("nll", "asft", "deft"))
+    assert [n for n, _ in rc.available_candidates()] == ["nll", "auto", "deft", "asft", rc.PROBE]
     assert [n for n, _ in rc.available_candidates(["asft", "probe", "p"])] == ["asft", rc.PROBE]
 
 
@@ -275,6 +275,8 @@ def test_unknown_objective_is_not_accepted():
     assert rc.training_of(dict(objective="p", objective_schedule="adaptive")) == rc.training_of(
         dict(objective="p", objective_schedule="adaptive", schedule_signal="token_top1"))
     assert rc.training_of(dict(objective="p")) != rc.training_of(dict(objective="p", objective_schedule="adaptive"))
+    # the pinned `auto` (the rule's commit) trains what objective="auto" resolved to then: adaptive toward deft
+    assert dict(rc.CANDIDATES)["auto"] == dict(objective="deft", objective_schedule="adaptive", schedule_signal="token_top1")
 
 
 # ------------------------------------------------------------------------------------------------ end to end
