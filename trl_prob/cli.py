@@ -264,6 +264,9 @@ def run_worker(command: str, argv: Sequence[str], held: HeldKernelWarning | None
     """Run ``command`` on this process (what ``accelerate launch`` starts on every rank); YAML keys that only
     accelerate knows are ignored."""
     parsed = parse(command, argv, fail_with_unknown_args=False)
+    # PEFT reads transformers 5's deprecated `is_gradient_checkpointing` when it wraps a model: noise the user did not
+    # cause, on every LoRA run
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     model_config, resume = check_run(command, *parsed[:5], in_worker=True)
     if held is not None and needs_bitsandbytes(parsed[2], parsed[1], model_config):
         held.release()
