@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)
 
 from _launch import python
 
@@ -218,7 +219,7 @@ def test_confidence_candidates_are_valid_configs(confidence_bench, tmp_path):
     assert set(c.ELIGIBLE) | set(c.HINDSIGHT) == set(c.CANDIDATES) and not set(c.ELIGIBLE) & set(c.HINDSIGHT)
     assert c.DEFAULT in c.ELIGIBLE and set(c.FIXED) <= set(c.ELIGIBLE)
     for name, options in c.CANDIDATES.items():
-        config = ProbSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+        config = ExperimentalSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
         assert config.objective == options["objective"], name
         if name in c.HINDSIGHT:  # the last ramp reaches 1 at the end of the run
             assert config.schedule_warmup_start + config.schedule_warmup_ratio <= 1.0

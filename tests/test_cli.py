@@ -60,7 +60,7 @@ def test_top_level_help_lists_commands_and_our_flags(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for text in ("sft", "probe", "plot", "--objective_schedule", "--schedule_p_high", "--overwrite_output_dir",
+    for text in ("sft", "probe", "plot", "--objective_schedule", "--schedule_ramp_high", "--overwrite_output_dir",
                  "Per-token objective", "power:a", "--accelerate_config"):  # fmt: skip
         assert text in out
     # the objective's help in full, as ProbSFTConfig (its registry) writes it
