@@ -186,7 +186,8 @@ def test_bad_objective(capsys, tmp_path):
 def test_bad_schedule_choice(capsys, tmp_path):
     status, err = fail(capsys, ["sft", *TINY, "--output_dir", str(tmp_path), "--objective", "p",
                                 "--objective_schedule", "sometimes"])  # fmt: skip
-    assert status == 2 and "invalid choice: 'sometimes'" in err
+    assert status == 1 and "Unknown objective_schedule 'sometimes'; allowed: none, constant, linear, adaptive" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_bad_value_type(capsys, tmp_path):

@@ -88,7 +88,7 @@ def _gradient_error_vs_reference(trainer, tokenizer, reference_spec, **reference
 @pytest.mark.parametrize("spec", ["power:10", "top_p:0.04"])
 def test_blend_matches_reference(tmp_path, tokenizer, spec):
     """objective_schedule='constant': (1 - lambda) nll + lambda f."""
-    trainer = make_trainer(tmp_path, tokenizer, spec, objective_schedule="constant", objective_lambda=0.3)
+    trainer = make_trainer(tmp_path, tokenizer, spec, objective_schedule="constant", schedule_constant_lambda=0.3)
     trainer.begin_objective()
     assert trainer.objective_lambda == pytest.approx(0.3)
     assert _gradient_error_vs_reference(trainer, tokenizer, spec, lam=0.3) <= 1e-5
@@ -97,7 +97,7 @@ def test_blend_matches_reference(tmp_path, tokenizer, spec):
 def test_exponent_mode_matches_reference(tmp_path, tokenizer):
     """schedule_mode='exponent' trains power:(lambda k)."""
     trainer = make_trainer(
-        tmp_path, tokenizer, "power:10", objective_schedule="constant", objective_lambda=0.25, schedule_mode="exponent"
+        tmp_path, tokenizer, "power:10", objective_schedule="constant", schedule_constant_lambda=0.25, schedule_mode="exponent"
     )
     trainer.begin_objective()
     assert _gradient_error_vs_reference(trainer, tokenizer, "power:2.5") <= 1e-5

@@ -22,7 +22,7 @@ from trl_prob.sources import load_mixture  # noqa: E402
 
 CPU = ["--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none",
        "--disable_tqdm", "true", "--schedule_warm_start_samples", "16"]  # fmt: skip
-PER_SOURCE = ["--objective", "p", "--objective_schedule", "adaptive", "--schedule_per_source", "true"]
+PER_SOURCE = ["--experimental", "--objective", "p", "--objective_schedule", "adaptive", "--schedule_per_source", "true"]
 
 
 def write_jsonl(path, rows) -> str:
