@@ -223,7 +223,9 @@ def test_cli_full_fine_tuning_without_a_reference_is_one_line(tmp_path, capsys):
                        "--objective", "asft", "--max_steps", "1"])  # fmt: skip
     err = capsys.readouterr().err
     # the model loads first (its progress bar may come before): the error is the one last line, no traceback
-    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]
+    from test_cli import stderr_lines  # progress bars (a fresh datasets cache prints some) left out
+
+    lines = stderr_lines(err)
     assert status != 0 and "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("trl-prob sft: error: ") and "--ref_model_name_or_path" in lines[0], lines[0]
     assert not os.path.exists(os.path.join(tmp_path, "checkpoint-1"))

@@ -342,7 +342,9 @@ def test_run_ends_without_trainer_end(monkeypatch, tmp_path, tiny_model, tokeniz
     assert ended == [True]
 
 
-PROGRESS_BAR = re.compile(r"^(.*: *)?\d+%\|.*\|")  # tqdm: "Loading weights:  50%|#####     | 1/2 [...]"
+# tqdm, with a total ("Loading weights:  50%|#####     | 1/2 [...]") or without one ("Generating train split: 200
+# examples [00:00, ...]": datasets preparing a split it has not cached yet)
+PROGRESS_BAR = re.compile(r"^(.*: *)?(\d+%\|.*\||\d+ [\w ]+ \[\d+:\d+)")
 
 
 def stderr_lines(stderr: str) -> list[str]:
