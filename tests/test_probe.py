@@ -445,3 +445,16 @@ def test_per_source_probe_places_each_source_as_its_rows_alone_do(tmp_path, caps
     assert clean_entry["start_lambda"] == pytest.approx(adaptive_lambda(clean_entry["mean_p"], 0.30, 0.55))
     assert saved["sources"]["noisy"]["start_lambda"] == 0.0 and saved["sources"]["noisy"]["lambda_fixed"] is True
     assert ProbeReport(**saved).format_table() == report.format_table()
+
+
+def test_the_note_warns_where_mean_p_overrates_a_model_that_completes_nothing():
+    """SmolLM2 on the quickstart's equations: mean p 0.61 ("strong") but no row completed exactly. The note says so;
+    a model that does complete rows, a weak one, or no measurement get the label-noise note alone."""
+    from trl_prob.probe import NOISE_NOTE, capability_note
+
+    warned = capability_note("model-strong", 0.0)
+    assert warned.endswith(NOISE_NOTE) and "completes only 0.0%" in warned and "weak on this task" in warned
+    assert "intermediate" in capability_note("model-intermediate", 0.01)
+    assert capability_note("model-strong", 0.30) == NOISE_NOTE
+    assert capability_note("model-weak", 0.0) == NOISE_NOTE
+    assert capability_note("model-strong", float("nan")) == NOISE_NOTE

@@ -46,6 +46,8 @@ NOISE_NOTE = (
     "data reads lower than the paper's clean-data bands; that is why the adaptive schedule ramps from 0.30 to 0.55 "
     "by default (see ProbSFTConfig.schedule_ramp_low / schedule_ramp_high)."
 )
+# Below this share of rows completed exactly (teacher-forced), a model is not "strong" on the task, whatever its mean p.
+FORMAT_EXACT = 0.05
 TABLE_BINS = 10  # histogram in the printed table and in probe.json
 PLOT_BINS = 50  # histogram in probe_histogram.png (also in probe.json)
 
@@ -145,6 +147,19 @@ def recommend(
     )
 
 
+def capability_note(continuum: str, exact: float) -> str:
+    """The probe's note: the label-noise caveat, preceded, where the mean p places the model at or above the
+    intermediate band while it completes almost no row exactly, by the warning that mean p misreads it."""
+    if continuum in ("model-strong", "model-intermediate") and not math.isnan(exact) and exact < FORMAT_EXACT:
+        return (
+            f"Mean p reads this model as {continuum.removeprefix('model-')}, yet it completes only {exact:.1%} of the "
+            "measured rows exactly (every target token its first choice): the mean is carried by easy tokens, and the "
+            "task's format is new to it (SmolLM2 on the quickstart's equations: mean p 0.61, exact 0). Treat it as "
+            "weak on this task: prior-leaning objectives barely train the tokens it gets wrong. " + NOISE_NOTE
+        )
+    return NOISE_NOTE
+
+
 def _short(name: str) -> str:
     return name.removeprefix("model-")
 
@@ -240,7 +255,7 @@ class ProbeReport:
             recommended_schedule=schedule,
             recommended_flags=flags,
             reason=reason,
-            note=NOISE_NOTE,
+            note=capability_note(place_on_continuum(mean_p), stats.sequence_top1_share),
             max_length=max_length,
             num_samples_without_targets=measurement.num_samples_without_targets,
             num_samples_dropped=num_samples_dropped,
