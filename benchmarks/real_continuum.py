@@ -753,6 +753,9 @@ def parse_args(argv=None):
     parser.add_argument("--cache_dir", default=None, help="where warm-up bases are kept")
     parser.add_argument("--out", default=None)
     parser.add_argument("--summary_only", action="store_true", help="train nothing: apply the rule to the JSON")
+    parser.add_argument("--absorb", nargs="+", default=[],
+                        help="result files of other workers (e.g. one run with --places mid svamp --out B.json): "
+                             "their places and runs join --out before anything else happens")
     args = parser.parse_args(argv)
     if args.smoke:
         args.places = args.places or SMOKE_PLACES
@@ -784,6 +787,8 @@ def main(argv=None) -> dict:
     log = RunLog(args.out)
     record = log.record
     args.place_info = record.setdefault("places", {})
+    for other in args.absorb:
+        absorb(log, other)
     problems = load_problems(args.data_dir)
     t_start = time.time()
     prepared = {}
@@ -859,6 +864,24 @@ def main(argv=None) -> dict:
           flush=True)
     print(f"wrote {args.out}", flush=True)
     return dict(record, runs=log.runs, verdict=verdict)
+
+
+def absorb(log: RunLog, path: str) -> None:
+    """Join another worker's result file into ``log``: its places (a place measured differently in both is refused)
+    and its runs (a key in both keeps ``log``'s). Workers on disjoint ``--places`` share the 2 cores: 1 thread each."""
+    other = RunLog(path)
+    places = log.record.setdefault("places", {})
+    for place, info in other.record.get("places", {}).items():
+        mine = places.get(place)
+        if mine is not None and (mine.get("key"), mine.get("base_sha256")) != (info.get("key"), info.get("base_sha256")):
+            raise SystemExit(f"real_continuum: --absorb {path}: place {place} was measured on another base or with "
+                             f"other settings there than in {log.path}; absorb files made with the same settings")
+        places[place] = mine or info
+    added = [r for r in other.runs if r["key"] not in log]
+    for r in added:
+        log.add(r)
+    log.save()
+    print(f"absorbed {path}: {len(added)} runs added, {len(other.runs) - len(added)} already here", flush=True)
 
 
 def place_trainings(place: str, candidates, args) -> dict:

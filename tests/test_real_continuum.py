@@ -262,6 +262,23 @@ def test_runs_of_a_rebuilt_base_that_differs_are_refused(tmp_path):
         rc.check_same_base("strong", recorded, dict(recorded, base_sha256="b" * 16), "out.json")
 
 
+def test_absorb_joins_another_workers_places_and_runs(tmp_path):
+    main, other = common.RunLog(str(tmp_path / "a.json")), common.RunLog(str(tmp_path / "b.json"))
+    main.record["places"] = {"weak": dict(key="kw", base_sha256="s0")}
+    main.add(dict(key="weak|x|0", hits=[1]))
+    other.record["places"] = {"mid": dict(key="km", base_sha256="s0"), "weak": dict(key="kw", base_sha256="s0")}
+    other.add(dict(key="mid|x|0", hits=[0, 1]))
+    other.add(dict(key="weak|x|0", hits=[0]))  # a key in both keeps main's
+    rc.absorb(main, other.path)
+    back = common.RunLog(main.path)
+    assert set(back.record["places"]) == {"weak", "mid"} and len(back) == 2
+    assert {r["key"]: r["hits"] for r in back.runs} == {"weak|x|0": [1], "mid|x|0": [0, 1]}
+    other.record["places"]["weak"]["base_sha256"] = "s1"  # measured on another base: refused
+    other.save()
+    with pytest.raises(SystemExit, match="place weak was measured on another base"):
+        rc.absorb(main, other.path)
+
+
 def test_candidates_join_when_accepted(monkeypatch):
     monkeypatch.setattr(rc, "accepted", lambda kw: kw["objective"] in ("nll", "asft", "deft"))
     assert [n for n, _ in rc.available_candidates()] == ["nll", "auto", "deft", "asft", rc.PROBE]
