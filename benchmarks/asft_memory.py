@@ -52,7 +52,6 @@ import sys
 import tempfile
 import time
 import warnings
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,38 +70,6 @@ def load() -> float:
 
 
 # --------------------------------------------------------------------------------------------- part 1: head + loss
-
-
-class _Backbone(torch.nn.Module):
-    def forward(self, inputs_embeds=None, **kwargs):
-        return SimpleNamespace(last_hidden_state=inputs_embeds)
-
-
-class HeadOnlyLM(torch.nn.Module):
-    """A causal LM whose backbone is the identity on ``inputs_embeds``: what ``add_fused_lm_head`` looks up
-    (``config``, ``base_model``, ``get_output_embeddings``), and the full logits from its own forward."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        from transformers import LlamaConfig
-
-        vocab, hidden = weight.shape
-        self.config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=0)
-        self.model = _Backbone()
-        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            self.lm_head.weight.copy_(weight)
-        self.lm_head.weight.requires_grad_(False)  # LoRA: the head is frozen
-
-    @property
-    def base_model(self):
-        return self.model
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def forward(self, inputs_embeds=None, **kwargs):
-        return SimpleNamespace(logits=self.lm_head(inputs_embeds))
 
 
 def make_inputs(vocab, hidden, tokens, dtype, device, seed=0):
@@ -131,7 +98,12 @@ def build_cases(weight, device):
     from trl_prob.head import HeadTokens
     from trl_prob.objectives import get_objective
 
-    model = HeadOnlyLM(weight)
+    from loss_memory import HeadOnlyLM
+
+    vocab, hidden = weight.shape  # LoRA: the head is frozen
+    model = HeadOnlyLM(vocab, hidden, weight.dtype, weight.device, frozen_head=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(weight)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # SFTTrainer's request
     asft = get_objective(f"asft:{ALPHA}")
     reference_copy = {}
@@ -226,17 +198,15 @@ def run_head(args, tokens: int) -> dict:
 
 
 def run_smollm2(args) -> dict:
-    from datasets import Dataset
     from peft import LoraConfig
+    from smollm2_cost import gsm8k_rows
     from train_step import StepRecorder
 
     from trl_prob import ProbSFTConfig, ProbSFTTrainer
     from trl_prob.models import smollm2_dir
 
     model_dir = smollm2_dir()
-    with open(os.path.join(ROOT, "examples", "data", "gsm8k", "train.jsonl")) as f:
-        rows = [json.loads(line) for line, _ in zip(f, range(args.rows * args.steps))]
-    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    data = gsm8k_rows(args.rows * args.steps)
     workdir = tempfile.mkdtemp(prefix="trl-prob-asft-memory-")
     out = {}
     for objective in ("nll", "asft"):

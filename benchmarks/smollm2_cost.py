@@ -34,6 +34,15 @@ CASES = ("trl:nll", "prob:nll", "prob:p", "prob:power:10", "prob:top_p:0.2", "pr
          "prob:top_logp:0.2", "prob:bottom_logp:0.8", "prob:dft", "prob:p+adaptive")  # fmt: skip
 
 
+def gsm8k_rows(n: int):
+    """The first ``n`` shipped GSM8K training rows (prompt / completion) as a Dataset: the rows every step here sees."""
+    from datasets import Dataset
+
+    with open(os.path.join(ROOT, "examples", "data", "gsm8k", "train.jsonl")) as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(n))]
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+
 def build_trainer(case: str, model_dir: str, data, args, output_dir: str):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -100,7 +109,6 @@ def main(argv=None) -> None:
 
     import transformers
     import trl
-    from datasets import Dataset
 
     from trl_prob.models import smollm2_dir
 
@@ -112,9 +120,7 @@ def main(argv=None) -> None:
     if REFERENCE not in cases:
         cases.insert(0, REFERENCE)
     model_dir = smollm2_dir()
-    with open(os.path.join(ROOT, "examples", "data", "gsm8k", "train.jsonl")) as f:
-        rows = [json.loads(line) for line, _ in zip(f, range(args.rows * args.steps))]
-    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    data = gsm8k_rows(args.rows * args.steps)
     workdir = tempfile.mkdtemp(prefix="trl-prob-smollm2-cost-")
 
     summary = {}

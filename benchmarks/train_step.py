@@ -62,7 +62,6 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loss_memory import PeakMemory, device_name  # noqa: E402
 
 DEFAULT_CASES = (

@@ -9,7 +9,6 @@ the LoRA weights after training, an evaluation's metrics, the world size and whe
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sys
@@ -23,7 +22,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import addition_dataset, base_args  # noqa: E402  (conftest also puts benchmarks/ on sys.path)
+from conftest import addition_dataset, base_args, finish_rank  # noqa: E402  (conftest also puts benchmarks/ on sys.path)
 from addition import build_tokenizer  # noqa: E402
 
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
@@ -62,11 +61,12 @@ def main():
         trainer.train()
         evaluation = trainer.evaluate(eval_dataset=addition_dataset(8, seed=11))
         distributed = dist.is_available() and dist.is_initialized()
-        if trainer.accelerator.is_main_process:
+
+        def result():
             peft_model = trainer.accelerator.unwrap_model(trainer.model)
             lora = torch.cat([p.detach().float().flatten() for n, p in peft_model.named_parameters() if "lora_" in n])
             status = peft_model.get_model_status()
-            result = dict(
+            return dict(
                 world_size=dist.get_world_size() if distributed else 1,
                 logs=[entry for entry in trainer.state.log_history if "loss" in entry],
                 evaluation=evaluation,
@@ -74,11 +74,8 @@ def main():
                 adapters_enabled=status.enabled is True and all(status.requires_grad.values()),
                 reference_passes=trainer.asft_reference.reference_passes,
             )
-            with open(out, "w") as f:
-                json.dump(result, f)
-        if distributed:
-            dist.barrier()
-            dist.destroy_process_group()
+
+        finish_rank(trainer, out, result)
 
 
 if __name__ == "__main__":

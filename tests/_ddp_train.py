@@ -12,7 +12,6 @@ rank's first micro-batch, gathered), and an evaluation's metrics. TRL_PROB_TEST_
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sys
@@ -26,7 +25,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import addition_dataset, base_args  # noqa: E402  (conftest also puts benchmarks/ on sys.path)
+from conftest import addition_dataset, base_args, finish_rank  # noqa: E402  (conftest also puts benchmarks/ on sys.path)
 from addition import build_tokenizer  # noqa: E402
 
 from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)
@@ -105,11 +104,12 @@ def main():
             dist.all_gather_object(batches, trainer.first_batch)
         # the full weights on rank 0, whatever holds them (FSDP2 shards them into DTensors)
         state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-        if trainer.accelerator.is_main_process:
+
+        def result():
             names = [name for name, _ in trainer.accelerator.unwrap_model(trainer.model).named_parameters()]
             weights = torch.cat([state[name].detach().float().flatten().cpu() for name in names])
             wrapped = trainer.model_wrapped
-            result = dict(
+            return dict(
                 fsdp=dict(enabled=trainer.is_fsdp_enabled, wrapped=type(wrapped).__name__,
                           sharded=any(type(p).__name__ == "DTensor" for p in wrapped.parameters())),  # fmt: skip
                 deepspeed=dict(enabled=trainer.is_deepspeed_enabled, wrapped=type(wrapped).__name__,
@@ -122,11 +122,8 @@ def main():
                 weights=weights.tolist(),
                 initial_weights=initial.tolist(),
             )
-            with open(out, "w") as f:
-                json.dump(result, f)
-        if distributed:
-            dist.barrier()
-            dist.destroy_process_group()
+
+        finish_rank(trainer, out, result)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,19 @@ def base_args(tmp_path, **overrides):
     )
     args.update(overrides)
     return args
+
+
+def finish_rank(trainer, out: str, result) -> None:
+    """End of a launched training script (tests/_*_train.py): the main process writes ``result()`` as JSON to ``out``;
+    then every rank of a distributed launch meets the others and leaves the process group."""
+    import json
+
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if trainer.accelerator.is_main_process:
+        with open(out, "w") as f:
+            json.dump(result(), f)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()

@@ -78,6 +78,25 @@ def adapters_enabled(peft_model) -> bool:
     return status.enabled is True and all(status.requires_grad.values())
 
 
+def assert_matches_full_logits(trainer, alpha, reference_logits, min_kl):
+    """The trainer's loss and gradient on its first batch against ``full_logits_loss`` with ``reference_logits`` as q;
+    returns our gradients."""
+    model = trainer.model
+    model.train()
+    inputs = first_batch(trainer)
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(inputs))
+    loss.backward()
+    ours = grads(model)
+    model.zero_grad()
+    want, kl = full_logits_loss(model, inputs, alpha, reference_logits)
+    want.backward()
+    assert kl.item() > min_kl, f"the trained model should be off its reference: KL {kl.item()}"
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-3, atol=0)
+    assert_grads_close(ours, grads(model))
+    return ours
+
+
 # ------------------------------------------------------------------------------------------------ the spec
 
 
@@ -187,21 +206,9 @@ def test_trained_head_copy_is_not_the_reference(tmp_path, tokenizer):
     with torch.no_grad():
         model.get_output_embeddings().weight.add_(0.05 * torch.randn_like(model.get_output_embeddings().weight))
     trainer = make_trainer(tmp_path, tokenizer, model)
-    model = trainer.model
-    model.train()
-    inputs = first_batch(trainer)
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(inputs))
-    loss.backward()
-    ours = grads(model)
+    ours = assert_matches_full_logits(trainer, 0.5, disabled_adapters(trainer.model), min_kl=1e-3)
     assert any("modules_to_save" in name for name in ours)
-    model.zero_grad()
-    want, kl = full_logits_loss(model, inputs, 0.5, disabled_adapters(model))
-    want.backward()
-    assert kl.item() > 1e-3
-    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-3, atol=0)
-    assert_grads_close(ours, grads(model))
-    assert adapters_enabled(model)
+    assert adapters_enabled(trainer.model)
 
 
 # ------------------------------------------------------------------------------------------------ full fine-tuning
@@ -243,21 +250,9 @@ def test_full_fine_tuning_with_a_reference_model(tmp_path, tokenizer):
                            ref_model_name_or_path=str(reference_dir), max_steps=2)  # fmt: skip
     model, ref_model = trainer.model, trainer.asft_reference.ref_model
     ref_before = {name: p.detach().clone() for name, p in ref_model.named_parameters()}
-    model.train()
-    inputs = first_batch(trainer)
-
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(inputs))
-    loss.backward()
-    ours = grads(model)
-    model.zero_grad()
-    want, kl = full_logits_loss(model, inputs, 0.5, lambda ids, attention: ref_model(
-        input_ids=ids, attention_mask=attention).logits)  # fmt: skip
-    want.backward()
-    assert kl.item() > 1e-2
-    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-3, atol=0)
+    ours = assert_matches_full_logits(trainer, 0.5, lambda ids, attention: ref_model(
+        input_ids=ids, attention_mask=attention).logits, min_kl=1e-2)  # fmt: skip
     assert "lm_head.weight" in ours  # the KL's gradient reaches the trained head too
-    assert_grads_close(ours, grads(model))
     assert all(p.grad is None and not p.requires_grad for p in ref_model.parameters())
 
     model.zero_grad()
