@@ -100,8 +100,8 @@ def build_cases(weight, device):
 
     from loss_memory import HeadOnlyLM
 
-    vocab, hidden = weight.shape  # LoRA: the head is frozen
-    model = HeadOnlyLM(vocab, hidden, weight.dtype, weight.device, frozen_head=True)
+    vocab, hidden = weight.shape
+    model = HeadOnlyLM(vocab, hidden, weight.dtype, weight.device, frozen_head=True)  # LoRA: the head is frozen
     with torch.no_grad():
         model.lm_head.weight.copy_(weight)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # SFTTrainer's request

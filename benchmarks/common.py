@@ -127,7 +127,8 @@ class RunLog:
     def __len__(self) -> int:
         return len(self.runs)
 
-    def add(self, run: dict) -> None:
+    def add(self, run: dict, save: bool = True) -> None:
+        """Record ``run``; ``save=False`` leaves writing a JSON log to a later :meth:`save` (many runs at once)."""
         k = self._k(run)
         if self.jsonl:
             self.runs.append(run)
@@ -138,7 +139,8 @@ class RunLog:
             return
         self.runs = [r for r in self.runs if self._k(r) != k] + [run]
         self._keys.add(k)
-        self.save()
+        if save:
+            self.save()
 
     def save(self) -> None:
         """Write the whole log (atomically: a run cut short leaves the previous file)."""

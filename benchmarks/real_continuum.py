@@ -879,8 +879,8 @@ def absorb(log: RunLog, path: str) -> None:
         places[place] = mine or info
     added = [r for r in other.runs if r["key"] not in log]
     for r in added:
-        log.add(r)
-    log.save()
+        log.add(r, save=False)
+    log.save()  # once, places and runs together
     print(f"absorbed {path}: {len(added)} runs added, {len(other.runs) - len(added)} already here", flush=True)
 
 
