@@ -756,6 +756,10 @@ def parse_args(argv=None):
     parser.add_argument("--absorb", nargs="+", default=[],
                         help="result files of other workers (e.g. one run with --places mid svamp --out B.json): "
                              "their places and runs join --out before anything else happens")
+    parser.add_argument("--check", nargs="+", default=[], metavar="CANDIDATE",
+                        help="after the verdict: seeds 1 and 2 for these candidates at every place in --places, "
+                             "whatever their stage-1 standing; a check reported beside the verdict, so it needs an "
+                             "--out of its own (absorb the verdict's file into it)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.places = args.places or SMOKE_PLACES
@@ -764,6 +768,8 @@ def parse_args(argv=None):
         args.test_limit, args.probe_rows, args.eval_batch = args.test_limit or 8, 8, 8
         args.out = args.out or os.path.join(tempfile.gettempdir(), "real_continuum_smoke.json")
     args.places = args.places or list(PLACES)
+    if args.check and args.out in (None, OUT):
+        parser.error(f"--check adds runs the rule did not ask for: write them to their own --out, not {OUT}")
     args.out = args.out or OUT
     return args
 
@@ -780,6 +786,10 @@ def main(argv=None) -> dict:
     args.cache_dir = args.cache_dir or os.path.join(tempfile.gettempdir(), "trl-prob-real-continuum")
     candidates = available_candidates(args.only)
     names = [n for n, _ in candidates]
+    unknown = [c for c in args.check if c not in names]
+    if unknown:
+        raise SystemExit(f"real_continuum: --check {' '.join(unknown)}: not a candidate here; candidates: "
+                         f"{', '.join(names)}")
     print(f"candidates: {', '.join(names)}; places: {', '.join(args.places)}; {args.epochs:g} passes over "
           f"{args.train_rows} rows at batch {args.batch}, lr {args.lr}, LoRA r={args.lora_r} on the top "
           f"{args.lora_layers} layers; {args.device}", flush=True)
@@ -842,6 +852,10 @@ def main(argv=None) -> dict:
                     if all(0 in cell[n] for n in names):  # stage 1 complete here
                         for name in stage_two(cell):
                             run(place, name, seed)
+        for name in args.check:  # after the verdict: the seeds the staged rule did not give these candidates
+            for seed in (1, 2):
+                for place in args.places:
+                    run(place, name, seed)
 
     place_candidates = {p: place_trainings(p, candidates, args) for p in args.places if p in args.place_info}
     verdict = apply_rule(cells_from_runs(log.runs, place_candidates), names)

@@ -379,6 +379,19 @@ def test_harness_end_to_end_saves_hits_in_test_order_and_resumes(tiny_model, tmp
     assert sorted(added) == [("mid", "dft"), ("strong_noise25", "dft")]
     with open(out) as f:
         assert len(json.load(f)["runs"]) == 6
+    # --check: seeds 1 and 2 of a named candidate at every place, whatever its standing, in a file of its own
+    added.clear()
+    check = str(tmp_path / "check.json")
+    rc.main(argv[: argv.index("--out")] + ["--out", check, "--absorb", out, "--check", "p"])
+    assert sorted(added) == sorted([("mid", "p"), ("strong_noise25", "p")] * 2)
+    with open(check) as f:
+        runs = json.load(f)["runs"]
+    assert sorted((r["place"], r["seed"]) for r in runs if r["objective"] == "p") == sorted(
+        (place, seed) for place in ("mid", "strong_noise25") for seed in (0, 1, 2))
+    with open(out) as f:
+        assert len(json.load(f)["runs"]) == 6  # the verdict's file is untouched
+    with pytest.raises(SystemExit):
+        rc.parse_args(["--check", "p"])  # not into the verdict's file
 
 
 # ------------------------------------------------------------------------------------------------ mawps_example
