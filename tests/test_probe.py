@@ -22,6 +22,7 @@ from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
 from trl_prob.embedded import default_dataset_path, default_model_path  # noqa: E402
 from trl_prob.measure import Measurement, measure, sample_index  # noqa: E402
 from trl_prob.probe import (  # noqa: E402
+    FORMAT_EXACT,
     PROBE_HISTOGRAM_PNG,
     PROBE_JSON,
     ProbeInputError,
@@ -178,6 +179,16 @@ def test_continuum_and_recommendation(mean_p, continuum, objective, schedule):
     got_objective, got_schedule, reason = recommend(mean_p)
     assert (got_objective, got_schedule) == (objective, schedule)
     assert reason
+
+
+def test_a_model_that_completes_almost_no_row_is_treated_as_weak_whatever_its_mean_p():
+    # SmolLM2 on the quickstart's equations: mean p 0.61, 1.8% of rows exact; the paper's rule alone says p
+    assert recommend(0.61)[:2] == ("p", "none")
+    objective, schedule, reason = recommend(0.61, exact=0.018)
+    assert (objective, schedule) == ("nll", "none") and "1.8%" in reason
+    assert recommend(0.45, exact=0.0)[:2] == ("nll", "none")
+    assert recommend(0.61, exact=FORMAT_EXACT)[:2] == ("p", "none")  # at the cut-off the paper's rule applies
+    assert recommend(0.61, exact=float("nan"))[:2] == ("p", "none")  # not measured: the paper's rule
 
 
 def test_recommendation_keeps_a_prior_leaning_target_and_the_configured_ramp():

@@ -107,6 +107,7 @@ def recommend(
     ramp_high: float = DEFAULT_RAMP[1],
     signal: str = DEFAULT_SIGNAL,
     signal_value: float | None = None,
+    exact: float = float("nan"),
 ) -> tuple[str, str, str]:
     """``(objective, objective_schedule, reason)`` for a model whose mean target probability is ``mean_p``.
 
@@ -115,6 +116,11 @@ def recommend(
     objective where the model is confident, and in between the adaptive schedule. Confidence is read as the adaptive
     schedule reads it (``signal``, whose value is ``signal_value``, on the ramp ``ramp_low`` -> ``ramp_high``), so the probe's
     advice before training and the schedule's lambda during it agree.
+
+    One check of ours before the paper's rule: a model above the weak end by mean p that completes under
+    ``FORMAT_EXACT`` of the measured rows exactly (``exact``, every target token its first choice) is treated as weak,
+    because mean p misreads it (on SmolLM2 where the answer format was new, the rule's ``p`` scored 0.022 and 0.010
+    exact match against NLL's 0.398 and 0.085: benchmarks/README.md).
     """
     from .objectives import get_objective
     from .schedules import adaptive_lambda
@@ -129,6 +135,12 @@ def recommend(
         return "nll", "none", (
             f"at the paper's weak end ({_band('model-weak')}), where NLL wins by far (figfont exact match 35.2 vs "
             "0.0 for 1 - p): prior-leaning objectives barely train tokens the model cannot predict yet."
+        )
+    if not math.isnan(exact) and exact < FORMAT_EXACT:
+        return "nll", "none", (
+            f"mean p reads it above the weak end, yet it completes only {exact:.1%} of the measured rows exactly: the "
+            "task's format is new to it and prior-leaning objectives barely train the tokens it gets wrong (trl-prob's "
+            "check, not the paper's: on SmolLM2 there, p scored 0.022 against NLL's 0.398)."
         )
     if math.isnan(value) or value < ramp_low:
         return spec, "adaptive", (
@@ -237,7 +249,8 @@ class ProbeReport:
         stats = measurement.stats
         mean_p = stats.mean_p
         signals = {name: s.read(stats) for name, s in SIGNALS.items()}
-        objective_spec, schedule, reason = recommend(mean_p, objective, ramp_low, ramp_high, signal, signals[signal])
+        objective_spec, schedule, reason = recommend(mean_p, objective, ramp_low, ramp_high, signal, signals[signal],
+                                                     stats.sequence_top1_share)
         flags = f"--objective {objective_spec} --objective_schedule {schedule}"
         read_as = source_signals or [(signal, ramp_low, ramp_high)] * len(source_names or ())
         return cls(
@@ -376,7 +389,8 @@ def source_report(
 
     mean_p = stats.mean_p
     value = SIGNALS[signal].read(stats)
-    objective_spec, schedule, reason = recommend(mean_p, objective, ramp_low, ramp_high, signal, value)
+    objective_spec, schedule, reason = recommend(mean_p, objective, ramp_low, ramp_high, signal, value,
+                                                 stats.sequence_top1_share)
     return {
         "num_samples": num_samples,
         "num_tokens": stats.num_tokens,
