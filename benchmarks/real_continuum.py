@@ -857,8 +857,7 @@ def main(argv=None) -> dict:
                 for place in args.places:
                     run(place, name, seed)
 
-    place_candidates = {p: place_trainings(p, candidates, args) for p in args.places if p in args.place_info}
-    verdict = apply_rule(cells_from_runs(log.runs, place_candidates), names)
+    place_candidates, verdict = rule_over(log.runs, args.place_info, args.places, candidates)
     import transformers
     import trl
 
@@ -896,6 +895,14 @@ def absorb(log: RunLog, path: str) -> None:
         log.add(r, save=False)
     log.save()  # once, places and runs together
     print(f"absorbed {path}: {len(added)} runs added, {len(other.runs) - len(added)} already here", flush=True)
+
+
+def rule_over(runs: list[dict], place_info: dict, places, candidates) -> tuple[dict, dict]:
+    """``({place: {candidate: what it trains}}, the rule's verdict)`` over ``runs`` at those of ``places`` measured
+    in ``place_info``."""
+    args = argparse.Namespace(place_info=place_info)
+    place_candidates = {p: place_trainings(p, candidates, args) for p in places if p in place_info}
+    return place_candidates, apply_rule(cells_from_runs(runs, place_candidates), [n for n, _ in candidates])
 
 
 def place_trainings(place: str, candidates, args) -> dict:

@@ -299,16 +299,12 @@ def test_unknown_objective_is_not_accepted():
 def test_trl_prob_auto_is_the_winner_of_the_committed_results():
     """The rule applied afresh to the committed runs names the winner the results file records, and trl_prob's
     ``auto`` trains exactly what that candidate trains (so ``auto`` cannot drift from the evidence unnoticed)."""
-    from types import SimpleNamespace
-
     from trl_prob.auto import AUTO_SETTINGS
 
     with open(rc.OUT) as f:
         record = json.load(f)
     candidates = rc.available_candidates()
-    args = SimpleNamespace(place_info=record["places"])
-    trainings = {place: rc.place_trainings(place, candidates, args) for place in record["places"]}
-    verdict = rc.apply_rule(rc.cells_from_runs(record["runs"], trainings), [n for n, _ in candidates])
+    _, verdict = rc.rule_over(record["runs"], record["places"], list(record["places"]), candidates)
     assert len(verdict["places_in_rule"]) == 5 and verdict["auto"] == record["summary"]["auto"]
     assert rc.training_of(dict(candidates)[verdict["auto"]]) == rc.training_of(dict(objective="auto"))
     assert rc.training_of(dict(objective="auto")) == rc.training_of(AUTO_SETTINGS)

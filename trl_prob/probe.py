@@ -136,7 +136,7 @@ def recommend(
             f"at the paper's weak end ({_band('model-weak')}), where NLL wins by far (figfont exact match 35.2 vs "
             "0.0 for 1 - p): prior-leaning objectives barely train tokens the model cannot predict yet."
         )
-    if not math.isnan(exact) and exact < FORMAT_EXACT:
+    if completes_almost_nothing(exact):
         return "nll", "none", (
             f"mean p reads it above the weak end, yet it completes only {exact:.1%} of the measured rows exactly: the "
             "task's format is new to it and prior-leaning objectives barely train the tokens it gets wrong (trl-prob's "
@@ -159,10 +159,16 @@ def recommend(
     )
 
 
+def completes_almost_nothing(exact: float) -> bool:
+    """Whether a model completes under ``FORMAT_EXACT`` of the measured rows exactly (``exact``; NaN: not measured),
+    the sign that mean p misreads it: the task's format is new to it."""
+    return not math.isnan(exact) and exact < FORMAT_EXACT
+
+
 def capability_note(continuum: str, exact: float) -> str:
     """The probe's note: the label-noise caveat, preceded, where the mean p places the model at or above the
     intermediate band while it completes almost no row exactly, by the warning that mean p misreads it."""
-    if continuum in ("model-strong", "model-intermediate") and not math.isnan(exact) and exact < FORMAT_EXACT:
+    if continuum in ("model-strong", "model-intermediate") and completes_almost_nothing(exact):
         return (
             f"Mean p reads this model as {continuum.removeprefix('model-')}, yet it completes only {exact:.1%} of the "
             "measured rows exactly (every target token its first choice): the mean is carried by easy tokens, and the "
