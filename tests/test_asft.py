@@ -127,6 +127,40 @@ def test_chunked_kl_matches_full_logits_with_a_bias():
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_divergence_passes_the_parameters_of_trls_forward(monkeypatch):
+    """chunked_kl calls TRL's ChunkedDivergenceFunction (an autograd Function: positional arguments) through
+    chunked_divergence, by name: the names it passes are TRL's forward's parameters, in TRL's order, so a release that
+    renames, drops or reorders one fails here."""
+    import inspect
+
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    from trl_prob.asft import DIVERGENCE_PARAMETERS, chunked_divergence
+
+    parameters = list(inspect.signature(ChunkedDivergenceFunction.forward).parameters)
+    assert parameters[0] == "ctx" and tuple(parameters[1:]) == DIVERGENCE_PARAMETERS
+    seen = {}
+
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, beta,
+                temperature=1.0, student_logit_scale=1.0, student_final_logit_softcapping=None, teacher_logit_scale=1.0,
+                teacher_final_logit_softcapping=None):  # fmt: skip
+        seen.update(locals())
+        return student_hidden, student_hidden
+
+    class Recorder(torch.autograd.Function):
+        pass
+
+    Recorder.forward = staticmethod(forward)
+    Recorder.backward = staticmethod(lambda ctx, *grads: (None,) * 12)
+    named = {name: torch.zeros(1) if "hidden" in name else index for index, name in enumerate(DIVERGENCE_PARAMETERS)}
+    monkeypatch.setattr("trl.kernels.chunked_divergence.ChunkedDivergenceFunction", Recorder)
+    chunked_divergence(**named)
+    assert {name: seen[name] for name in named if "hidden" not in name} == {
+        name: value for name, value in named.items() if "hidden" not in name}  # every value in its own slot
+    with pytest.raises(TypeError, match="student_logits_scale"):  # a name TRL does not have
+        chunked_divergence(**named, student_logits_scale=1.0)
+
+
 # ------------------------------------------------------------------------------------------------ LoRA: value and gradient
 
 

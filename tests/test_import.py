@@ -23,10 +23,13 @@ def test_unknown_attribute_is_an_attribute_error():
         trl_prob.no_such_name  # noqa: B018
 
 
-def test_untested_trl_is_refused_when_the_config_loads(monkeypatch):
+def test_untested_trl_is_checked_when_the_config_loads(monkeypatch):
+    """Outside the tested range the contract decides (tests/test_trl_contract.py tests both branches); the escape
+    hatch skips it."""
     monkeypatch.setattr(trl_prob, "TESTED_TRL", ("0.1.0", "0.2.0"))
     monkeypatch.delenv("TRL_PROB_ALLOW_UNTESTED_TRL", raising=False)
-    with pytest.raises(ImportError, match=r"trl>=0.1.0,<0.2.0"):
+    monkeypatch.setattr(trl_prob, "trl_contract_problem", lambda: "the head is gone")
+    with pytest.raises(ImportError, match=r"cannot run on trl .*: the head is gone\. .*trl>=0.1.0,<0.2.0"):
         trl_prob.check_trl_version()
     monkeypatch.setenv("TRL_PROB_ALLOW_UNTESTED_TRL", "1")
     trl_prob.check_trl_version()

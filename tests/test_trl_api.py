@@ -1,7 +1,8 @@
 """The TRL / accelerate / transformers / datasets API that ``trl_prob/cli.py`` and ``trl_prob/preflight.py`` call,
 pinned: each name imports from its public path and takes the parameters we pass, and the few behaviours the launcher
 builds on hold. A release that moves, renames or changes one fails here instead of in a user's run. The two files are
-read to check that they import nothing private (but the one TRL function named in PRIVATE) and nothing unpinned."""
+read to check that they import nothing private and nothing unpinned; every file of trl_prob/ is read to check that it
+touches no private name of TRL, transformers, PEFT or accelerate but the few in ALLOWED_PRIVATE, each with its reason."""
 
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ CALLABLES = {
     ("trl.cli.commands.base", "Command.run"): ("args", "context"),
     ("trl.cli.commands.base", "CommandContext"): ("argv",),
     ("trl.cli.commands.base", "CommandContext.argv_after"): ("token",),
-    ("trl.cli.commands.training", "_subtract_subsequence"): ("lst", "subseq"),
     ("accelerate.commands.launch", "launch_command_parser"): ("subparsers",),
     ("accelerate.commands.utils", "CustomArgumentParser"): (),  # argparse's keywords, through add_subparsers
     ("accelerate.commands.launch", "launch_command"): ("args",),
@@ -55,8 +55,6 @@ CALLABLES = {
     ("datasets", "load_dataset"): ("path", "name", "streaming"),
     ("datasets", "load_dataset_builder"): ("path", "name", "data_dir", "data_files"),
 }
-# The private TRL names imported, and why: TRL's launcher splits its argv with this function; we call the same one.
-PRIVATE = {("trl.cli.commands.training", "_subtract_subsequence")}
 # Dataclasses whose fields cli.py reads.
 FIELDS = {
     ("trl", "ScriptArguments"): ("dataset_name", "dataset_config", "dataset_streaming", "dataset_train_split",
@@ -100,7 +98,7 @@ def test_cli_imports_only_pinned_public_names():
             imported |= {(node.module, alias.name) for alias in node.names}
         elif isinstance(node, ast.Import):
             assert not [a.name for a in node.names if a.name.split(".")[0] in LIBRARIES], "import names from modules"
-    private = [f"{m}.{n}" for m, n in imported - PRIVATE if any(part.startswith("_") for part in [*m.split("."), n])]
+    private = [f"{m}.{n}" for m, n in imported if any(part.startswith("_") for part in [*m.split("."), n])]
     assert not private, f"private imports: {private}"
     pinned = {(module, attribute.split(".")[0]) for module, attribute in [*CALLABLES, *FIELDS, *CONSTANTS]}
     assert imported - pinned == set(), "pin these in CALLABLES or FIELDS"
@@ -164,13 +162,25 @@ def test_accelerate_launch_parses_a_module_entry():
     assert (namespace.training_script, namespace.training_script_args) == ("trl_prob.cli", ["sft", "--objective", "p"])
 
 
-def test_trl_subtracts_the_accelerate_flags_in_order():
-    """TRL's own split of the launcher's argv: the remaining (accelerate) strings removed in order, the rest kept."""
+@pytest.mark.parametrize("argv, remaining", [
+    (["--config", "a.yaml", "--num_processes", "2", "--lr", "2", "--multi_gpu", "--x", "2"],
+     ["--num_processes", "2", "--multi_gpu"]),
+    ([], []),
+    (["--lr", "1"], []),
+    (["--multi_gpu"], ["--multi_gpu"]),
+    (["2", "--a", "2", "--b", "2"], ["--a", "2"]),  # the first "2" stays: it precedes --a
+    (["--a", "--a", "--a"], ["--a", "--a"]),
+    (["--a", "1", "--b"], ["--b", "--a"]),  # out of order: only --b's ... nothing after it matches --a
+    (["x", "y"], ["z"]),  # an element that never occurs: nothing more is removed
+])  # fmt: skip
+def test_local_subtract_subsequence_matches_trls(argv, remaining):
+    """trl_prob.cli splits the launcher's argv as TRL's launcher does, with a copy of TRL's private
+    ``_subtract_subsequence``: the two agree (the remaining strings removed in order, the rest kept)."""
     from trl.cli.commands.training import _subtract_subsequence
 
-    argv = ["--config", "a.yaml", "--num_processes", "2", "--lr", "2", "--multi_gpu", "--x", "2"]
-    assert _subtract_subsequence(argv, ["--num_processes", "2", "--multi_gpu"]) == ["--config", "a.yaml", "--lr", "2",
-                                                                                    "--x", "2"]  # fmt: skip
+    from trl_prob.cli import subtract_subsequence
+
+    assert subtract_subsequence(argv, remaining) == _subtract_subsequence(list(argv), list(remaining))
 
 
 def test_trl_commands_run_with_the_argv_after_their_name():
@@ -197,3 +207,156 @@ def test_accelerate_launch_parser_built_as_a_subcommand_uses_our_parser_class():
     assert (namespace.training_script, namespace.training_script_args) == ("m", ["sft", "--lr", "1"])
     with pytest.raises(RuntimeError, match="num_processes"):
         parser.parse_known_args(["--num_processes", "two", "m"])
+
+
+# ------------------------------------------------------------------------------------------ private names, all of trl_prob
+
+# The private names of TRL / transformers / PEFT / accelerate that trl_prob/ may touch: (file under trl_prob/, name) ->
+# why no public name or small copy does. Every other private name of theirs found in trl_prob/ fails the scan, and an
+# entry no longer found fails too (the list shrinks with the code).
+ALLOWED_PRIVATE = {
+    ("checkpoints.py", "_total_train_tokens"): "TRL's token counter (logged as num_tokens) lives only there: read to "
+    "save it in a checkpoint, set to continue it on resume; no public name reads or sets it (checkpoints.py says more)",
+    ("trainer.py", "_set_signature_columns_if_needed"): "the one transformers hook that decides which dataset columns "
+    "remove_unused_columns keeps; per-source runs add their source id column (trainer.py says why no public way does)",
+    ("trainer.py", "_signature_columns"): "the list that hook fills (same reason)",
+    ("trainer.py", "_tag_names"): "the model-card tags transformers/TRL read from the trainer class; TRL's own "
+    "trainers set them the same way and no argument takes them",
+    ("trainer.py", "_name_or_path"): "SFTTrainer's own default output_dir reads config._name_or_path; the public "
+    "PretrainedConfig.name_or_path gives the same (to switch when trainer.py's __init__ is next edited)",
+    ("probe.py", "_name_or_path"): "the model's name as the config holds it; the public PretrainedConfig.name_or_path "
+    "gives the same (to switch when probe.py is next edited)",
+}
+PRIVATE_LIBRARIES = ("trl", "transformers", "peft", "accelerate")
+
+
+def _library_private_names() -> set[str]:
+    """Every ``_name`` (not dunder) that occurs in the source of the four libraries (transformers' model files aside:
+    thousands of architectures, none of which trl_prob names)."""
+    import importlib.util
+    import re
+
+    names, word = set(), re.compile(r"\b_[A-Za-z]\w*")
+    for library in PRIVATE_LIBRARIES:
+        root = os.path.dirname(importlib.util.find_spec(library).origin)
+        for folder, _, files in os.walk(root):
+            if library == "transformers" and f"{os.sep}models{os.sep}" in f"{folder}{os.sep}":
+                continue
+            for name in files:
+                if name.endswith(".py"):
+                    with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                        names.update(word.findall(f.read()))
+    return names
+
+
+def _extended_library_names() -> set[str]:
+    """The ``_names`` in the source of the library classes trl_prob subclasses or mixes into (SFTTrainer and its
+    bases, the callback classes): a method or attribute trl_prob defines under one of these overrides theirs."""
+    import re
+
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+    from trl import SFTTrainer
+
+    names, word = set(), re.compile(r"\b_[A-Za-z]\w*")
+    for cls in {*SFTTrainer.__mro__, TrainerCallback, ExportableState} - {object}:
+        try:
+            names.update(word.findall(inspect.getsource(cls)))
+        except (OSError, TypeError):
+            pass
+    return names
+
+
+def private_uses(path: str) -> list[tuple[int, str, bool]]:
+    """(line, name, imported) of every private name ``path`` imports from the libraries (``imported``), or reads, sets
+    or defines as an attribute (``x._name``, ``getattr(x, "_name")``, ``def _name`` / ``_name = ...`` in a class
+    body)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PRIVATE_LIBRARIES:
+            for alias in node.names:
+                if any(part.startswith("_") for part in [*node.module.split("."), alias.name]):
+                    found.append((node.lineno, alias.name, True))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, True) for a in node.names
+                      if a.name.split(".")[0] in PRIVATE_LIBRARIES and "._" in f".{a.name}"]  # fmt: skip
+    return found + [(line, name, False) for line, name, _ in _attribute_names(tree)]
+
+
+def _attribute_names(tree) -> list[tuple[int, str, bool]]:
+    """(line, name, defines) of every private non-dunder attribute name in ``tree``: ``x._name`` (``defines`` when
+    ``self._name`` is assigned), ``getattr/hasattr/setattr/delattr(x, "_name")``, and methods / class attributes."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            defines = isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name) and node.value.id == "self"
+            found.append((node.lineno, node.attr, defines))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) > 1
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):  # fmt: skip
+            found.append((node.lineno, node.args[1].value, False))
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    found.append((item.lineno, item.name, True))
+                elif isinstance(item, (ast.Assign, ast.AnnAssign)):
+                    targets = item.targets if isinstance(item, ast.Assign) else [item.target]
+                    found += [(item.lineno, t.id, True) for t in targets if isinstance(t, ast.Name)]
+    return [(line, name, defines) for line, name, defines in found
+            if name.startswith("_") and not (name.startswith("__") and name.endswith("__"))]
+
+
+def package_files() -> list[str]:
+    return sorted(os.path.join(folder, name) for folder, _, files in os.walk(PACKAGE) for name in files
+                  if name.endswith(".py"))  # fmt: skip
+
+
+def library_private_uses() -> dict[tuple[str, str], list[int]]:
+    """(file under trl_prob/, name) -> lines, for every private name of the four libraries trl_prob/ touches."""
+    library, extended = _library_private_names(), _extended_library_names()
+    trees = {path: ast.parse(open(path, encoding="utf-8").read()) for path in package_files()}
+    ours = {name for tree in trees.values() for _, name, defines in _attribute_names(tree) if defines}
+    ours |= {node.name for tree in trees.values() for node in ast.walk(tree)
+             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}  # fmt: skip
+    uses: dict[tuple[str, str], list[int]] = {}
+    for path in trees:
+        where = os.path.relpath(path, PACKAGE)
+        for line, name, imported in private_uses(path):
+            # theirs: imported from them, an override of a class trl_prob extends, or in their source and not ours
+            if imported or name in extended or (name in library and name not in ours):
+                uses.setdefault((where, name), []).append(line)
+    return uses
+
+
+def test_trl_prob_touches_no_private_library_name_but_the_allowed():
+    uses = library_private_uses()
+    unexpected = {f"trl_prob/{where}:{lines[0]} {name}" for (where, name), lines in uses.items()
+                  if (where, name) not in ALLOWED_PRIVATE}  # fmt: skip
+    assert not unexpected, (
+        f"private TRL/transformers/PEFT/accelerate names: {sorted(unexpected)}. Use a public name or a small tested "
+        "copy, or add it to ALLOWED_PRIVATE with the reason none does."
+    )
+    stale = set(ALLOWED_PRIVATE) - set(uses)
+    assert not stale, f"ALLOWED_PRIVATE entries no longer used (remove them): {sorted(stale)}"
+
+
+def test_private_name_scan_finds_each_kind_of_use(tmp_path):
+    """The scan's own check: an import, an attribute read, a getattr and an override are each found."""
+    source = tmp_path / "x.py"
+    source.write_text(
+        "from trl.cli.commands.training import _subtract_subsequence\n"
+        "import transformers.trainer_utils\n"
+        "def f(trainer):\n"
+        "    trainer._total_train_tokens = 1\n"
+        "    return getattr(trainer, '_signature_columns', None)\n"
+        "class T:\n"
+        "    def _set_signature_columns_if_needed(self):\n"
+        "        pass\n"
+    )
+    found = {name for _, name, _ in private_uses(str(source))}
+    assert found == {"_subtract_subsequence", "_total_train_tokens", "_signature_columns",
+                     "_set_signature_columns_if_needed"}  # fmt: skip
+    assert {"_total_train_tokens", "_signature_columns", "_set_signature_columns_if_needed"} <= (
+        _library_private_names() & _extended_library_names()
+    )

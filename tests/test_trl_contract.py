@@ -48,3 +48,59 @@ def test_trl_version_is_the_tested_range():
 
     low, high = (Version(v) for v in TESTED_TRL)
     assert low <= Version(trl.__version__) < high
+
+
+# ------------------------------------------------------------------------------ the gate: a contract, not a version
+
+
+def test_contract_holds_on_the_installed_trl():
+    import trl_prob
+
+    assert trl_prob.trl_contract_problem() is None
+
+
+def test_newer_trl_that_keeps_the_contract_runs(monkeypatch):
+    import trl_prob
+
+    monkeypatch.setattr(trl_prob, "TESTED_TRL", ("0.1.0", "0.2.0"))  # the installed TRL is now "untested"
+    monkeypatch.delenv("TRL_PROB_ALLOW_UNTESTED_TRL", raising=False)
+    with pytest.warns(UserWarning, match="contract holds"):
+        trl_prob.check_trl_version()
+
+
+def _fused_head_without_outputs(model, temperature=1.0):
+    pass
+
+
+def _compute_loss_training_the_nll(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    outputs = model(**inputs, fused_lm_head=True)
+    return outputs.loss
+
+
+@pytest.mark.parametrize("broken, names", [
+    (("add_fused_lm_head", None), "add_fused_lm_head (the fused log-prob head) is gone"),
+    (("add_fused_lm_head", _fused_head_without_outputs), "add_fused_lm_head takes no `outputs`"),
+    (("FusedCausalLMOutput", None), "FusedCausalLMOutput) has no log_probs, label_mask, entropy"),
+    (("compute_loss", _compute_loss_training_the_nll), "no longer trains -outputs.log_probs"),
+], ids=["no-head", "head-without-outputs", "output-without-fields", "compute-loss-trains-another-field"])  # fmt: skip
+def test_newer_trl_that_breaks_the_contract_is_refused_in_one_line(monkeypatch, broken, names):
+    import trl_prob
+    from trl.trainer import utils
+
+    name, value = broken
+    monkeypatch.setattr(trl.SFTTrainer if name == "compute_loss" else utils, name, value)
+    monkeypatch.setattr(trl_prob, "TESTED_TRL", ("0.1.0", "0.2.0"))
+    monkeypatch.delenv("TRL_PROB_ALLOW_UNTESTED_TRL", raising=False)
+    with pytest.raises(ImportError) as error:
+        trl_prob.check_trl_version()
+    message = str(error.value)
+    assert names in message and f"trl {trl.__version__}" in message and len(message.splitlines()) == 1, message
+    monkeypatch.setenv("TRL_PROB_ALLOW_UNTESTED_TRL", "1")  # the escape hatch
+    trl_prob.check_trl_version()
+
+
+def test_inside_the_tested_range_the_contract_is_not_inspected(monkeypatch):
+    import trl_prob
+
+    monkeypatch.setattr(trl_prob, "trl_contract_problem", lambda: pytest.fail("inspected"))
+    trl_prob.check_trl_version()

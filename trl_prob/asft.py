@@ -24,6 +24,7 @@ Each optimizer step logs ``asft_kl``, its mean KL over the target tokens of all 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import replace
 
@@ -80,18 +81,38 @@ def reference_head(lm_head: torch.nn.Module) -> torch.nn.Module:
 def chunked_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, scale=1.0, softcap=None, ref_scale=1.0,
                ref_softcap=None) -> torch.Tensor:  # fmt: skip
     """KL(q_ref || p_model) per row of ``hidden`` [N, H] (fp32 [N]), through the LM heads, without [N x V] logits."""
-    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
-
     if hidden.shape[0] == 0:  # no target token: a zero that stays connected to the graph
         return hidden.sum(-1).float() * 0.0
     # FSDP2 shards the heads into DTensors: gathered once here, as TRL's fused head and distillation loss do
     weight, bias, ref_weight, ref_bias = (x.full_tensor() if isinstance(x, DTensor) else x
                                           for x in (weight, bias, ref_weight, ref_bias))  # fmt: skip
-    kl, _ = ChunkedDivergenceFunction.apply(
-        hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(),
-        0.0, 1.0, scale, softcap, ref_scale, ref_softcap,
+    kl, _ = chunked_divergence(
+        student_hidden=hidden, student_weight=weight, student_bias=bias, teacher_hidden=ref_hidden.detach(),
+        teacher_weight=ref_weight.detach(), teacher_bias=None if ref_bias is None else ref_bias.detach(),
+        beta=0.0, temperature=1.0, student_logit_scale=scale, student_final_logit_softcapping=softcap,
+        teacher_logit_scale=ref_scale, teacher_final_logit_softcapping=ref_softcap,
     )  # fmt: skip
     return kl.float()
+
+
+# The parameters of TRL's `ChunkedDivergenceFunction.forward` (after `ctx`) that `chunked_kl` passes, in TRL's order;
+# tests/test_asft.py checks them against `inspect.signature` of TRL's forward.
+DIVERGENCE_PARAMETERS = (
+    "student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias", "beta",
+    "temperature", "student_logit_scale", "student_final_logit_softcapping", "teacher_logit_scale",
+    "teacher_final_logit_softcapping",
+)  # fmt: skip
+
+
+def chunked_divergence(**named):
+    """TRL's ``ChunkedDivergenceFunction`` called by parameter name: a ``torch.autograd.Function`` takes its arguments
+    positionally, so they are put in the order of TRL's ``forward`` signature here (a parameter TRL renamed or dropped
+    is a ``TypeError`` naming it, never a value in the wrong slot)."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    bound = inspect.signature(ChunkedDivergenceFunction.forward).bind(None, **named)  # None: `ctx`
+    bound.apply_defaults()
+    return ChunkedDivergenceFunction.apply(*bound.args[1:])
 
 
 class AsftReference:

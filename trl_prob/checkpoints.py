@@ -48,6 +48,12 @@ def completion_callback(trainer) -> TrainerCallback:
             self.world_size = world_size
             self.train_tokens = None  # TRL's counter at the checkpoint a run resumes from (set by the trainer)
 
+        # TRL's counter is the private `SFTTrainer._total_train_tokens` (read here, set on resume), kept on purpose:
+        # it is what TRL logs as `num_tokens`, and no public name reads or sets it. `state.num_input_tokens_seen`
+        # (`include_num_input_tokens_seen`) is transformers' own count, saved and restored, but a separate counter
+        # (off by default) that TRL's `num_tokens` never reads, so restoring it would not continue TRL's log; recounting
+        # the dataset cannot give TRL's number either (padding, packing, the step a run stopped at). A TRL without the
+        # attribute: None, and nothing is restored. tests/test_trl_api.py allows exactly these uses.
         def state(self) -> dict:
             tokens = getattr(trainer, "_total_train_tokens", None)
             return {"args": {"world_size": trainer.args.world_size}, "attributes": {"train_tokens": tokens}}

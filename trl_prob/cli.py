@@ -308,6 +308,21 @@ def _accelerate_parser():
     return launch_command_parser(argparse.ArgumentParser(prog=PROG).add_subparsers(parser_class=Parser))
 
 
+def subtract_subsequence(items: Sequence[str], subsequence: Sequence[str]) -> list[str]:
+    """``items`` with the ordered ``subsequence`` removed (the first match of each element, in order): how TRL's
+    launcher splits its argv (``trl.cli.commands.training._subtract_subsequence``, a private function, copied here;
+    tests/test_trl_api.py compares the two)."""
+    rest = iter(subsequence)
+    current = next(rest, None)
+    kept = []
+    for item in items:
+        if current is not None and item == current:
+            current = next(rest, None)
+        else:
+            kept.append(item)
+    return kept
+
+
 def launch(command: str, argv: Sequence[str], launch_command_fn: Callable | None = None) -> int:
     """``TrainingCommand.run`` (``trl/cli/commands/training.py``): parse, split the flags as TRL does, check
     (:func:`trl_prob.preflight.check_run`), then ``accelerate launch [accelerate flags] --module trl_prob.cli COMMAND
@@ -316,14 +331,13 @@ def launch(command: str, argv: Sequence[str], launch_command_fn: Callable | None
     from accelerate.commands.launch import launch_command
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
-    from trl.cli.commands.training import _subtract_subsequence
 
     argv = list(argv)
     *parsed, config_remaining, cli_remaining = parse(command, argv, return_remaining_strings=True,
                                                      separate_remaining_strings=True)  # fmt: skip
     with bad_input(status=2):
         launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
-    script = ["--module", WORKER_MODULE, command, *_subtract_subsequence(argv, cli_remaining)]
+    script = ["--module", WORKER_MODULE, command, *subtract_subsequence(argv, cli_remaining)]
     namespace, unknown = _accelerate_parser().parse_known_args([*launch_args, *script])
     if namespace.training_script != WORKER_MODULE and not unknown:  # a stray value took the module's place
         unknown = [namespace.training_script]

@@ -254,7 +254,11 @@ class ProbObjectiveMixin:
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _set_signature_columns_if_needed(self):
-        # Per-source runs keep their source id column through TRL's column pruning (transformers has no public way).
+        # Per-source runs keep their source id column through the column pruning of `remove_unused_columns`. Kept
+        # private on purpose (tests/test_trl_api.py allows it): transformers keeps the columns in `_signature_columns`
+        # and nothing public adds one. `args.label_names` would (transformers appends them), but TRL's override of this
+        # method drops them, and they also change evaluation's label handling; `remove_unused_columns=False` keeps
+        # every column (the raw text ones too) for every collator; a collator sees the rows only after the pruning.
         super()._set_signature_columns_if_needed()
         if self.sources is not None and SOURCE_ID not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, SOURCE_ID]
