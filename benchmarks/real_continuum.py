@@ -93,13 +93,39 @@ CANDIDATES = [
     ("deft", dict(objective="deft")),
     ("deft_cayley", dict(objective="deft_cayley")),
     ("asft", dict(objective="asft")),
-    ("adaptive->p", dict(objective="p", objective_schedule="adaptive")),  # the mission's schedule as shipped
+    # v1's schedules followed the default signal of their day, token_top1; pinned since the default moved (issue 34)
+    ("adaptive->p", dict(objective="p", objective_schedule="adaptive", schedule_signal="token_top1")),  # as shipped
     (PROBE, None),
     # new auto designs: adaptive from NLL toward eaft:1, on the shipped signal (token_top1) and on mean p
-    ("adaptive->eaft:1", dict(objective="eaft:1", objective_schedule="adaptive")),
+    ("adaptive->eaft:1", dict(objective="eaft:1", objective_schedule="adaptive", schedule_signal="token_top1")),
     ("adaptive:mean->eaft:1", dict(objective="eaft:1", objective_schedule="adaptive", schedule_signal="mean")),
 ]
 FIXED = ["nll", "p", "dft", "deft", "deft_cayley", "eaft:1", "asft"]  # "the best fixed objective": best of these
+
+# Issue 34 (v2): the candidates of the rule committed in benchmarks/README.md ("v2: trajectory places and a rule a
+# single seed cannot flip") before its first run. `seq` is the new default signal, sequence_top1 (teacher-forced exact
+# match of the step's completions); `mean->p` is the mission's schedule as the design asks: NLL -> -p^k on the
+# paper's mean p, the power family itself sliding (exponent mode, k = 1); `seq_clean->p` is our own design: the
+# noise-aware signal (a label the model confidently contradicts does not spoil a completion).
+CANDIDATES_V2 = [
+    ("nll", dict(objective="nll")),
+    ("p", dict(objective="p")),
+    ("eaft:1", dict(objective="eaft:1")),
+    ("asft", dict(objective="asft")),
+    ("deft_cayley", dict(objective="deft_cayley")),
+    ("mean->p", dict(objective="power:1", objective_schedule="adaptive", schedule_signal="mean",
+                     schedule_mode="exponent")),
+    ("seq->p", dict(objective="p", objective_schedule="adaptive", schedule_signal="sequence_top1")),
+    ("seq->eaft:1", dict(objective="eaft:1", objective_schedule="adaptive", schedule_signal="sequence_top1")),
+    ("seq->asft", dict(objective="asft", objective_schedule="adaptive", schedule_signal="sequence_top1")),
+    ("seq_clean->p", dict(objective="p", objective_schedule="adaptive", schedule_signal="sequence_top1_clean")),
+]
+FIXED_V2 = ["nll", "p", "eaft:1", "asft", "deft_cayley"]
+# each schedule's two endpoints (lambda 0: NLL; lambda 1: its target), for "a schedule ahead of both its endpoints"
+ENDPOINTS_V2 = {"mean->p": ("nll", "p"), "seq->p": ("nll", "p"), "seq->eaft:1": ("nll", "eaft:1"),
+                "seq->asft": ("nll", "asft"), "seq_clean->p": ("nll", "p")}
+# the candidate signals of the signal rule, with the ramp each is read on (its registered one)
+SIGNAL_CANDIDATES = ("sequence_top1", "sequence_top1_clean", "token_top1", "mean")
 PROBE_CONFIG = dict(objective="p", objective_schedule="adaptive")  # the config the probe advises from (its defaults)
 SMOKE_CANDIDATES = ["nll", "p"]
 # The ProbSFTConfig fields that say what a candidate trains (after trl_prob resolves it): two candidates with the
@@ -141,7 +167,12 @@ def _resolved(kwargs_json: str) -> str:
 
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(open(os.devnull, "w")):
         config = ProbSFTConfig(output_dir=out, use_cpu=True, bf16=False, report_to="none", **json.loads(kwargs_json))
-    return json.dumps({k: getattr(config, k) for k in KEY_FIELDS if hasattr(config, k)}, sort_keys=True, default=str)
+    fields = {k: getattr(config, k) for k in KEY_FIELDS if hasattr(config, k)}
+    if fields.get("objective_schedule") == "none":
+        # a fixed objective's training does not read the schedule fields: pinned to their defaults when the first
+        # runs were keyed (token_top1 on 0.30 -> 0.55), so those runs stay shared after the default signal moved
+        fields.update(schedule_signal="token_top1", schedule_ramp_low=0.3, schedule_ramp_high=0.55)
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def training_of(kwargs: dict) -> str:
@@ -272,7 +303,16 @@ PLACES = {
     "mid": dict(sources=EASY, fmt="equation", noise=0.0, warmup=False),
     "strong": dict(sources=EASY, fmt="equation", noise=0.0, warmup=True),
     "svamp": dict(sources=["svamp"], fmt="equation", noise=0.0, warmup=False),
+    # trajectory places (issue 34): the base writes under 5% of the answers (prefix notation is new to it), and the
+    # run is long enough to go from unable to able: 288 rows, 4 passes = 144 steps (4x the others), held-out
+    # teacher-forced exact match on the first `curve_rows` test problems every `curve_every` steps (the run's
+    # `curve`); no warm-up rows, the first 400 problems after the training rows are the test set
+    "traj": dict(sources=EASY, fmt="prefix", noise=0.0, warmup=False,
+                 trajectory=dict(train_rows=288, epochs=4.0, curve_every=36, curve_rows=200, test_rows=400)),
+    "traj_noise25": dict(sources=EASY, fmt="prefix", noise=0.25, warmup=False,
+                         trajectory=dict(train_rows=288, epochs=4.0, curve_every=36, curve_rows=200, test_rows=400)),
 }
+PLACES_V1 = ["weak", "strong_noise25", "mid", "strong", "svamp"]  # the places of the issue-27 verdict
 SMOKE_PLACES = ["weak", "mid"]
 MIN_TEST = 400  # every place tests on at least this many problems (all it does not use)
 STRONG_MARGIN = 0.05  # a strong base beats the trivial baseline by at least this much exact match
@@ -289,6 +329,22 @@ def problem_pool(sources: list[str], problems: dict, split_seed: int) -> list[di
     return unique
 
 
+def place_args(place: str, args):
+    """``args`` as a place reads them: a trajectory place's own training rows, passes and test size (a smoke run keeps
+    its tiny sizes and evaluates every step); any other place, ``args`` itself (so its run keys are unchanged)."""
+    traj = PLACES[place].get("trajectory")
+    if not traj:
+        return args
+    out = argparse.Namespace(**vars(args))
+    if args.smoke:
+        out.curve_every, out.curve_rows = 1, min(8, traj["curve_rows"])
+    else:
+        out.train_rows, out.epochs = traj["train_rows"], traj["epochs"]
+        out.test_limit = args.test_limit or traj["test_rows"]
+        out.curve_every, out.curve_rows = traj["curve_every"], traj["curve_rows"]
+    return out
+
+
 def place_splits(place: str, args, problems: dict) -> dict:
     """Train / warm-up / test rows of a place, fixed by ``args.split_seed`` (the same for every candidate and seed).
     Places with the same sources share the shuffle: their training rows are the first ``train_rows``, the warm-up base
@@ -298,6 +354,8 @@ def place_splits(place: str, args, problems: dict) -> dict:
     spec = PLACES[place]
     pool = problem_pool(spec["sources"], problems, args.split_seed)
     warmed = any(q["warmup"] and q["sources"] == spec["sources"] for q in PLACES.values())
+    if spec.get("trajectory"):
+        warmed = False  # a trajectory place trains on rows of its own; no warm-up base
     n_train, n_warm = args.train_rows, args.warmup_rows if warmed else 0
     train, warm = pool[:n_train], pool[n_train : n_train + n_warm]
     test = pool[n_train + n_warm :]
@@ -381,24 +439,64 @@ def steps_for(rows: int, args, epochs: float | None = None) -> int:
     return max(1, math.ceil((args.epochs if epochs is None else epochs) * rows / args.batch))
 
 
+@contextlib.contextmanager
+def reading_every_signal():
+    """While a trainer is built: ask the fused head for every output the candidate signals read (``log_sum_sq_probs``
+    for ``sequence_top1_clean``), so each step's statistics give all of them whatever the run trains. The loss does
+    not read the extra output (benchmark only: trajectory places record every signal along the run)."""
+    from trl_prob.hook import ObjectiveHook
+
+    original = ObjectiveHook.needs
+
+    def needs(self):
+        return {**original(self), "benchmark: candidate signals": ("log_probs", "is_top1", "log_sum_sq_probs")}
+
+    ObjectiveHook.needs = needs
+    try:
+        yield
+    finally:
+        ObjectiveHook.needs = original
+
+
 def make_trainer(model_dir: str, rows: list[dict], args, kwargs: dict, seed: int, out: str, steps: int, lr: float,
-                 callbacks=()):
+                 callbacks=(), eval_rows: list[dict] | None = None, eval_every: int | None = None,
+                 every_signal: bool = False):
+    """``eval_rows`` / ``eval_every``: evaluate on those rows every ``eval_every`` steps (``eval_exact_match`` in the
+    log history: the curve of a trajectory place); ``every_signal``: see :func:`reading_every_signal`."""
     from datasets import Dataset
     from transformers import AutoTokenizer, set_seed
 
     from trl_prob import ProbSFTConfig, ProbSFTTrainer
 
     set_seed(seed)  # the LoRA init happens when the trainer wraps the model, before the Trainer seeds itself
+    evaluation = dict(eval_strategy="steps", eval_steps=eval_every) if eval_rows and eval_every else {}
     config = ProbSFTConfig(
         output_dir=out, use_cpu=args.device == "cpu", bf16=False, max_length=args.max_length,
         per_device_train_batch_size=args.batch, per_device_eval_batch_size=32, max_steps=steps, learning_rate=lr,
         lr_scheduler_type="constant_with_warmup", warmup_steps=2, logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, gradient_checkpointing=False, seed=seed, data_seed=seed,
-        dataloader_num_workers=0, schedule_warm_start_samples=min(args.probe_rows, len(rows)), **kwargs)  # fmt: skip
+        dataloader_num_workers=0, schedule_warm_start_samples=min(args.probe_rows, len(rows)), **evaluation,
+        **kwargs)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return ProbSFTTrainer(model=load_model(model_dir, args.device), args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=lora_config(model_dir, args),
-                          callbacks=list(callbacks))  # fmt: skip
+    with reading_every_signal() if every_signal else contextlib.nullcontext():
+        return ProbSFTTrainer(model=load_model(model_dir, args.device), args=config,
+                              train_dataset=Dataset.from_list(rows),
+                              eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                              processing_class=tokenizer, peft_config=lora_config(model_dir, args),
+                              callbacks=list(callbacks))  # fmt: skip
+
+
+def signal_values(stats) -> dict:
+    """Every candidate signal of the signal rule, read from one set of statistics (NaN: its head output missing)."""
+    from trl_prob.schedules import SIGNALS
+
+    return {name: SIGNALS[name].read(stats) for name in SIGNAL_CANDIDATES}
+
+
+def curve_rows(split: dict, args) -> list[dict]:
+    """The held-out rows a trajectory place's curve is measured on: its first ``curve_rows`` test problems, with their
+    clean labels in the place's format."""
+    return [chat_row(r, split["fmt"]) for r in split["test"][: args.curve_rows]]
 
 
 def probe_stats(trainer, n: int) -> dict:
@@ -536,6 +634,34 @@ def probe_recommendation(base_dir: str, split: dict, args) -> dict:
     return dict(stats=stats, kwargs=kwargs, flags=report.recommended_flags, continuum=report.continuum)
 
 
+def measure_start(place: str, split: dict, base_dir: str, args) -> dict:
+    """What every candidate signal reads on the base before step 1 (the adaptive schedule's warm start: the place's
+    first ``probe_rows`` training rows), the lambda each gives on its own ramp, and, at a trajectory place, the base's
+    held-out teacher-forced exact match on the curve rows (the curve's step 0)."""
+    from trl_prob.schedules import SIGNALS, adaptive_lambda
+
+    t0 = time.time()
+    trajectory = bool(PLACES[place].get("trajectory"))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = make_trainer(base_dir, split["train"], args, dict(objective="nll"), seed=0, out=out, steps=1, lr=0.0,
+                               eval_rows=curve_rows(split, args) if trajectory else None, every_signal=True)
+        stats = trainer.measure_token_probs(num_samples=min(args.probe_rows, len(split["train"])), progress=False)
+        values = signal_values(stats)
+        info = dict(signals={k: (None if math.isnan(v) else v) for k, v in values.items()},
+                    lambda_at_start={k: (None if math.isnan(v) else adaptive_lambda(v, *SIGNALS[k].ramp))
+                                     for k, v in values.items()})  # fmt: skip
+        if trajectory:
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                info["curve_exact_match"] = trainer.evaluate()["eval_exact_match"]
+        del trainer
+    info["seconds"] = round(time.time() - t0, 1)
+    lam = ", ".join(f"{k} {v:.3f} (lambda {info['lambda_at_start'][k]:.2f})" for k, v in values.items()
+                    if not math.isnan(v))
+    print(f"  place {place:15s} signals at step 1: {lam}" + (f"; held-out exact match at step 0 (teacher-forced, "
+          f"{args.curve_rows} rows) {info['curve_exact_match']:.3f}" if trajectory else ""), flush=True)
+    return info
+
+
 def measure_place(place: str, split: dict, base_dir: str, warmup: dict, args) -> dict:
     from transformers import AutoTokenizer
 
@@ -569,29 +695,43 @@ def run_one(place: str, split: dict, base_dir: str, name: str, kwargs: dict, see
 
     t0 = time.time()
     lambdas = []
+    trajectory = bool(PLACES[place].get("trajectory"))
+    trace = collections.defaultdict(list)  # trajectory places: every candidate signal, per step (before its update)
 
     class RecordLambda(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
-            lambdas.append(float(trainer.objective_lambda))
+            lambdas.append(float(trainer.objective_hook.objective_lambda))
+            stats = trainer.objective_hook.step_stats  # this step's, before the schedule's callback consumes them
+            if trajectory and stats is not None:
+                for signal, value in signal_values(stats.to_host()).items():
+                    trace[signal].append(None if math.isnan(value) else round(value, 5))
 
     steps = steps_for(len(split["train"]), args)
+    evaluation = dict(eval_rows=curve_rows(split, args), eval_every=args.curve_every, every_signal=True) if trajectory else {}
     with tempfile.TemporaryDirectory() as out:
         trainer = make_trainer(base_dir, split["train"], args, kwargs, seed, out, steps, args.lr,
-                               callbacks=[RecordLambda()])
+                               callbacks=[RecordLambda()], **evaluation)
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             trainer.train()
         trained = time.time() - t0
         after = probe_stats(trainer, args.probe_rows)
         hits, answers = exact_match(trainer.model, trainer.processing_class, split["test"], args, split["fmt"])
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        curve = [dict(step=e["step"], exact_match=e["eval_exact_match"]) for e in trainer.state.log_history
+                 if "eval_exact_match" in e]
     scheduled = kwargs.get("objective_schedule", "none") != "none" or kwargs.get("objective") == "auto"
+    extra = {}
+    if trajectory:
+        start = args.place_info[place]["start"]
+        extra = dict(curve=[dict(step=0, exact_match=start["curve_exact_match"])] + curve, signal_trace=dict(trace),
+                     curve_rows=args.curve_rows)
     return dict(place=place, objective=name, training=training_of(kwargs), seed=seed, config=kwargs,
                 resolved=json.loads(resolved(kwargs)), test_acc=statistics.fmean(hits), hits=hits,
                 mean_p_after=after["mean_p"], token_top1_after=after["token_top1"],
                 lambda_path=lambdas if scheduled else None, steps=steps, lr=args.lr,
                 loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                 first_answers=answers[:3], train_seconds=round(trained, 1), seconds=round(time.time() - t0, 1),
-                key=run_key(place, kwargs, seed, args))  # fmt: skip
+                key=run_key(place, kwargs, seed, args), **extra)  # fmt: skip
 
 
 def run_key(place, kwargs, seed, args) -> str:
@@ -680,6 +820,195 @@ def cells_from_runs(runs: list[dict], place_candidates: dict) -> dict:
     return cells
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# v2 (issue 34): the rule committed in benchmarks/README.md before its first run
+# ------------------------------------------------------------------------------------------------------------------
+
+BEHIND_SE = 2.0  # v2 reads "behind" / "ahead" at 2 s.e. of the combined error (the nearest other reading: 1 s.e.)
+CONTENTION_SE = 3.0  # stage 2: seeds 1 and 2 for a candidate not behind the best fixed by more than this on seed 0
+WARM_START_MAX = 0.2  # a signal's warm-start lambda at a place whose base writes under 5% of the answers
+WEAK_BASE_EXACT = 0.05
+
+
+def seed_accs(by_seed: dict) -> list[float]:
+    return [statistics.fmean(by_seed[s]) for s in sorted(by_seed)]
+
+
+def combined_difference(a: dict, b: dict) -> dict:
+    """``a - b`` at one place, ``a`` and ``b`` each ``{seed: hits}``: the paired per-problem difference of hits
+    averaged over each one's seeds, with a standard error that counts both the problems and the seed-to-seed spread:
+    se = sqrt(se_problems^2 + sd_a^2 / n_a + sd_b^2 / n_b), sd the stdev of exact match over seeds (0 with one
+    seed: then only the problems are counted, and the reading says so by its seed count)."""
+    accs_a, accs_b = seed_accs(a), seed_accs(b)
+    d = paired_difference(mean_over_seeds([a[s] for s in sorted(a)]), mean_over_seeds([b[s] for s in sorted(b)]))
+    var_seeds = sum(statistics.variance(x) / len(x) for x in (accs_a, accs_b) if len(x) > 1)
+    return dict(mean=d["mean"], se_problems=d["se"], se_seeds=math.sqrt(var_seeds),
+                se=math.sqrt(d["se"] ** 2 + var_seeds))
+
+
+def place_table_v2(cell: dict, fixed=FIXED_V2, k: float = BEHIND_SE) -> dict:
+    """One place, ``cell[candidate][seed]`` = hits. The best fixed objective: highest exact match averaged over its
+    seeds (ties: first in ``fixed``). Each candidate against it: :func:`combined_difference`, *behind* below -k s.e.,
+    *ahead* above +k s.e.; each schedule also against its two endpoints (ENDPOINTS_V2)."""
+    rows = {}
+    for c, by_seed in cell.items():
+        accs = seed_accs(by_seed)
+        rows[c] = dict(mean=statistics.fmean(accs), seeds=sorted(by_seed), accs=accs,
+                       seed_sd=statistics.stdev(accs) if len(accs) > 1 else 0.0)
+    present = [f for f in fixed if f in rows]
+    if not present:
+        raise ValueError("no fixed objective at this place")
+    best = max(present, key=lambda f: (rows[f]["mean"], -present.index(f)))
+    ranks = average_ranks({c: r["mean"] for c, r in rows.items()})
+    for c, r in rows.items():
+        d = combined_difference(cell[c], cell[best])
+        r.update(diff=d["mean"], diff_se=d["se"], se_problems=d["se_problems"], se_seeds=d["se_seeds"],
+                 standing=standing(d["mean"], d["se"], k), rank=ranks[c])
+        if c in ENDPOINTS_V2 and all(e in cell for e in ENDPOINTS_V2[c]):
+            vs = {e: combined_difference(cell[c], cell[e]) for e in ENDPOINTS_V2[c]}
+            r["vs_endpoints"] = {e: dict(diff=v["mean"], se=v["se"], standing=standing(v["mean"], v["se"], k))
+                                 for e, v in vs.items()}
+            r["ahead_of_both_endpoints"] = all(v["standing"] == "ahead" for v in r["vs_endpoints"].values())
+    return dict(best_fixed=best, candidates=rows)
+
+
+def in_contention(cell: dict, fixed=FIXED_V2, seed: int = 0) -> list[str]:
+    """Stage 2 of v2: the candidates that get seeds 1 and 2 at a place: on ``seed`` alone, not behind the best fixed
+    objective by more than CONTENTION_SE s.e. over problems (the seed spread is not measured yet, so a wider band)."""
+    first = {c: {seed: by_seed[seed]} for c, by_seed in cell.items() if seed in by_seed}
+    table = place_table_v2(first, fixed, CONTENTION_SE)
+    return [c for c, r in table["candidates"].items() if r["standing"] != "behind"]
+
+
+def apply_rule_v2(cells: dict, candidates: list[str], fixed=FIXED_V2, k: float = BEHIND_SE,
+                  seed0_only: bool = False) -> dict:
+    """Over places: per place :func:`place_table_v2`; a place enters once every candidate has a run there. Ranking
+    as v1 (fewest places behind, most ahead, mean rank); ``auto`` = the first. ``seed0_only``: the same on seed 0
+    alone (a reading reported beside the verdict). The goal: ``auto`` never behind, and at a trajectory place a
+    schedule ahead of both its endpoints."""
+    if seed0_only:
+        cells = {p: {c: {0: s[0]} for c, s in cell.items() if 0 in s} for p, cell in cells.items()}
+    tables, complete = {}, []
+    for place, cell in cells.items():
+        cell = {c: s for c, s in cell.items() if s}
+        if not any(f in cell for f in fixed):
+            continue
+        tables[place] = place_table_v2(cell, fixed, k)
+        if all(c in cell for c in candidates):
+            complete.append(place)
+    per = {c: dict(behind=[], ahead=[], ranks=[]) for c in candidates}
+    for place in complete:
+        for c in candidates:
+            r = tables[place]["candidates"][c]
+            if r["standing"] != "level":
+                per[c][r["standing"]].append(place)
+            per[c]["ranks"].append(r["rank"])
+    for c in candidates:
+        per[c]["mean_rank"] = statistics.fmean(per[c]["ranks"]) if per[c]["ranks"] else None
+    ranking = rank_by_rule(per) if complete else []
+    trajectory = [p for p in complete if PLACES.get(p, {}).get("trajectory")]
+    schedules_ahead = {p: [c for c, r in tables[p]["candidates"].items() if r.get("ahead_of_both_endpoints")]
+                       for p in trajectory}
+    auto = ranking[0] if ranking else None
+    return dict(tables=tables, places_in_rule=complete, per=per, ranking=ranking,
+                never_behind=[c for c in ranking if not per[c]["behind"]], auto=auto,
+                goal=dict(auto_never_behind=bool(auto and not per[auto]["behind"]),
+                          schedule_ahead_of_both_endpoints=schedules_ahead,
+                          met=bool(auto and not per[auto]["behind"] and any(schedules_ahead.values()))))
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant or n < 3."""
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    rx = average_ranks(dict(enumerate(x)))
+    ry = average_ranks(dict(enumerate(y)))
+    a, b = [rx[i] for i in range(len(x))], [ry[i] for i in range(len(y))]
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    cov = sum((u - ma) * (v - mb) for u, v in zip(a, b))
+    return cov / math.sqrt(sum((u - ma) ** 2 for u in a) * sum((v - mb) ** 2 for v in b))
+
+
+def signal_ema_at(trace: list, start: float | None, steps: list[int], decay: float = 0.9) -> list[float]:
+    """The schedule's moving average of a signal (decay 0.9, warm-started from ``start``, NaN steps skipped) after
+    each of ``steps`` steps (step 0: the warm start itself)."""
+    ema, out, values = start, {}, [math.nan if v is None else v for v in trace]
+    out[0] = math.nan if ema is None else ema
+    for i, v in enumerate(values, 1):
+        if not math.isnan(v):
+            ema = v if ema is None or math.isnan(ema) else decay * ema + (1 - decay) * v
+        out[i] = math.nan if ema is None else ema
+    return [out.get(s, math.nan) for s in steps]
+
+
+def signal_rule(place_info: dict, runs: list[dict]) -> dict:
+    """The signal rule (committed before the pilot): a candidate signal is eligible if its warm-start lambda is at
+    most WARM_START_MAX at every measured place whose base writes under WEAK_BASE_EXACT of the answers; among the
+    eligible, the highest mean Spearman correlation, over the runs at trajectory places, between the signal's moving
+    average at the curve's steps and held-out exact match there. Ties within 0.05: sequence_top1 (the shipped
+    default, fewer head outputs)."""
+    out = {}
+    for signal in SIGNAL_CANDIDATES:
+        weak = {p: i["start"]["lambda_at_start"].get(signal) for p, i in place_info.items()
+                if "start" in i and i.get("base_exact_match", 1.0) < WEAK_BASE_EXACT}
+        eligible = bool(weak) and all(v is not None and v <= WARM_START_MAX for v in weak.values())
+        rhos = {}
+        for r in runs:
+            if "curve" not in r or signal not in r.get("signal_trace", {}):
+                continue
+            steps = [c["step"] for c in r["curve"]]
+            start = place_info[r["place"]]["start"]["signals"].get(signal)
+            ema = signal_ema_at(r["signal_trace"][signal], start, steps)
+            rhos[f"{r['place']}|{r['objective']}|{r['seed']}"] = spearman(ema, [c["exact_match"] for c in r["curve"]])
+        finite = [v for v in rhos.values() if not math.isnan(v)]
+        out[signal] = dict(warm_start_lambda_at_weak_places=weak, eligible=eligible, spearman=rhos,
+                           mean_spearman=statistics.fmean(finite) if finite else None)
+    scored = [s for s in SIGNAL_CANDIDATES if out[s]["eligible"] and out[s]["mean_spearman"] is not None]
+    best = max(scored, key=lambda s: out[s]["mean_spearman"]) if scored else None
+    if best and "sequence_top1" in scored and out["sequence_top1"]["mean_spearman"] >= out[best]["mean_spearman"] - 0.05:
+        best = "sequence_top1"
+    return dict(signals=out, chosen=best)
+
+
+def qualifies(place: str, runs: list[dict]) -> dict:
+    """The pilot's test of a trajectory place (committed before it ran): NLL's held-out curve (seed 0) starts under
+    0.05 and rises by at least 0.15; with label noise it also stalls or falls late: its last point is no more than
+    0.02 above its point at mid-run."""
+    curve = next((r["curve"] for r in runs if r["place"] == place and r["objective"] == "nll" and r["seed"] == 0
+                  and "curve" in r), None)
+    if curve is None:
+        return dict(qualifies=None, why="no NLL run with a curve yet")
+    values = [c["exact_match"] for c in curve]
+    rises = values[0] < 0.05 and max(values) >= values[0] + 0.15
+    mid = values[len(values) // 2]
+    stalls = values[-1] <= mid + 0.02
+    noisy = PLACES[place]["noise"] > 0
+    ok = rises and (stalls if noisy else True)
+    return dict(qualifies=ok, start=values[0], max=max(values), mid=mid, last=values[-1], rises=rises,
+                stalls_late=stalls if noisy else None)
+
+
+def cells_v2(runs: list[dict], places) -> dict:
+    """``{place: {candidate: {seed: hits}}}`` for the v2 candidates (runs shared by what they train)."""
+    names = {n: training_of(kw) for n, kw in CANDIDATES_V2 if accepted(kw)}
+    return cells_from_runs(runs, {p: names for p in places})
+
+
+def verdict_v2(runs: list[dict], place_info: dict, places) -> dict:
+    """The v2 verdict and the readings beside it (1 s.e., seed 0 alone), the signal rule and the pilot's tests."""
+    places = [p for p in places if p in place_info]
+    names = [n for n, kw in CANDIDATES_V2 if accepted(kw)]
+    cells = cells_v2(runs, places)
+    main_reading = apply_rule_v2(cells, names)
+    readings = {"1 s.e.": apply_rule_v2(cells, names, k=1.0), "seed 0 alone": apply_rule_v2(cells, names, seed0_only=True)}
+    return dict(verdict=main_reading, readings={k: dict(auto=v["auto"], ranking=v["ranking"],
+                                                        per={c: {x: y for x, y in d.items() if x != "ranks"}
+                                                             for c, d in v["per"].items()})
+                                                for k, v in readings.items()},
+                signal_rule=signal_rule(place_info, runs),
+                pilot={p: qualifies(p, runs) for p in places if PLACES[p].get("trajectory")})
+
+
 def format_summary(verdict: dict, place_info: dict) -> str:
     lines = []
     for place, t in verdict["tables"].items():
@@ -724,6 +1053,9 @@ def format_markdown(verdict: dict, place_info: dict) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--design", choices=["v1", "v2"], default="v2",
+                        help="v2 (issue 34): 7 places, CANDIDATES_V2, the rule a single seed cannot flip; v1: the "
+                             "issue-27 benchmark of record as it ran (5 places, CANDIDATES)")
     parser.add_argument("--smoke", action="store_true",
                         help="2 places, 2 candidates, 8 training rows, 1 pass, 8 test problems, 1 seed (< 3 min)")
     parser.add_argument("--places", nargs="+", default=None, choices=list(PLACES))
@@ -767,7 +1099,7 @@ def parse_args(argv=None):
         args.stage, args.train_rows, args.epochs = 1, 8, 1.0
         args.test_limit, args.probe_rows, args.eval_batch = args.test_limit or 8, 8, 8
         args.out = args.out or os.path.join(tempfile.gettempdir(), "real_continuum_smoke.json")
-    args.places = args.places or list(PLACES)
+    args.places = args.places or (list(PLACES) if args.design == "v2" else PLACES_V1)
     if args.check and args.out in (None, OUT):
         parser.error(f"--check adds runs the rule did not ask for: write them to their own --out, not {OUT}")
     args.out = args.out or OUT
@@ -784,7 +1116,12 @@ def main(argv=None) -> dict:
         args.model = smollm2_dir()
         args.cache_dir = args.cache_dir or os.path.join(cache_dir(), "real_continuum")
     args.cache_dir = args.cache_dir or os.path.join(tempfile.gettempdir(), "trl-prob-real-continuum")
-    candidates = available_candidates(args.only)
+    if args.design == "v2":
+        import trl_prob.experimental  # noqa: F401  (registers sequence_top1_clean, the signal of seq_clean->p)
+
+        candidates = [(n, kw) for n, kw in CANDIDATES_V2 if accepted(kw) and (args.only is None or n in args.only)]
+    else:
+        candidates = available_candidates(args.only)
     names = [n for n, _ in candidates]
     unknown = [c for c in args.check if c not in names]
     if unknown:
@@ -805,27 +1142,31 @@ def main(argv=None) -> dict:
 
     def prepare(place):
         if place not in prepared:
-            split = place_splits(place, args, problems)
-            base_dir, warmup = base_dir_for(place, split, args)
-            pkey = settings_key(args, "place", place, PLACES[place], args.max_new_tokens, base_dir, PROBE_CONFIG)
+            pargs = place_args(place, args)
+            split = place_splits(place, pargs, problems)
+            base_dir, warmup = base_dir_for(place, split, pargs)
+            pkey = settings_key(pargs, "place", place, PLACES[place], args.max_new_tokens, base_dir, PROBE_CONFIG)
             sha, info = weights_sha256(base_dir), args.place_info.get(place, {})
             if info.get("key") != pkey or info.get("base_sha256") != sha:
-                fresh = dict(measure_place(place, split, base_dir, warmup, args), key=pkey, base_sha256=sha)
+                fresh = dict(measure_place(place, split, base_dir, warmup, pargs), key=pkey, base_sha256=sha)
                 if info.get("key") == pkey and any(r["place"] == place for r in log.runs):
                     check_same_base(place, info, fresh, args.out)
                 args.place_info[place] = fresh
                 log.save()
+            if args.design == "v2" and "start" not in args.place_info[place]:  # the signals at step 1 (issue 34)
+                args.place_info[place]["start"] = measure_start(place, split, base_dir, pargs)
+                log.save()
             kwargs = {n: (args.place_info[place]["probe_recommends"] if kw is None else kw) for n, kw in candidates}
-            prepared[place] = split, base_dir, kwargs
+            prepared[place] = split, base_dir, kwargs, pargs
         return prepared[place]
 
     def run(place, name, seed):
-        split, base_dir, kwargs = prepare(place)
-        key = run_key(place, kwargs[name], seed, args)
+        split, base_dir, kwargs, pargs = prepare(place)
+        key = run_key(place, kwargs[name], seed, pargs)
         if key in log:
             return
         try:
-            r = run_one(place, split, base_dir, name, kwargs[name], seed, args)
+            r = run_one(place, split, base_dir, name, kwargs[name], seed, pargs)
         except Exception as e:  # noqa: BLE001 - one candidate failing (e.g. one trl_prob cannot train yet) is reported
             failed = dict(place=place, objective=name, seed=seed, config=kwargs[name], error=repr(e)[:500],
                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -844,7 +1185,15 @@ def main(argv=None) -> dict:
         for place in args.places:  # stage 1: every candidate at every place, seed 0, place by place
             for name in names:
                 run(place, name, 0)
-        if args.stage == 2:  # stage 2: seeds 1 and 2 for those within two s.e. of the best fixed objective
+        if args.stage == 2 and args.design == "v2":  # stage 2 of v2: seeds 1 and 2 for those in contention
+            for seed in (1, 2):
+                for place in args.places:
+                    prepare(place)
+                    cell = cells_v2(log.runs, [place])[place]
+                    if all(0 in cell[n] for n in names):  # stage 1 complete here
+                        for name in in_contention({n: cell[n] for n in names}):
+                            run(place, name, seed)
+        elif args.stage == 2:  # stage 2: seeds 1 and 2 for those within two s.e. of the best fixed objective
             for seed in (1, 2):
                 for place in args.places:
                     prepare(place)
@@ -857,26 +1206,75 @@ def main(argv=None) -> dict:
                 for place in args.places:
                     run(place, name, seed)
 
-    place_candidates, verdict = rule_over(log.runs, args.place_info, args.places, candidates)
     import transformers
     import trl
 
     record.update(
         date=datetime.date.today().isoformat(),
-        command="python benchmarks/real_continuum.py " + " ".join(sys.argv[1:] if argv is None else argv),
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-        settings={k: v for k, v in vars(args).items() if k != "place_info"},
-        candidates={n: kw for n, kw in candidates}, place_candidates=place_candidates,
-        summary={k: v for k, v in verdict.items() if k != "tables"},
-        tables={p: dict(best_fixed=t["best_fixed"], candidates={c: {k: v for k, v in r.items() if k != "hits"}
-                                                                 for c, r in t["candidates"].items()})
-                for p, t in verdict["tables"].items()},
     )
-    log.save()
-    print("\n" + format_summary(verdict, args.place_info) + "\n\n" + format_markdown(verdict, args.place_info),
-          flush=True)
+    if args.design == "v2":  # the v1 verdict (summary, tables) stays as it was recorded
+        v2 = verdict_v2(log.runs, args.place_info, list(PLACES))
+        verdict = v2["verdict"]
+        record.update(
+            command_v2="python benchmarks/real_continuum.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            settings_v2={k: v for k, v in vars(args).items() if k != "place_info"},
+            candidates_v2={n: kw for n, kw in CANDIDATES_V2},
+            summary_v2=dict({k: v for k, v in verdict.items() if k != "tables"}, readings=v2["readings"],
+                            signal_rule=v2["signal_rule"], pilot=v2["pilot"]),
+            tables_v2={p: dict(best_fixed=t["best_fixed"], candidates=t["candidates"])
+                       for p, t in verdict["tables"].items()},
+        )
+        log.save()
+        print("\n" + format_summary_v2(v2, args.place_info), flush=True)
+    else:
+        place_candidates, verdict = rule_over(log.runs, args.place_info, args.places, candidates)
+        record.update(
+            command="python benchmarks/real_continuum.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            settings={k: v for k, v in vars(args).items() if k != "place_info"},
+            candidates={n: kw for n, kw in candidates}, place_candidates=place_candidates,
+            summary={k: v for k, v in verdict.items() if k != "tables"},
+            tables={p: dict(best_fixed=t["best_fixed"], candidates={c: {k: v for k, v in r.items() if k != "hits"}
+                                                                     for c, r in t["candidates"].items()})
+                    for p, t in verdict["tables"].items()},
+        )
+        log.save()
+        print("\n" + format_summary(verdict, args.place_info) + "\n\n" + format_markdown(verdict, args.place_info),
+              flush=True)
     print(f"wrote {args.out}", flush=True)
     return dict(record, runs=log.runs, verdict=verdict)
+
+
+def format_summary_v2(v2: dict, place_info: dict) -> str:
+    """The v2 verdict as text: per place every candidate (losers included), the ranking, the readings beside it, the
+    goal, the signal rule and the pilot's tests."""
+    verdict, lines = v2["verdict"], []
+    for place, t in verdict["tables"].items():
+        info = place_info.get(place, {})
+        start = info.get("start", {}).get("lambda_at_start", {})
+        lines.append(f"{place}: base {info.get('base_exact_match', float('nan')):.3f}, trivial "
+                     f"{info.get('trivial_baseline', float('nan')):.3f}; sequence_top1 lambda at step 1 "
+                     f"{start.get('sequence_top1')}; best fixed {t['best_fixed']}"
+                     + ("" if place in verdict["places_in_rule"] else " (incomplete: outside the rule)"))
+        for c, r in sorted(t["candidates"].items(), key=lambda kv: -kv[1]["mean"]):
+            ends = ""
+            if "vs_endpoints" in r:
+                ends = " | " + ", ".join(f"vs {e} {v['diff']:+.3f} ± {v['se']:.3f} {v['standing']}"
+                                         for e, v in r["vs_endpoints"].items())
+            lines.append(f"    {c:14s} {r['mean']:.3f} (seeds {len(r['seeds'])}, spread {r['seed_sd']:.3f}) vs best "
+                         f"{r['diff']:+.3f} ± {r['diff_se']:.3f} {r['standing']}{ends}")
+    lines.append(f"ranking over {verdict['places_in_rule']} (behind at {BEHIND_SE:g} combined s.e.):")
+    for i, c in enumerate(verdict["ranking"], 1):
+        v = verdict["per"][c]
+        lines.append(f"  {i:2d}. {c:14s} behind {v['behind']} | ahead {v['ahead']} | mean rank {v['mean_rank']:.2f}")
+    lines.append(f"auto by the rule: {verdict['auto']}; other readings: "
+                 + "; ".join(f"{k}: {r['auto']}" for k, r in v2["readings"].items()))
+    lines.append(f"goal: {verdict['goal']}")
+    rule = v2["signal_rule"]
+    lines.append("signal rule: " + "; ".join(f"{s} eligible {d['eligible']} mean rho {d['mean_spearman']}"
+                                            for s, d in rule["signals"].items()) + f" -> {rule['chosen']}")
+    lines.append(f"pilot: {v2['pilot']}")
+    return "\n".join(lines)
 
 
 def absorb(log: RunLog, path: str) -> None:

@@ -167,7 +167,7 @@ class Stats:
     """Stand-in for TokenProbStats: the statistic a step measured."""
 
     def __init__(self, mean_p: float):
-        self.mean_p = self.median_p = self.share_confident = self.token_top1_share = mean_p
+        self.mean_p = self.median_p = self.share_confident = self.token_top1_share = self.sequence_top1_share = mean_p
 
 
 def run(schedule, statistics, total_steps=None):
@@ -306,14 +306,15 @@ def test_valid_config_defaults(tmp_path):
     assert args.objective == "nll"
     assert args.objective_schedule == "none"
     assert args.schedule_mode == "blend"
-    assert args.schedule_ramp_low == 0.30 and args.schedule_ramp_high == 0.55
+    assert args.schedule_signal == "sequence_top1"  # what the model can do on the task (issue 34)
+    assert args.schedule_ramp_low == 0.20 and args.schedule_ramp_high == 0.50  # that signal's own ramp
     assert args.schedule_ema_decay == 0.9
     assert args.schedule_warm_start_samples == 256
     assert not args.uses_objective
     assert set(SCHEDULES) == {"none", "constant", "linear", "cosine", "adaptive", "token_gate", "progress"}
     assert set(MODES) == {"blend", "exponent"}
     assert set(SIGNALS) == {"mean", "median", "share_confident", "geomean", "p25", "token_top1",
-                            "sequence_top1", "token_top1_clean", "confidence"}
+                            "sequence_top1", "sequence_top1_clean", "token_top1_clean", "confidence"}
 
 
 @pytest.mark.parametrize(

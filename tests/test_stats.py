@@ -115,6 +115,34 @@ def test_sequence_top1_share_counts_whole_completions():
     assert math.isnan(TokenProbStats.of(log_p, mask).sequence_top1_share)  # the head did not report is_top1
 
 
+def test_sequence_top1_clean_forgives_only_confident_conflicts():
+    """Against a per-sequence loop over full distributions: a completion counts when each target token is the argmax
+    or the model puts sum_v p_v^2 >= 0.5 on another token (a label it confidently contradicts)."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 7, 5, generator=generator) * torch.rand(40, 1, 1, generator=generator) * 6
+    targets = torch.randint(0, 5, (40, 7), generator=generator)
+    targets[:10] = logits[:10].argmax(-1)  # some completions exact throughout
+    mask = torch.rand(40, 7, generator=generator) > 0.2
+    probs = logits.softmax(-1)
+    log_p = probs.gather(-1, targets[..., None]).squeeze(-1).log()
+    is_top1 = logits.argmax(-1) == targets
+    log_sum_sq = probs.pow(2).sum(-1).log()
+    stats = TokenProbStats.of(log_p, mask, is_top1=is_top1, log_sum_sq_probs=log_sum_sq)
+    exact = clean = rows = 0
+    for b in range(40):
+        tokens = [t for t in range(7) if mask[b, t]]
+        if not tokens:
+            continue
+        rows += 1
+        exact += all(is_top1[b, t] for t in tokens)
+        clean += all(is_top1[b, t] or (probs[b, t].pow(2).sum() >= 0.5 and probs[b, t, targets[b, t]] < 0.5)
+                     for t in tokens)
+    assert clean > exact > 0  # the data exercise both
+    assert stats.sequence_top1_share == pytest.approx(exact / rows)
+    assert stats.sequence_top1_share_without_conflicts == pytest.approx(clean / rows)
+    assert math.isnan(TokenProbStats.of(log_p, mask, is_top1=is_top1).sequence_top1_share_without_conflicts)
+
+
 def test_geometric_mean_is_exp_of_minus_mean_nll():
     p = torch.tensor([0.9, 0.1, 0.5, 0.99])
     stats = TokenProbStats.of(p.log(), torch.ones(4, dtype=torch.bool))

@@ -75,15 +75,18 @@ class ProbSFTConfig(SFTConfig):
             logged as `objective_lambda`.
         schedule_warmup_ratio (`float`, *optional*, defaults to `0.1`):
             Share of the optimizer steps over which `linear` lambda rises from 0 to 1.
-        schedule_signal (`str`, *optional*, defaults to `"token_top1"`):
-            Per-step signal that `adaptive` follows: `token_top1` (share of target tokens that are the model's top-1)
-            or `mean` (mean target-token p, the paper's capability proxy, its Eq. 5). More signals with
-            `--experimental`.
+        schedule_signal (`str`, *optional*, defaults to `"sequence_top1"`):
+            Per-step signal that `adaptive` follows: `sequence_top1` (share of completions whose every target token
+            is the model's top-1: the teacher-forced exact match, what the model can do on the task), `token_top1`
+            (share of target tokens that are the model's top-1) or `mean` (mean target-token p, the paper's
+            capability proxy, its Eq. 5). More signals with `--experimental`.
         schedule_ramp_low (`float`, *optional*):
-            Signal at and below which `adaptive` lambda is 0 (pure NLL). Defaults to the signal's own ramp (0.30).
+            Signal at and below which `adaptive` lambda is 0 (pure NLL). Defaults to the signal's own ramp
+            (`sequence_top1`: 0.20; `token_top1`, `mean`: 0.30).
         schedule_ramp_high (`float`, *optional*):
             Signal at and above which `adaptive` lambda is 1 (the objective alone). Defaults to the signal's own
-            ramp (0.55). Why not the paper's clean-data bands: docs/evidence.md.
+            ramp (`sequence_top1`: 0.50; `token_top1`, `mean`: 0.55). Why not the paper's clean-data bands:
+            docs/evidence.md.
         schedule_ema_decay (`float`, *optional*, defaults to `0.9`):
             Decay of the exponential moving average of the per-step signal, in [0, 1): about 10 optimizer steps.
         schedule_warm_start_samples (`int`, *optional*, defaults to `256`):
@@ -118,8 +121,9 @@ class ProbSFTConfig(SFTConfig):
     schedule_signal: str = field(
         default=DEFAULT_SIGNAL,
         metadata={
-            "help": "Signal the adaptive schedule follows: token_top1 (share of target tokens the model ranks first) "
-            "or mean (mean target-token p, the paper's Eq. 5)."
+            "help": "Signal the adaptive schedule follows: sequence_top1 (share of completions the model ranks first "
+            "throughout: teacher-forced exact match), token_top1 (share of target tokens it ranks first) or mean (mean "
+            "target-token p, the paper's Eq. 5)."
         },
     )
     schedule_ramp_low: float | None = field(

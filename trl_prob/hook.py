@@ -192,6 +192,9 @@ class ObjectiveHook:
             stats = stats.total
         out["mean_token_prob"] = stats.mean_p
         out["nll"] = stats.nll
+        # teacher-forced exact match: the share of evaluation completions whose every target token is the model's
+        # first choice, i.e. that greedy decoding would write exactly (one forward pass, no generation)
+        out["exact_match"] = stats.sequence_top1_share
         if self.objective.is_thresholded:
             out["kept_token_fraction"] = stats.kept_fraction
         return out

@@ -75,7 +75,8 @@ def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_training(run_dir_or_trainer_state_json: str, output_png: str | None = None) -> str:
     """Plot a run's trajectory from its ``trainer_state.json`` (``log_history``) against the optimizer step.
 
-    Panels: target-token probability (per-step mean, its moving average the adaptive schedule follows, eval mean),
+    Panels: target-token probability (per-step mean, its moving average the adaptive schedule follows, eval mean and
+    eval exact match),
     the schedule (lambda, and the exponent of ``schedule_mode='exponent'``), the training loss and the NLL (train
     and eval where logged). Panels without data say so.
 
@@ -131,6 +132,9 @@ def _probability_panel(ax, history: list[dict]) -> None:
     ema_label = f"{signal.label if signal is not None else 'signal'}, moving average (schedule input)"
     plotted |= _plot(ax, history, ema, ema_label, color=_COLORS["ema"], lw=2.2)
     plotted |= _plot(ax, history, "eval_mean_token_prob", "eval mean", color=_COLORS["eval"], lw=1.5, marker="o", ms=4)
+    # what the signal should track: held-out exact match (teacher-forced), wherever the run evaluated
+    plotted |= _plot(ax, history, "eval_exact_match", "eval exact match", color=_COLORS["eval"], lw=1.5, ls="--",
+                     marker="s", ms=4)
     for color, source in zip(_source_colors(), _sources(history)):
         plotted |= _plot(ax, history, f"mean_token_prob/{source}", f"source {source}", color=color, lw=1.0, alpha=0.8)
     ax.axhline(CONFIDENT_P, color="grey", ls=":", lw=1)

@@ -69,6 +69,23 @@ def place_on_continuum(mean_p: float, ramp_low: float = DEFAULT_RAMP[0], ramp_hi
     return "model-intermediate" if mean_p >= ramp_low else "model-weak"
 
 
+def place_by_signal(stats: TokenProbStats, signal: str = DEFAULT_SIGNAL, ramp_low: float | None = None,
+                    ramp_high: float | None = None) -> str:
+    """Where the model stands, read as the adaptive schedule reads it: ``signal`` on its ramp (default: the signal's
+    own), so the probe's placement and the schedule's warm-start lambda agree (weak: lambda 0, strong: lambda 1).
+    With the default ``sequence_top1`` a model that writes none of the completions exactly is weak, however high its
+    mean p. Falls back to the paper's mean p on the default ramp where the head did not report what the signal reads."""
+    from .schedules import SIGNALS
+
+    spec = SIGNALS[signal]
+    value = spec.read(stats)
+    if math.isnan(value):
+        return place_on_continuum(stats.mean_p)
+    low = spec.ramp_low if ramp_low is None else ramp_low
+    high = spec.ramp_high if ramp_high is None else ramp_high
+    return place_on_continuum(value, low, high)
+
+
 def nearest_reference(mean_p: float) -> str:
     """The paper's reference band closest to ``mean_p`` (``model-weak``, ``model-intermediate`` or ``model-strong``)."""
 
@@ -204,7 +221,7 @@ class ProbeReport:
     median_p: float
     share_confident: float
     nll: float
-    continuum: str
+    continuum: str  # by the schedule's signal on its ramp (place_by_signal): agrees with the warm-start lambda
     position: str
     nearest_reference: str
     recommended_objective: str
@@ -221,6 +238,7 @@ class ProbeReport:
     schedule_ramp_high: float = DEFAULT_RAMP[1]
     schedule_signal: str = DEFAULT_SIGNAL
     schedule_signal_value: float = float("nan")
+    continuum_mean_p: str = "unknown"  # the paper's proxy: mean p on the default ramp (kept for comparison)
     signals: dict[str, float] = field(default_factory=dict)  # every registered signal, for comparison
     share_above_0_9: float = float("nan")
     reference_bands: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in REFERENCE_BANDS.items()})
@@ -267,7 +285,8 @@ class ProbeReport:
             median_p=stats.median_p,
             share_confident=stats.share_confident,
             nll=stats.nll,
-            continuum=place_on_continuum(mean_p),
+            continuum=place_by_signal(stats, signal, ramp_low, ramp_high),
+            continuum_mean_p=place_on_continuum(mean_p),
             position=describe_position(mean_p),
             nearest_reference=nearest_reference(mean_p),
             recommended_objective=objective_spec,
@@ -330,8 +349,10 @@ class ProbeReport:
                 f"{name} {value:.3f}" for name, value in self.signals.items()
                 if name != self.schedule_signal and value is not None and not math.isnan(value))),
             ("", "", ""),
-            ("continuum (mean p)", "continuum", self.continuum),
-            ("position", "position", self.position),
+            ("continuum", "continuum", f"{self.continuum}   (by the schedule signal {self.schedule_signal} on its "
+                                       "ramp: what the model can do on the task)"),
+            ("continuum (paper's mean p)", "continuum_mean_p", self.continuum_mean_p),
+            ("position (mean p)", "position", self.position),
             ("paper reference (mean p)", "reference_bands", bands),
             (
                 f"paper: share p > {self.confident_p:.2f}",
@@ -406,7 +427,8 @@ def source_report(
         "nll": stats.nll,
         "schedule_signal": signal,
         "schedule_signal_value": value,
-        "continuum": place_on_continuum(mean_p),
+        "continuum": place_by_signal(stats, signal, ramp_low, ramp_high),
+        "continuum_mean_p": place_on_continuum(mean_p),
         "position": describe_position(mean_p),
         "start_lambda": None if start_lambda is None else start_lambda[0],
         "lambda_fixed": None if start_lambda is None else start_lambda[1],

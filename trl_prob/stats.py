@@ -19,8 +19,9 @@ CONFLICT_SUM_SQ = 0.5
 HISTOGRAM_BINS = 200
 
 (_COUNT, _SUM_P, _SUM_NLL, _ABOVE, _KEPT, _SEQS, _SEQS_TOP1, _TOP1,
- _N_ENTROPY, _SUM_ENTROPY, _SUM_NORM_ENTROPY, _N_SUM_SQ, _SUM_SUM_SQ, _CONFLICTS, LAMBDA_SUM) = range(15)  # fmt: skip
-_HIST = 15  # LAMBDA_SUM: the trained tokens' lambda, summed by the trainer for a per-token schedule
+ _N_ENTROPY, _SUM_ENTROPY, _SUM_NORM_ENTROPY, _N_SUM_SQ, _SUM_SUM_SQ, _CONFLICTS, LAMBDA_SUM,
+ _SEQS_TOP1_CLEAN) = range(16)  # fmt: skip
+_HIST = 16  # LAMBDA_SUM: the trained tokens' lambda, summed by the trainer for a per-token schedule
 
 
 def _sum_over_processes(sums: torch.Tensor) -> None:
@@ -103,7 +104,7 @@ class TokenProbStats:
         else:
             sum_sq = log_sum_sq_probs.detach().to(torch.float64).exp() * w
             columns += [w, sum_sq, ((sum_sq >= CONFLICT_SUM_SQ) & (p < 0.5)) * w]
-        head = torch.stack(columns + [zeros], dim=-1)
+        head = torch.stack(columns + [zeros, zeros], dim=-1)  # LAMBDA_SUM and a scratch column (derived below)
         bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1).flatten()
         rows = sample_index.flatten()
         out = torch.zeros(num_samples, width, dtype=torch.float64, device=p.device)
@@ -113,6 +114,11 @@ class TokenProbStats:
         all_top1 = has_targets & (out[:, _TOP1] == out[:, _COUNT])
         out[:, _SEQS] = has_targets.to(torch.float64) if is_top1 is not None else 0.0
         out[:, _SEQS_TOP1] = all_top1.to(torch.float64) if is_top1 is not None else 0.0
+        # every target token top-1 or a confident conflict (a label the model confidently contradicts): exact but for
+        # the labels a capable model rejects; needs both is_top1 and log_sum_sq_probs
+        top1_or_conflict = has_targets & (out[:, _TOP1] + out[:, _CONFLICTS] == out[:, _COUNT])
+        both = is_top1 is not None and log_sum_sq_probs is not None
+        out[:, _SEQS_TOP1_CLEAN] = top1_or_conflict.to(torch.float64) if both else 0.0
         return out
 
     @classmethod
@@ -208,6 +214,16 @@ class TokenProbStats:
         sequences = self.sums[_SEQS].item()
         return self.sums[_SEQS_TOP1].item() / sequences if sequences > 0 else float("nan")
 
+    @property
+    def sequence_top1_share_without_conflicts(self) -> float:
+        """Share of sequences whose every target token is the model's top-1 choice or a confident conflict (sum_v p_v^2
+        >= 0.5 on another token): teacher-forced exact match that a label the model confidently contradicts does not
+        spoil. NaN without both ``is_top1`` and ``log_sum_sq_probs``."""
+        sequences = self.sums[_SEQS].item()
+        if sequences <= 0 or self.sums[_N_SUM_SQ].item() <= 0:
+            return float("nan")
+        return self.sums[_SEQS_TOP1_CLEAN].item() / sequences
+
     def _reported_ratio(self, index: int, count: int) -> float:
         n = self.sums[count].item()
         return self.sums[index].item() / n if n > 0 else float("nan")
@@ -260,7 +276,7 @@ def head_fields(tokens) -> dict:
     return dict(entropy=tokens.entropy, log_sum_sq_probs=tokens.log_sum_sq_probs, vocab_size=tokens.vocab_size)
 
 
-# One row of sums per data source; 64 x 215 fp64 is 110 KB, still one all-reduce per optimizer step.
+# One row of sums per data source; 64 x 216 fp64 is 110 KB, still one all-reduce per optimizer step.
 MAX_SOURCES = 64
 
 

@@ -160,15 +160,20 @@ class RunSummary(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         from .probe import place_on_continuum
+        from .schedules import DEFAULT_SIGNAL, SIGNALS
 
         n = len(self.dataset) if self.num_samples is None else min(self.num_samples, len(self.dataset))
         before = self.measure()
-        before["continuum"] = place_on_continuum(before["mean_token_prob"])  # the probe's placement, on held-out data
+        # the probe's placement, on held-out data: exact match on the default signal's ramp (sequence_top1 is the
+        # teacher-forced exact match), so a base that writes no answer is weak whatever its mean p
+        signal = SIGNALS[DEFAULT_SIGNAL]
+        before["continuum"] = place_on_continuum(before["exact_match"], signal.ramp_low, signal.ramp_high)
         self.result = {"num_samples": n, "before": before, "lambda": {}}
         if self.trainer.is_world_process_zero():
             print(f"trl-prob: before training, on {n} {self.split_name} samples: exact match "
                   f"{before['exact_match']:.3f}, mean target p {before['mean_token_prob']:.3f}: {before['continuum']} "
-                  "on the paper's continuum (trl-prob probe's placement)", flush=True)  # fmt: skip
+                  f"on the task (exact match on the {signal.ramp_low:.2f} -> {signal.ramp_high:.2f} ramp: trl-prob "
+                  "probe's placement)", flush=True)  # fmt: skip
 
     def on_step_begin(self, args, state, control, **kwargs):
         schedule = getattr(self.trainer, "schedule", None)

@@ -2,7 +2,7 @@
 imported. None of them was shown to help on a real model (benchmarks/README.md); they are kept, tested, for study.
 
 - signals the adaptive schedule can follow besides ``token_top1`` and ``mean``: ``median``, ``share_confident``,
-  ``geomean``, ``p25``, ``sequence_top1``, ``token_top1_clean``, ``confidence``;
+  ``geomean``, ``p25``, ``sequence_top1_clean``, ``token_top1_clean``, ``confidence``;
 - ``cosine``: ``linear``'s ramp on a half cosine (with ``schedule_warmup_start``, a late start);
 - ``token_gate``: each token's own lambda from its own confidence (:data:`TOKEN_GATES`), through the schedule seam
   :meth:`~trl_prob.schedules.Schedule.token_lambdas`;
@@ -43,10 +43,11 @@ EXPERIMENTAL_SIGNALS = (
     Signal("p25", lambda stats: stats.quantile(0.25),
            "25th percentile of p: where the hard quarter of the tokens stands", metric="p25_token_prob",
            title="25th percentile of target-token p"),
-    Signal("sequence_top1", lambda stats: stats.sequence_top1_share,
-           "share of completions whose every target token is the model's top-1 (teacher-forced exact match)",
-           ramp_low=0.20, ramp_high=0.50, metric="sequence_top1_share", reads=("log_probs", "is_top1"),
-           title="share of completions ranked first throughout"),
+    Signal("sequence_top1_clean", lambda stats: stats.sequence_top1_share_without_conflicts,
+           "sequence_top1 where a confident conflict (the model puts sum_v p_v^2 >= 0.5 on another token) does not "
+           "spoil a completion: labels a capable model contradicts do not hold the signal down",
+           ramp_low=0.20, ramp_high=0.50, metric="sequence_top1_share_without_conflicts",
+           reads=("log_probs", "is_top1", "log_sum_sq_probs"), title="share of completions ranked first but for conflicts"),
     Signal("token_top1_clean", lambda stats: stats.token_top1_share_without_conflicts,
            "token_top1 over the target tokens that are not confident conflicts (the model puts sum_v p_v^2 >= 0.5 "
            "on another token): noisy labels a capable model contradicts do not hold the signal down",
