@@ -1120,6 +1120,8 @@ def main(argv=None) -> dict:
         import trl_prob.experimental  # noqa: F401  (registers sequence_top1_clean, the signal of seq_clean->p)
 
         candidates = [(n, kw) for n, kw in CANDIDATES_V2 if accepted(kw) and (args.only is None or n in args.only)]
+        if args.only:  # stage 1 runs them in the order given (a schedule next to its endpoints)
+            candidates.sort(key=lambda c: args.only.index(c[0]))
     else:
         candidates = available_candidates(args.only)
     names = [n for n, _ in candidates]
