@@ -2,7 +2,10 @@
 
 1. ``SFTTrainer`` patches the model with a fused LM head: ``model(..., fused_lm_head=True)`` returns
    ``log_probs`` (target log-probabilities, differentiable, 0 on ignored labels) and ``label_mask``.
-2. ``SFTTrainer.compute_loss`` trains ``-outputs.log_probs`` (what our wrapper rewrites), not ``outputs.loss``.
+2. ``SFTTrainer.compute_loss`` trains ``-outputs.log_probs`` (what our wrapper rewrites), not ``outputs.loss``; the
+   trainer checks it on the first training micro-batch too (the tripwire), and keeps the real log-probabilities as
+   ``outputs.target_log_probs``.
+3. The version gate is this contract: a TRL outside the tested range runs if it holds, and is refused if not.
 """
 
 import pytest
@@ -41,6 +44,62 @@ def test_compute_loss_trains_the_rewritten_log_probs(trainer):
         loss = trainer.compute_loss(trainer.model, dict(inputs))
     torch.testing.assert_close(loss, (1 - p).mean(), rtol=1e-5, atol=1e-7)
     assert abs(loss.item() - out.loss.item()) > 0.1
+
+
+# ------------------------------------------------------------------------------ the field we write, and its tripwire
+
+
+def test_outputs_keep_the_target_log_probs_beside_the_trained_field(trainer):
+    """Inside compute_loss, `log_probs` carries -f(p) (what TRL trains) and `target_log_probs` the model's own
+    log-probabilities; the first training micro-batch checked that TRL trained the former."""
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    seen = []
+    handle = trainer.model.register_forward_hook(lambda module, args, outputs: seen.append(outputs))
+    trainer.model.train()
+    assert trainer._trained_field_unchecked
+    loss = trainer.compute_loss(trainer.model, dict(inputs))
+    handle.remove()
+    (out,) = seen
+    mask = out.label_mask
+    with torch.no_grad():
+        plain = trainer.model(**inputs, fused_lm_head=True)  # outside compute_loss: TRL's head, untouched
+    torch.testing.assert_close(out.target_log_probs, plain.log_probs)
+    p = out.target_log_probs[mask].exp()
+    torch.testing.assert_close(out.log_probs[mask], -(1 - p))  # objective p: f(p) = 1 - p
+    torch.testing.assert_close(loss, (1 - p).mean())
+    assert not trainer._trained_field_unchecked  # checked once, on this first training micro-batch
+
+
+def test_first_step_tripwire_does_not_fire_on_a_normal_run(trainer):
+    trainer.train()
+    assert not trainer._trained_field_unchecked
+    assert len([entry for entry in trainer.state.log_history if "loss" in entry]) == trainer.args.max_steps
+
+
+def test_first_step_tripwire_knows_trls_dft_weight(tmp_path, tokenizer):
+    """objective nll with TRL's own loss_type='dft' (the one combination config allows): TRL weights what we wrote by
+    its exp, and the tripwire expects that."""
+    args = ProbSFTConfig(**base_args(tmp_path, objective="nll", loss_type="dft", max_steps=1, bf16=False))
+    trainer = ProbSFTTrainer(model=random_tiny_llama(2), args=args, train_dataset=addition_dataset(8),
+                             processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    assert not trainer._trained_field_unchecked
+
+
+def test_first_step_tripwire_fires_when_trl_trains_another_field(trainer, monkeypatch):
+    """A TRL release whose compute_loss trains another field (here the model's own log-probabilities, i.e. NLL) is
+    stopped on the first training micro-batch, in one line, before any optimizer step."""
+
+    def release_training_another_field(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs, fused_lm_head=True)
+        count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        return -outputs.target_log_probs.sum() / count
+
+    monkeypatch.setattr(trl.SFTTrainer, "compute_loss", release_training_another_field)
+    with pytest.raises(RuntimeError, match=r"trains another field than `outputs.log_probs`, the one trl-prob writes") as error:
+        trainer.train()
+    assert len(str(error.value).splitlines()) == 1
+    assert trainer.state.global_step == 0
 
 
 def test_trl_version_is_the_tested_range():

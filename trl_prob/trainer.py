@@ -135,6 +135,11 @@ class ProbObjectiveMixin:
             add_fused_lm_head(base, outputs=hook.head_outputs)
         self.model.register_forward_hook(self._replace_log_probs, with_kwargs=True)
 
+    # The first-step tripwire's state: whether the first training compute_loss is still to be checked, and the
+    # per-token loss (with its label mask) written into this micro-batch's outputs for that check.
+    _trained_field_unchecked = True
+    _written: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def _replace_log_probs(self, module, args, kwargs, outputs):
         if not self._in_compute_loss:
             return outputs
@@ -156,10 +161,18 @@ class ProbObjectiveMixin:
                 "model (trl.trainer.utils.add_fused_lm_head), so the objective cannot be applied."
             )
         tokens = HeadTokens.from_outputs(outputs, self.objective_hook.vocab_size)
-        outputs.log_probs = -self.objective_hook.loss(
+        per_token_loss = self.objective_hook.loss(
             tokens, kwargs, training=self.model.training, sources=self._batch_sources,
             gather=self.accelerator.gather_for_metrics,
         )  # fmt: skip
+        # The one field trl-prob writes: `log_probs` becomes -f(p), the negated per-token objective, because that is
+        # the field SFTTrainer.compute_loss trains (`per_token_loss = -outputs.log_probs`, then TRL's normalisation).
+        # The model's real target log-probabilities stay on the outputs as `target_log_probs`; the first training
+        # compute_loss checks that TRL trained what was written here (`_check_trained_field`).
+        outputs.target_log_probs = tokens.log_p
+        outputs.log_probs = -per_token_loss
+        if self._trained_field_unchecked and self.model.training:
+            self._written = (per_token_loss.detach(), outputs.label_mask)
         return outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -168,10 +181,39 @@ class ProbObjectiveMixin:
             self._batch_sources = inputs[SOURCE_ID]
             inputs = {key: value for key, value in inputs.items() if key != SOURCE_ID}
         try:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if self._written is not None:
+                self._check_trained_field(result[0] if return_outputs else result, num_items_in_batch)
+            return result
         finally:
             self._in_compute_loss = False
             self._batch_sources = None
+            self._written = None
+
+    def _check_trained_field(self, loss: torch.Tensor, num_items_in_batch) -> None:
+        """The first training micro-batch's tripwire: the loss TRL returned must be the objective written into
+        ``outputs.log_probs``, normalised as TRL normalises it (its sum over the micro-batch by ``num_items_in_batch``,
+        or by the micro-batch's target tokens; times the processes when TRL averages tokens across them). Anything
+        else means TRL trained another quantity, and the run stops before its first optimizer step."""
+        (per_token_loss, mask), self._written = self._written, None
+        self._trained_field_unchecked = False
+        if getattr(self, "aux_loss_enabled", False):  # MoE: TRL adds its router loss, not ours to recompute
+            return
+        if getattr(self.args, "loss_type", "nll") == "dft":  # TRL's DFT weight on what we wrote (objective nll only)
+            per_token_loss = per_token_loss * (-per_token_loss).exp()
+        count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        want = per_token_loss.sum() / torch.as_tensor(count, device=per_token_loss.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            want = want * (self.accelerator.num_processes // tp_size)
+        got = loss.detach().to(want.dtype)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-6):
+            raise RuntimeError(
+                f"objective {self.args.objective!r}: the loss TRL's SFTTrainer.compute_loss returned ({got.item():.6g}) "
+                f"is not the objective trl-prob wrote for this batch ({want.item():.6g}): this TRL release trains "
+                "another field than `outputs.log_probs`, the one trl-prob writes, so the objective would not be "
+                "trained. Use a TRL of the tested range (trl_prob.TESTED_TRL)."
+            )
 
     @property
     def schedule(self) -> Schedule:
