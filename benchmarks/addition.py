@@ -18,7 +18,7 @@ Rebuild the shipped artifacts (deterministic for a given machine / torch version
     python benchmarks/addition.py build trl_prob/embedded   # writes OUT/model, OUT/model-weak (+ build_info.json), OUT/data
 
 Import it from a script in ``benchmarks/`` (``from addition import ...``: the script's folder is on ``sys.path``);
-``tests/conftest.py`` puts ``benchmarks/`` on ``sys.path`` for the tests.
+the tests have ``benchmarks/`` on ``sys.path`` through pyproject.toml's pytest ``pythonpath``.
 """
 
 from __future__ import annotations

@@ -198,8 +198,7 @@ def run_head(args, tokens: int) -> dict:
 
 
 def run_smollm2(args) -> dict:
-    from peft import LoraConfig
-    from smollm2_cost import gsm8k_rows
+    from smollm2_cost import gsm8k_rows, lora_config, step_args  # the SmolLM2 step benchmarks' one set-up
     from train_step import StepRecorder
 
     from trl_prob import ProbSFTConfig, ProbSFTTrainer
@@ -210,16 +209,9 @@ def run_smollm2(args) -> dict:
     workdir = tempfile.mkdtemp(prefix="trl-prob-asft-memory-")
     out = {}
     for objective in ("nll", "asft"):
-        config = ProbSFTConfig(
-            output_dir=os.path.join(workdir, objective), objective=objective, per_device_train_batch_size=args.rows,
-            max_steps=args.steps, learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
-            save_strategy="no", report_to="none", use_cpu=not args.device.startswith("cuda"),
-            bf16=args.device.startswith("cuda"), seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
-            max_length=args.max_length, gradient_checkpointing=False,
-        )  # fmt: skip
-        lora = LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
-        trainer = ProbSFTTrainer(model=model_dir, args=config, train_dataset=data, peft_config=lora)
+        config = ProbSFTConfig(objective=objective, **step_args(os.path.join(workdir, objective), args.rows, args.steps,
+                                                                args.max_length, learning_rate=1e-4, device=args.device))  # fmt: skip
+        trainer = ProbSFTTrainer(model=model_dir, args=config, train_dataset=data, peft_config=lora_config())
         recorder = StepRecorder(args.device)
         loads = []
 

@@ -43,21 +43,33 @@ def gsm8k_rows(n: int):
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 
-def build_trainer(case: str, model_dir: str, data, args, output_dir: str):
+def lora_config():
+    """The LoRA of the SmolLM2 step benchmarks (here and asft_memory.py): r 16 on every projection."""
     from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+
+
+def step_args(output_dir: str, rows: int, steps: int, max_length: int, learning_rate: float = 1e-5,
+              device: str = "cpu") -> dict:  # fmt: skip
+    """The training arguments of the SmolLM2 step benchmarks (here and asft_memory.py): ``steps`` optimizer steps of
+    ``rows`` rows, constant learning rate, nothing saved or reported, seeded; float32 on CPU, bf16 on a GPU."""
+    on_gpu = device.startswith("cuda")
+    return dict(output_dir=output_dir, per_device_train_batch_size=rows, max_steps=steps, learning_rate=learning_rate,
+                lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
+                use_cpu=not on_gpu, bf16=on_gpu, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                max_length=max_length, gradient_checkpointing=False)  # fmt: skip
+
+
+def build_trainer(case: str, model_dir: str, data, args, output_dir: str):
     from trl import SFTConfig, SFTTrainer
 
     from trl_prob import ProbSFTConfig, ProbSFTTrainer
 
     info = parse_case(case)
-    common = dict(output_dir=output_dir, per_device_train_batch_size=args.rows, max_steps=args.steps,
-                  learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                  report_to="none", use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
-                  disable_tqdm=True, max_length=args.max_length, gradient_checkpointing=False)  # fmt: skip
-    peft_config = None
-    if args.mode == "lora":
-        peft_config = LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
-                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+    common = step_args(output_dir, args.rows, args.steps, args.max_length)
+    peft_config = lora_config() if args.mode == "lora" else None
     if info["kind"] == "trl":
         trainer = SFTTrainer(model=model_dir, args=SFTConfig(**common), train_dataset=data, peft_config=peft_config)
     else:

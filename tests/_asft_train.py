@@ -21,8 +21,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import addition_dataset, base_args, finish_rank  # noqa: E402  (conftest also puts benchmarks/ on sys.path)
+# tests/ and benchmarks/ are on PYTHONPATH (tests/_launch.py starts this script)
+from conftest import addition_dataset, base_args, finish_rank  # noqa: E402
 from addition import build_tokenizer  # noqa: E402
 
 from trl_prob import ProbSFTConfig, ProbSFTTrainer  # noqa: E402
@@ -40,6 +40,12 @@ def perturbed_lora(model, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return peft.get_peft_model(model, config)
+
+
+def adapters_enabled(peft_model) -> bool:
+    """Whether the PEFT model's adapters are enabled and trainable (the ASFT reference pass must leave them so)."""
+    status = peft_model.get_model_status()
+    return status.enabled is True and all(status.requires_grad.values())
 
 
 def main():
@@ -65,13 +71,12 @@ def main():
         def result():
             peft_model = trainer.accelerator.unwrap_model(trainer.model)
             lora = torch.cat([p.detach().float().flatten() for n, p in peft_model.named_parameters() if "lora_" in n])
-            status = peft_model.get_model_status()
             return dict(
                 world_size=dist.get_world_size() if distributed else 1,
                 logs=[entry for entry in trainer.state.log_history if "loss" in entry],
                 evaluation=evaluation,
                 lora=lora.tolist(),
-                adapters_enabled=status.enabled is True and all(status.requires_grad.values()),
+                adapters_enabled=adapters_enabled(peft_model),
                 reference_passes=trainer.asft_reference.reference_passes,
             )
 

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import addition_dataset, base_args, finish_rank  # noqa: E402  (conftest also puts benchmarks/ on sys.path)
+# tests/ and benchmarks/ are on PYTHONPATH (tests/_launch.py starts this script)
+from conftest import addition_dataset, base_args, finish_rank  # noqa: E402
 from addition import build_tokenizer  # noqa: E402
 
 from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)

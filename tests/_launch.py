@@ -20,16 +20,18 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def environment(threads: int | None = 1, **extra: str) -> dict[str, str]:
-    """This process's environment, offline, ``OMP_NUM_THREADS=threads`` (None: as inherited), tests/ and the
-    repository on ``PYTHONPATH`` (for the scripts in tests/ that import conftest), and ``extra``."""
+    """This process's environment, offline, ``OMP_NUM_THREADS=threads`` (None: as inherited), the repository, tests/
+    and benchmarks/ on ``PYTHONPATH`` (as pyproject.toml's pytest ``pythonpath`` has them for the tests: the scripts in
+    tests/ import conftest, which imports benchmarks/addition.py), and ``extra``."""
     env = {**os.environ, **BASE_ENV}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, TESTS, os.environ.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, TESTS, BENCHMARKS, os.environ.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
 

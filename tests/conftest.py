@@ -8,14 +8,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
-import sys  # noqa: E402
-
 import pytest  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-# The addition task's builders live in benchmarks/addition.py (not installed): the tests import them from there.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
+# The addition task's builders live in benchmarks/addition.py (not installed): pyproject.toml's pytest `pythonpath` puts
+# benchmarks/ on sys.path for the tests, tests/_launch.py's PYTHONPATH for the processes they start.
 from addition import build_tokenizer, make_addition_examples, random_tiny_llama  # noqa: E402
 
 
@@ -57,6 +54,25 @@ def base_args(tmp_path, **overrides):
     )
     args.update(overrides)
     return args
+
+
+def make_trainer(tmp_path, tokenizer, model, rows: int = 16, **overrides):
+    """A ``ProbSFTTrainer`` on ``rows`` addition rows with :func:`base_args` (float32: ``bf16=False``) and
+    ``overrides``."""
+    from trl_prob import ProbSFTConfig, ProbSFTTrainer
+
+    args = ProbSFTConfig(**base_args(tmp_path, **{"bf16": False, **overrides}))
+    return ProbSFTTrainer(model=model, args=args, train_dataset=addition_dataset(rows), processing_class=tokenizer)
+
+
+def first_batch(trainer) -> dict:
+    """The trainer's first training batch, collated and on its device, as ``compute_loss`` gets it."""
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def grads(model) -> dict:
+    """Each parameter's gradient (a copy), by name; parameters without one left out."""
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def finish_rank(trainer, out: str, result) -> None:

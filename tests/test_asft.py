@@ -15,23 +15,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from _asft_train import perturbed_lora
+import conftest
+from _asft_train import adapters_enabled, perturbed_lora
 from _launch import TESTS, accelerate_launch, python
 from addition import random_tiny_llama
-from conftest import addition_dataset, base_args
-from trl_prob import ProbSFTConfig, ProbSFTTrainer
+from conftest import first_batch, grads
+from trl_prob import ProbSFTConfig
 from trl_prob.asft import chunked_kl
 from trl_prob.objectives import get_objective
 
 
 def make_trainer(tmp_path, tokenizer, model, objective="asft:0.5", rows=16, **overrides):
     overrides = {"per_device_train_batch_size": 8, **overrides}
-    args = ProbSFTConfig(**base_args(tmp_path, objective=objective, bf16=False, **overrides))
-    return ProbSFTTrainer(model=model, args=args, train_dataset=addition_dataset(rows), processing_class=tokenizer)
-
-
-def first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    return conftest.make_trainer(tmp_path, tokenizer, model, rows, objective=objective, **overrides)
 
 
 def full_logits_loss(model, inputs, alpha, reference, lam=1.0):
@@ -62,20 +58,11 @@ def disabled_adapters(model):
     return logits
 
 
-def grads(model):
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 def assert_grads_close(ours, want, rtol=1e-3):
     assert ours.keys() == want.keys() and ours
     for name in want:
         error = ((ours[name] - want[name]).norm() / want[name].norm().clamp(min=1e-30)).item()
         assert error <= rtol, (name, error)
-
-
-def adapters_enabled(peft_model) -> bool:
-    status = peft_model.get_model_status()
-    return status.enabled is True and all(status.requires_grad.values())
 
 
 def assert_matches_full_logits(trainer, alpha, reference_logits, min_kl):
@@ -294,6 +281,28 @@ def test_full_fine_tuning_with_a_reference_model(tmp_path, tokenizer):
     assert len([e for e in trainer.state.log_history if "loss" in e]) == 2
     for name, p in ref_model.named_parameters():
         assert torch.equal(p, ref_before[name]), f"the reference moved: {name}"
+
+
+def test_reference_model_loads_with_the_runs_model_init_kwargs(tmp_path, tokenizer, monkeypatch):
+    """The reference loads as TRL loads the model: the run's model_init_kwargs (revision, trust_remote_code, ...),
+    in the model's dtype, unquantized and on one device."""
+    reference_dir = tmp_path / "reference"
+    random_tiny_llama(seed=2).save_pretrained(reference_dir)
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(path, **kwargs):
+        calls.append((path, kwargs))
+        return real(path, dtype=kwargs["dtype"])
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    init = {"revision": "v1.0", "trust_remote_code": True, "attn_implementation": "eager", "dtype": "bfloat16",
+            "device_map": "auto"}  # fmt: skip
+    trainer = make_trainer(tmp_path, tokenizer, random_tiny_llama(seed=1), objective="asft:0.5",
+                           ref_model_name_or_path=str(reference_dir), model_init_kwargs=init)  # fmt: skip
+    assert calls == [(str(reference_dir), {"revision": "v1.0", "trust_remote_code": True,
+                                           "attn_implementation": "eager", "dtype": torch.float32})]  # fmt: skip
+    assert trainer.asft_reference.ref_model is not None
 
 
 # ------------------------------------------------------------------------------------------------ accumulation

@@ -7,7 +7,6 @@ import importlib
 import json
 import math
 import os
-import sys
 
 import pytest
 from trl_prob.experimental import ExperimentalSFTConfig  # noqa: E402  (the research knobs these tests use)
@@ -19,12 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def continuum():
-    # Imported by name from sys.path (not from a file spec): the benchmark's spawned workers re-import it by name.
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        yield importlib.import_module("continuum")
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    # Imported by name (not from a file spec): the benchmark's spawned workers re-import it by name, with the sys.path
+    # multiprocessing hands them (benchmarks/ on it: pyproject.toml's pytest `pythonpath`).
+    return importlib.import_module("continuum")
 
 
 def _run(obj, lr, seed, val, test, base="strong", noise=0.2):
@@ -147,11 +143,7 @@ def test_an_unknown_adaptive_option_is_refused_before_anything_runs(continuum, t
 # benchmarks/sources.py: per-source schedules on a two-source mixture.
 @pytest.fixture(scope="module")
 def sources_bench():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        yield importlib.import_module("sources")
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    return importlib.import_module("sources")  # benchmarks/sources.py (benchmarks/ on sys.path: pyproject.toml)
 
 
 def _cell(mean, se):
@@ -205,11 +197,7 @@ def test_sources_tiny_end_to_end_has_every_candidate_per_source_and_resumes(sour
 # benchmarks/confidence.py: issue 21's candidates and the rule that chooses `--objective auto`.
 @pytest.fixture(scope="module")
 def confidence_bench():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        yield importlib.import_module("confidence")
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    return importlib.import_module("confidence")  # benchmarks/confidence.py (benchmarks/ on sys.path: pyproject.toml)
 
 
 def test_confidence_candidates_are_valid_configs(confidence_bench, tmp_path):

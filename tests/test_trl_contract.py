@@ -13,18 +13,17 @@ import torch
 import trl
 
 from addition import random_tiny_llama
-from conftest import addition_dataset, base_args
-from trl_prob import TESTED_TRL, ProbSFTConfig, ProbSFTTrainer  # noqa: F401
+from conftest import first_batch, make_trainer
+from trl_prob import TESTED_TRL
 
 
 @pytest.fixture
 def trainer(tmp_path, tokenizer):
-    args = ProbSFTConfig(**base_args(tmp_path, objective="p", per_device_train_batch_size=8, bf16=False))
-    return ProbSFTTrainer(model=random_tiny_llama(2), args=args, train_dataset=addition_dataset(16), processing_class=tokenizer)
+    return make_trainer(tmp_path, tokenizer, random_tiny_llama(2), objective="p", per_device_train_batch_size=8)
 
 
 def test_fused_head_returns_log_probs_and_label_mask(trainer):
-    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    inputs = first_batch(trainer)
     out = trainer.model(**inputs, fused_lm_head=True)
     labels = inputs["labels"][:, 1:]
     assert out.log_probs.shape == labels.shape and out.log_probs.requires_grad
@@ -37,7 +36,7 @@ def test_fused_head_returns_log_probs_and_label_mask(trainer):
 
 def test_compute_loss_trains_the_rewritten_log_probs(trainer):
     """With objective p the loss is mean(1 - p); TRL's own NLL (outputs.loss) would be mean(-log p)."""
-    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    inputs = first_batch(trainer)
     with torch.no_grad():
         out = trainer.model(**inputs, fused_lm_head=True)
         p = out.log_probs[out.label_mask].exp()
@@ -52,7 +51,7 @@ def test_compute_loss_trains_the_rewritten_log_probs(trainer):
 def test_outputs_keep_the_target_log_probs_beside_the_trained_field(trainer):
     """Inside compute_loss, `log_probs` carries -f(p) (what TRL trains) and `target_log_probs` the model's own
     log-probabilities; the first training micro-batch checked that TRL trained the former."""
-    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    inputs = first_batch(trainer)
     seen = []
     handle = trainer.model.register_forward_hook(lambda module, args, outputs: seen.append(outputs))
     trainer.model.train()
@@ -79,9 +78,8 @@ def test_first_step_tripwire_does_not_fire_on_a_normal_run(trainer):
 def test_first_step_tripwire_knows_trls_dft_weight(tmp_path, tokenizer):
     """objective nll with TRL's own loss_type='dft' (the one combination config allows): TRL weights what we wrote by
     its exp, and the tripwire expects that."""
-    args = ProbSFTConfig(**base_args(tmp_path, objective="nll", loss_type="dft", max_steps=1, bf16=False))
-    trainer = ProbSFTTrainer(model=random_tiny_llama(2), args=args, train_dataset=addition_dataset(8),
-                             processing_class=tokenizer)  # fmt: skip
+    trainer = make_trainer(tmp_path, tokenizer, random_tiny_llama(2), rows=8, objective="nll", loss_type="dft",
+                           max_steps=1)  # fmt: skip
     trainer.train()
     assert not trainer._trained_field_unchecked
 

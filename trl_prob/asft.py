@@ -115,6 +115,18 @@ def chunked_divergence(**named):
     return ChunkedDivergenceFunction.apply(*bound.args[1:])
 
 
+def reference_init_kwargs(args, dtype: torch.dtype) -> dict:
+    """``from_pretrained`` keywords of a reference model: the run's ``model_init_kwargs`` (``revision``,
+    ``trust_remote_code``, ``attn_implementation``, ...; ``trust_remote_code`` defaulting to ``args.trust_remote_code``,
+    as TRL loads the model), in the trained model's dtype, whole on one device and unquantized (it is only read, in
+    full precision beside the model)."""
+    kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+    for name in ("dtype", "torch_dtype", "device_map", "quantization_config"):
+        kwargs.pop(name, None)
+    kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
+    return {**kwargs, "dtype": dtype}
+
+
 class AsftReference:
     """The reference of an ASFT run and the per-token KL to it, for one trainer's model.
 
@@ -151,7 +163,7 @@ class AsftReference:
             return cls(model)
         base = model.get_base_model() if is_peft_model(model) else model
         weight = base.get_output_embeddings().weight
-        ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=weight.dtype)
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, **reference_init_kwargs(args, weight.dtype))
         ref_model.to(weight.device).eval().requires_grad_(False)
         ref_vocab = ref_model.get_output_embeddings().weight.shape[0]
         if ref_vocab != weight.shape[0]:
