@@ -1158,7 +1158,8 @@ def main(argv=None) -> dict:
             if args.design == "v2" and "start" not in args.place_info[place]:  # the signals at step 1 (issue 34)
                 args.place_info[place]["start"] = measure_start(place, split, base_dir, pargs)
                 log.save()
-            kwargs = {n: (args.place_info[place]["probe_recommends"] if kw is None else kw) for n, kw in candidates}
+            kwargs = {n: (probe_kwargs(args.place_info[place]["probe_recommends"]) if kw is None else kw)
+                      for n, kw in candidates}
             prepared[place] = split, base_dir, kwargs, pargs
         return prepared[place]
 
@@ -1305,9 +1306,17 @@ def rule_over(runs: list[dict], place_info: dict, places, candidates) -> tuple[d
     return place_candidates, apply_rule(cells_from_runs(runs, place_candidates), [n for n, _ in candidates])
 
 
+def probe_kwargs(recommends: dict) -> dict:
+    """The probe's recommendation as it trained: v1's probe advised schedules that followed the default signal of
+    their day (token_top1), so a recorded adaptive recommendation without a signal is pinned to it."""
+    if recommends.get("objective_schedule", "none") != "none" and "schedule_signal" not in recommends:
+        return dict(recommends, schedule_signal="token_top1")
+    return recommends
+
+
 def place_trainings(place: str, candidates, args) -> dict:
     """``{candidate: what it trains at the place}`` (the probe's choice is the place's)."""
-    rec = args.place_info[place]["probe_recommends"]
+    rec = probe_kwargs(args.place_info[place]["probe_recommends"])
     return {n: training_of(rec if kw is None else kw) for n, kw in candidates}
 
 

@@ -290,6 +290,8 @@ def test_unknown_objective_is_not_accepted():
     assert set(rc.FIXED) <= {n for n, _ in rc.CANDIDATES}
     # candidates that resolve alike share their runs; different ones do not
     assert rc.training_of(dict(objective="p", objective_schedule="adaptive")) == rc.training_of(
+        dict(objective="p", objective_schedule="adaptive", schedule_signal="sequence_top1"))
+    assert rc.training_of(dict(objective="p", objective_schedule="adaptive")) != rc.training_of(
         dict(objective="p", objective_schedule="adaptive", schedule_signal="token_top1"))
     assert rc.training_of(dict(objective="p")) != rc.training_of(dict(objective="p", objective_schedule="adaptive"))
     # the pinned `auto` (the rule's commit) trains what objective="auto" resolved to then: adaptive toward deft
@@ -308,6 +310,104 @@ def test_trl_prob_auto_is_the_winner_of_the_committed_results():
     assert len(verdict["places_in_rule"]) == 5 and verdict["auto"] == record["summary"]["auto"]
     assert rc.training_of(dict(candidates)[verdict["auto"]]) == rc.training_of(dict(objective="auto"))
     assert rc.training_of(dict(objective="auto")) == rc.training_of(AUTO_SETTINGS)
+
+
+def test_fixed_objectives_keep_the_training_ids_of_the_committed_runs():
+    """The default signal moved (token_top1 -> sequence_top1); a fixed objective's training does not read it, so its
+    id must not move, or v2 would train v1's fixed runs again instead of sharing them."""
+    with open(rc.OUT) as f:
+        runs = json.load(f)["runs"]
+    for name in ("nll", "p", "eaft:1", "asft", "deft_cayley"):
+        recorded = {r["training"] for r in runs if r["config"] == {"objective": name}}
+        assert recorded == {rc.training_of(dict(objective=name))}, name
+    # v1's schedules followed token_top1: pinned, they keep their runs too
+    recorded = {r["training"] for r in runs if r["objective"] == "adaptive->p"}
+    assert recorded == {rc.training_of(dict(rc.CANDIDATES)["adaptive->p"])}
+
+
+# ------------------------------------------------------------------------------------------------ v2 (issue 34)
+
+
+def test_combined_difference_counts_problems_and_seed_spread_by_hand():
+    a = {0: [1, 1, 0, 1], 1: [1, 0, 0, 1], 2: [1, 1, 1, 1]}  # exact match 0.75, 0.5, 1.0
+    b = {0: [0, 1, 0, 1], 1: [0, 1, 0, 0]}  # 0.5, 0.25
+    d = rc.combined_difference(a, b)
+    per_problem = [statistics.fmean(x) - statistics.fmean(y) for x, y in zip(zip(*a.values()), zip(*b.values()))]
+    assert d["mean"] == pytest.approx(statistics.fmean(per_problem))
+    se_problems = statistics.stdev(per_problem) / math.sqrt(4)
+    var_seeds = statistics.variance([0.75, 0.5, 1.0]) / 3 + statistics.variance([0.5, 0.25]) / 2
+    assert d["se_problems"] == pytest.approx(se_problems)
+    assert d["se"] == pytest.approx(math.sqrt(se_problems**2 + var_seeds))
+    one = rc.combined_difference({0: a[0]}, {0: b[0]})  # one seed each: only the problems count
+    assert one["se_seeds"] == 0 and one["se"] == pytest.approx(one["se_problems"])
+
+
+def _seeded(accs, n=400, seed=0):
+    """{seed: hits} with the given exact match per seed (problems drawn at random)."""
+    rng = random.Random(seed)
+    return {s: [int(rng.random() < acc) for _ in range(n)] for s, acc in enumerate(accs)}
+
+
+def test_seed_spread_turns_a_one_seed_call_level():
+    """On seed 0 alone the gap is several problem-s.e.; with three seeds whose spread is as large as the gap, the
+    combined s.e. reads the same gap as level: a single seed cannot flip the call."""
+    nll = _seeded([0.50, 0.50, 0.50], seed=1)
+    wobbly = {0: [0] * 120 + nll[0][120:], 1: nll[1][:], 2: [1] * 60 + nll[2][60:]}  # seed 0 far behind, seed 2 ahead
+    cell = {"nll": nll, "wobbly": wobbly}
+    first = rc.place_table_v2({c: {0: s[0]} for c, s in cell.items()}, fixed=["nll"])
+    assert first["candidates"]["wobbly"]["standing"] == "behind"
+    table = rc.place_table_v2(cell, fixed=["nll"])
+    r = table["candidates"]["wobbly"]
+    assert r["se_seeds"] > r["se_problems"] and r["standing"] == "level"
+
+
+def test_rule_v2_finds_a_schedule_ahead_of_both_endpoints(monkeypatch):
+    monkeypatch.setitem(rc.ENDPOINTS_V2, "sched", ("nll", "p"))
+    cells = {"traj": {"nll": _seeded([0.40, 0.41, 0.39], seed=2), "p": _seeded([0.05, 0.06, 0.05], seed=3),
+                      "sched": _seeded([0.60, 0.61, 0.59], seed=4)},
+             "mid": {"nll": _seeded([0.40, 0.40, 0.40], seed=5), "p": _seeded([0.40, 0.40, 0.40], seed=6),
+                     "sched": _seeded([0.40, 0.40, 0.40], seed=7)}}
+    verdict = rc.apply_rule_v2(cells, ["nll", "p", "sched"], fixed=["nll", "p"])
+    assert verdict["auto"] == "sched" and verdict["goal"]["auto_never_behind"]
+    assert verdict["goal"]["schedule_ahead_of_both_endpoints"] == {"traj": ["sched"]} and verdict["goal"]["met"]
+    assert verdict["tables"]["traj"]["candidates"]["sched"]["vs_endpoints"]["p"]["standing"] == "ahead"
+    assert "p" in verdict["per"] and verdict["per"]["p"]["behind"] == ["traj"]
+    # stage 2: p is out of contention at traj (far behind on seed 0), the others stay
+    assert sorted(rc.in_contention(cells["traj"], fixed=["nll", "p"])) == ["nll", "sched"]
+
+
+def test_spearman_and_the_schedule_moving_average_by_hand():
+    assert rc.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rc.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert rc.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.8 / math.sqrt(0.9 * 1.0) * (1.0 if True else 0),
+                                                                    rel=0.2)
+    assert math.isnan(rc.spearman([1, 1, 1], [1, 2, 3]))
+    ema = rc.signal_ema_at([0.0, 1.0, None, 1.0], 0.5, [0, 1, 2, 4])
+    assert ema[0] == 0.5 and ema[1] == pytest.approx(0.45) and ema[2] == pytest.approx(0.505)
+    assert ema[3] == pytest.approx(0.9 * 0.505 + 0.1)  # step 3 had no signal (None): the average holds
+
+
+def test_signal_rule_and_pilot_test_on_synthetic_runs():
+    place_info = {
+        "mid": dict(base_exact_match=0.018, start=dict(signals=dict(sequence_top1=0.0, token_top1=0.64),
+                                                      lambda_at_start=dict(sequence_top1=0.0, token_top1=1.0))),
+        "traj": dict(base_exact_match=0.0, start=dict(signals=dict(sequence_top1=0.0, token_top1=0.4),
+                                                     lambda_at_start=dict(sequence_top1=0.0, token_top1=0.4))),
+        "strong": dict(base_exact_match=0.52, start=dict(signals=dict(sequence_top1=0.5, token_top1=0.9),
+                                                        lambda_at_start=dict(sequence_top1=1.0, token_top1=1.0))),
+    }
+    curve = [dict(step=s, exact_match=e) for s, e in [(0, 0.0), (2, 0.1), (4, 0.3), (6, 0.5)]]
+    runs = [dict(place="traj", objective="nll", seed=0, curve=curve,
+                 signal_trace=dict(sequence_top1=[0.0, 0.1, 0.2, 0.3, 0.5, 0.6], token_top1=[0.9, 0.5] * 3))]
+    rule = rc.signal_rule(place_info, runs)
+    assert rule["signals"]["sequence_top1"]["eligible"] and not rule["signals"]["token_top1"]["eligible"]
+    assert rule["signals"]["sequence_top1"]["mean_spearman"] == pytest.approx(1.0)
+    assert rule["chosen"] == "sequence_top1"
+    assert rc.qualifies("traj", runs) == dict(qualifies=True, start=0.0, max=0.5, mid=0.3, last=0.5, rises=True,
+                                              stalls_late=None)
+    noisy = [dict(runs[0], place="traj_noise25")]
+    assert rc.qualifies("traj_noise25", noisy)["qualifies"] is False  # still rising: no late stall
+    assert rc.qualifies("traj_noise25", [])["qualifies"] is None
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -340,7 +440,7 @@ def test_harness_end_to_end_saves_hits_in_test_order_and_resumes(tiny_model, tmp
     _RIGHT.update({r["question"]: r["equation"] for rows in problems.values() for r in rows if r["equation"]})
     monkeypatch.setattr(rc, "generate_answers", lambda model, tok, questions, bs, n: [_answer(q) for q in questions])
     out = str(tmp_path / "rc.json")
-    argv = ["--model", tiny_model, "--places", "mid", "strong_noise25", "--only", "nll", "p", "probe",
+    argv = ["--design", "v1", "--model", tiny_model, "--places", "mid", "strong_noise25", "--only", "nll", "p", "probe",
             "--stage", "1", "--train_rows", "8", "--epochs", "1", "--batch", "4", "--test_limit", "6",
             "--warmup_rows", "8", "--warmup_rounds", "1", "--probe_rows", "8", "--max_length", "1024",
             "--max_new_tokens", "4", "--eval_batch", "6", "--threads", "1", "--cache_dir", str(tmp_path / "cache"),
@@ -406,6 +506,40 @@ def test_harness_end_to_end_saves_hits_in_test_order_and_resumes(tiny_model, tmp
         assert len(json.load(f)["runs"]) == 6  # the verdict's file is untouched
     with pytest.raises(SystemExit):
         rc.parse_args(["--check", "p"])  # not into the verdict's file
+
+
+@pytest.mark.timeout(900)
+def test_trajectory_place_records_its_curve_and_every_signal(tiny_model, tmp_path, monkeypatch):
+    """v2 end to end on a tiny model: a trajectory place records the signals at step 1 (and the lambda each gives),
+    the base's held-out exact match, and per run a curve from step 0 through every evaluation and each signal per
+    step; the rule's summary (with its readings, the signal rule and the pilot's test) lands beside v1's."""
+    problems = rc.load_problems()
+    _RIGHT.update({r["question"]: r["equation"] for rows in problems.values() for r in rows if r["equation"]})
+    monkeypatch.setattr(rc, "generate_answers", lambda model, tok, questions, bs, n: [_answer(q) for q in questions])
+    out = str(tmp_path / "rc2.json")
+    argv = ["--smoke", "--model", tiny_model, "--places", "traj_noise25", "--only", "nll", "seq->p", "--batch", "4",
+            "--max_length", "1024", "--max_new_tokens", "4", "--threads", "1", "--out", out]
+    rc.main(argv)
+    with open(out) as f:
+        record = json.load(f)
+    start = record["places"]["traj_noise25"]["start"]
+    assert set(start["signals"]) == set(rc.SIGNAL_CANDIDATES) and 0.0 <= start["curve_exact_match"] <= 1.0
+    for name, value in start["signals"].items():
+        low, high = __import__("trl_prob.schedules", fromlist=["SIGNALS"]).SIGNALS[name].ramp
+        assert start["lambda_at_start"][name] == pytest.approx(min(1.0, max(0.0, (value - low) / (high - low))))
+    runs = record["runs"]
+    assert sorted(r["objective"] for r in runs) == ["nll", "seq->p"]
+    for r in runs:
+        assert r["steps"] == 2 and [c["step"] for c in r["curve"]] == [0, 1, 2]  # 8 rows at batch 4, eval every step
+        assert r["curve"][0]["exact_match"] == start["curve_exact_match"]
+        assert set(r["signal_trace"]) == set(rc.SIGNAL_CANDIDATES)
+        assert all(len(v) == 2 and all(x is not None for x in v) for v in r["signal_trace"].values())
+    seq = next(r for r in runs if r["objective"] == "seq->p")
+    assert seq["lambda_path"] and seq["resolved"]["schedule_signal"] == "sequence_top1"
+    summary = record["summary_v2"]
+    assert set(summary["readings"]) == {"1 s.e.", "seed 0 alone"} and "traj_noise25" in summary["pilot"]
+    assert set(summary["signal_rule"]["signals"]) == set(rc.SIGNAL_CANDIDATES)
+    assert "summary" not in record  # v1's verdict is written only by --design v1
 
 
 # ------------------------------------------------------------------------------------------------ mawps_example
