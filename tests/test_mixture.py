@@ -18,7 +18,7 @@ from trl import DatasetMixtureConfig, get_dataset  # noqa: E402
 from addition import make_addition_examples  # noqa: E402
 from trl_prob import cli  # noqa: E402
 from trl_prob.embedded import default_model_path  # noqa: E402
-from trl_prob.sources import load_mixture  # noqa: E402
+from trl_prob.experimental.sources import load_mixture  # noqa: E402
 
 CPU = ["--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none",
        "--disable_tqdm", "true", "--schedule_warm_start_samples", "16"]  # fmt: skip

@@ -28,8 +28,8 @@ from trl_prob.embedded import default_model_path  # noqa: E402
 from trl_prob.loss import objective_loss  # noqa: E402
 from trl_prob.measure import num_samples, sample_index  # noqa: E402
 from trl_prob.objectives import get_objective  # noqa: E402
-from trl_prob.sources import SOURCE_ID, token_lambdas  # noqa: E402
-from trl_prob.stats import MAX_SOURCES, SourceStats, TokenProbStats  # noqa: E402
+from trl_prob.experimental.sources import MAX_SOURCES, SOURCE_ID, SourceStats, token_lambdas  # noqa: E402
+from trl_prob.stats import TokenProbStats  # noqa: E402
 from trl_prob.checkpoints import CheckpointError  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- the pure parts
@@ -55,7 +55,8 @@ def test_per_token_lambda_equals_each_row_with_its_own_float_lambda(spec, mode):
     lambdas = torch.tensor([0.0, 0.35, 1.0])
     objective = get_objective(spec)
     log_p = target_log_p(logits, targets, mask)
-    got, _ = objective_loss(HeadTokens(log_p, mask), objective, lambdas[sources][:, None], mode, sample_source=sources, num_sources=3)
+    got, _ = objective_loss(HeadTokens(log_p, mask), objective, lambdas[sources][:, None], mode,
+                            group=lambda rows: SourceStats.from_rows(rows, sources, 3))
     (got_grad,) = torch.autograd.grad(got.sum(), logits, retain_graph=True)
 
     rows = []
@@ -73,7 +74,8 @@ def test_source_statistics_equal_each_source_measured_alone():
     log_p = target_log_p(logits, targets, mask).detach()
     sources = torch.tensor([1, 0, 1, 1, 0, 2, 1])
     keep = get_objective("top_p:0.3").keep(log_p) & mask
-    _, by_source = objective_loss(HeadTokens(log_p, mask), get_objective("top_p:0.3"), 1.0, sample_source=sources, num_sources=4)
+    _, by_source = objective_loss(HeadTokens(log_p, mask), get_objective("top_p:0.3"), 1.0,
+                                  group=lambda rows: SourceStats.from_rows(rows, sources, 4))
     assert isinstance(by_source, SourceStats) and by_source.num_sources == 4
     for source in range(4):
         rows = sources == source
@@ -153,18 +155,18 @@ def test_each_source_trains_with_its_own_lambda(tmp_path, shipped_tokenizer):
     dataset = mixture(16)
     trainer = make(tmp_path, dataset, shipped_tokenizer, per_device_train_batch_size=32, max_steps=1,
                    learning_rate=1e-9)  # fmt: skip
-    assert trainer.sources == ["add", "rev"]
+    assert trainer.extension.names == ["add", "rev"]
 
     # The warm start: each source's statistic equals that source's rows measured alone.
     model = shipped_model()
     rows = [{k: v for k, v in row.items() if k != "source"} for row in dataset]
-    alone = {name: [r for r, row in zip(rows, dataset) if row["source"] == name] for name in trainer.sources}
+    alone = {name: [r for r, row in zip(rows, dataset) if row["source"] == name] for name in trainer.extension.names}
     trainer.train()
-    warm = {name: mean_target_probability(model, shipped_tokenizer, alone[name]) for name in trainer.sources}
-    state = trainer.source_schedules.state_dict()
+    warm = {name: mean_target_probability(model, shipped_tokenizer, alone[name]) for name in trainer.extension.names}
+    state = trainer.extension.lambdas.state_dict()
     lambdas = {}
-    for name in trainer.sources:
-        schedule = trainer.source_schedules.schedules[trainer.sources.index(name)]
+    for name in trainer.extension.names:
+        schedule = trainer.extension.lambdas.schedules[trainer.extension.names.index(name)]
         # step 1's lambda is the warm start's; p_ema moved once since: undo that step from the logged statistic
         logged = step_logs(trainer)[1]
         lambdas[name] = logged[f"objective_lambda/{name}"]
@@ -180,7 +182,7 @@ def test_each_source_trains_with_its_own_lambda(tmp_path, shipped_tokenizer):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
     mask = labels != -100
     log_p = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    lam = torch.tensor([lambdas[name] for name in trainer.sources], dtype=torch.float64)[sources][:, None]
+    lam = torch.tensor([lambdas[name] for name in trainer.extension.names], dtype=torch.float64)[sources][:, None]
     per_token = (1 - lam) * -log_p + lam * (1 - log_p.exp())
     want = (per_token * mask).sum() / mask.sum()
     assert step_logs(trainer)[1]["loss"] == pytest.approx(want.item(), rel=1e-5)
@@ -200,7 +202,7 @@ def test_resume_reproduces_every_source_schedule(tmp_path, shipped_tokenizer):
     for step in (4, 5, 6):
         for key in keys:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6), (step, key)
-    assert resumed.source_schedules.state_dict() == uninterrupted.source_schedules.state_dict()
+    assert resumed.extension.lambdas.state_dict() == uninterrupted.extension.lambdas.state_dict()
 
 
 def test_a_checkpoint_without_per_source_state_is_refused(tmp_path, shipped_tokenizer):
@@ -217,11 +219,11 @@ def test_a_checkpoint_without_per_source_state_is_refused(tmp_path, shipped_toke
 def test_a_source_without_tokens_keeps_its_statistic_and_is_said_once(tmp_path, shipped_tokenizer, caplog):
     dataset = addition_dataset(16).add_column("source", ["add"] * 16)
     trainer = make(tmp_path, dataset, shipped_tokenizer, max_steps=3, schedule_sources=["add", "later"])
-    with caplog.at_level(logging.WARNING, logger="trl_prob"):  # said by the per-source provider (trl_prob.sources)
+    with caplog.at_level(logging.WARNING, logger="trl_prob"):  # said by the per-source provider (trl_prob.experimental.sources)
         trainer.train()
     said = [r.getMessage() for r in caplog.records if "source later had no target tokens" in r.getMessage()]
     assert len(said) == 1, said
-    later = trainer.source_schedules.state_dict()["later"]
+    later = trainer.extension.lambdas.state_dict()["later"]
     assert (later["p_ema"] is None or math.isnan(later["p_ema"])) and later["objective_lambda"] == 0.0
     assert all("objective_lambda/later" not in entry for entry in step_logs(trainer).values())
 
@@ -299,7 +301,8 @@ def test_padding_free_batches_carry_sources(tmp_path, shipped_tokenizer):
 
     log_p = torch.where(mask, -torch.rand(mask.shape), 0.0)
     _, stats = objective_loss(HeadTokens(log_p, mask), get_objective("p"), per_token, sample_index=index,
-                              num_samples=num_samples(batch), sample_source=batch[SOURCE_ID], num_sources=2)  # fmt: skip
+                              num_samples=num_samples(batch),
+                              group=lambda rows: SourceStats.from_rows(rows, batch[SOURCE_ID], 2))  # fmt: skip
     for source in (0, 1):
         targets = sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples if ex[SOURCE_ID] == source)
         assert stats[source].num_tokens == targets > 0
@@ -317,7 +320,7 @@ def test_warm_start_measures_every_source_of_a_concatenated_mixture(tmp_path, sh
     measured = trainer._first_rows(8)[SOURCE_ID]
     assert sorted(measured) == [0] * 6 + [1] * 2
     trainer.train()
-    assert all(state["warm_started"] for state in trainer.source_schedules.state_dict().values())
+    assert all(state["warm_started"] for state in trainer.extension.lambdas.state_dict().values())
 
 
 # ----------------------------------------------------------------------------------- the default signal's input
@@ -350,13 +353,13 @@ def test_a_source_can_follow_its_own_signal(tmp_path, shipped_tokenizer):
 
     trainer = make(tmp_path, mixture(8), shipped_tokenizer, max_steps=2, schedule_ramp_low=None, schedule_ramp_high=None,
                    schedule_source_signal="rev=geomean")  # fmt: skip
-    schedules = dict(zip(trainer.sources, trainer.source_schedules.schedules))
+    schedules = dict(zip(trainer.extension.names, trainer.extension.lambdas.schedules))
     assert schedules["rev"].signal_name == "geomean" and schedules["add"].signal_name == "mean"
     assert (schedules["rev"].ramp_low, schedules["rev"].ramp_high) == (SIGNALS["geomean"].ramp_low, SIGNALS["geomean"].ramp_high)
     report = run_probe(trainer, num_samples=None, output_dir=None, progress=False)
     assert report.sources["rev"]["schedule_signal"] == "geomean"
-    measured = trainer.measure_dataset(trainer.train_dataset, progress=False).sources
-    rev = trainer.sources.index("rev")
+    measured = trainer.measure_dataset(trainer.train_dataset, progress=False).groups
+    rev = trainer.extension.names.index("rev")
     assert report.sources["rev"]["schedule_signal_value"] == pytest.approx(measured[rev].geometric_mean_p, rel=1e-9)
     trainer.train()
     logs = step_logs(trainer)

@@ -23,6 +23,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -188,12 +189,10 @@ def saved_schedule_state(checkpoint: str, args) -> dict | None:
     return state
 
 
-def saved_source_schedule_state(checkpoint: str, args, sources: list[str]) -> dict | None:
-    """The per-source schedule state a checkpoint holds, checked against this run's sources; ``None`` where the run
-    may start the per-source schedules afresh. Raises :class:`CheckpointError` like :func:`saved_schedule_state`."""
-    from .schedules import ScheduleStateError
-    from .sources import SourceLambdas
-
+def saved_extension_state(checkpoint: str, args, extension):
+    """The run extension's state a checkpoint holds (its ``state_key`` entry of the schedule callback's state), as the
+    extension checks it (:meth:`trl_prob.extension.RunExtension.saved_state`); ``None`` where it may start afresh.
+    Raises :class:`CheckpointError` like :func:`saved_schedule_state`."""
     trainer_state = os.path.join(checkpoint, TRAINER_STATE_FILE)
     state = None
     if os.path.isfile(trainer_state):
@@ -202,38 +201,27 @@ def saved_source_schedule_state(checkpoint: str, args, sources: list[str]) -> di
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"checkpoint {checkpoint}: cannot read its schedule state ({exc}).") from None
         if isinstance(exported, dict):
-            state = exported.get("attributes", {}).get("source_schedules")
-    if state is None:
-        if args.schedule_reset_on_resume:
-            return None
-        raise CheckpointError(
-            f"checkpoint {checkpoint} has no per-source schedule state ({TRAINER_STATE_FILE} stateful_callbacks."
-            f"{SCHEDULE_CALLBACK}.source_schedules): it was written by a run without schedule_per_source. Pass "
-            "--schedule_reset_on_resume to start each source's schedule afresh."
-        )
-    try:
-        SourceLambdas(args, sources).load_state_dict(state)
-    except ScheduleStateError as exc:
-        raise CheckpointError(f"checkpoint {checkpoint}: bad per-source schedule state in {trainer_state}: {exc}.") from None
-    return state
+            state = (exported.get("attributes") or {}).get(extension.state_key)
+    return extension.saved_state(checkpoint, state, args)
 
 
 @dataclass
 class ResumePlan:
-    """What resuming a run needs, checked before any step: the checkpoint, its schedule state(s) (None: restart the
-    schedule), TRL's token counter, and the line to log about newer incomplete checkpoints it skipped."""
+    """What resuming a run needs, checked before any step: the checkpoint, its schedule state and the run extension's
+    (None: restart them), TRL's token counter, and the line to log about newer incomplete checkpoints it skipped."""
 
     checkpoint: str | None
     schedule_state: dict | None = None
-    source_state: dict | None = None
+    extension_state: Any = None
     train_tokens: int | None = None
     skipped: str | None = None
 
 
-def plan_resume(resume_from_checkpoint, args, sources: list[str] | None = None) -> ResumePlan:
+def plan_resume(resume_from_checkpoint, args, extension=None) -> ResumePlan:
     """The one place a resume is checked (``Trainer.train(resume_from_checkpoint=...)`` and ``trl-prob sft``):
     ``True`` picks the newest complete checkpoint of ``args.output_dir``; a named one must be complete, unfinished and
-    carry well-formed schedule state. Raises :class:`CheckpointError` with one line otherwise."""
+    carry well-formed schedule state (and the run extension's, when it keeps one). Raises :class:`CheckpointError`
+    with one line otherwise."""
     checkpoint, skipped = resume_from_checkpoint, None
     if checkpoint is True:
         checkpoint, passed = last_complete_checkpoint(args.output_dir)
@@ -250,10 +238,11 @@ def plan_resume(resume_from_checkpoint, args, sources: list[str] | None = None) 
     if finished is not None:
         raise CheckpointError(finished)
     state = saved_schedule_state(checkpoint, args)
-    source_state = saved_source_schedule_state(checkpoint, args, sources) if sources else None
-    if sources and (state is None or source_state is None):
-        state = source_state = None  # one restarts with the other
-    return ResumePlan(checkpoint, state, source_state, saved_train_tokens(trainer_state), skipped)
+    keeps_state = extension is not None and extension.state_key is not None
+    extension_state = saved_extension_state(checkpoint, args, extension) if keeps_state else None
+    if keeps_state and (state is None or extension_state is None):
+        state = extension_state = None  # one restarts with the other
+    return ResumePlan(checkpoint, state, extension_state, saved_train_tokens(trainer_state), skipped)
 
 
 def checkpoints(output_dir: str) -> list[str]:
@@ -331,5 +320,5 @@ def check_output_dir(args, overwrite_output_dir: bool = False, plan: bool = True
             "--resume_from_checkpoint true to continue it, or choose another --output_dir."
         )
     if resume and plan:
-        plan_resume(resume, args)  # unfinished, schedule state well-formed (per-source state: once the data is read)
+        plan_resume(resume, args)  # unfinished, schedule state well-formed (an extension's state: once the data is read)
     return resume

@@ -215,7 +215,9 @@ class ProbSFTConfig(SFTConfig):
         choice("schedule_mode", MODES)
         choice("schedule_signal", tuple(SIGNALS))
         signal = SIGNALS[self.schedule_signal]
-        self._ramp_given = (self.schedule_ramp_low, self.schedule_ramp_high)  # before the signal's ramp fills them in
+        # the ramp as given, before the signal's own fills it in (None: the signal's): a schedule reading another
+        # signal (trl_prob.experimental's per-source signals) takes that signal's ramp where the run gave none
+        self.ramp_given = (self.schedule_ramp_low, self.schedule_ramp_high)
         if self.schedule_ramp_low is None:
             self.schedule_ramp_low = signal.ramp_low
         if self.schedule_ramp_high is None:
@@ -284,8 +286,26 @@ class ProbSFTConfig(SFTConfig):
                 f"objective {target.spec!r} cannot be applied. Disable sequence parallelism."
             )
 
+    # ------------------------------------------------------------------------------------- a subclass's seams
+    # What a subclass (trl_prob.experimental.ExperimentalSFTConfig) adds to a run, asked by the core through these
+    # methods only: the core neither imports a subclass nor reads its fields.
+
     def _validate_more(self) -> None:
-        """A subclass's own checks, after the objective's (:class:`trl_prob.experimental.ExperimentalSFTConfig`)."""
+        """A subclass's own checks, after the objective's."""
+
+    def schedule_kwargs(self, kind: type) -> dict:
+        """Keyword arguments a subclass adds to ``kind.from_args`` (a :class:`~trl_prob.schedules.Schedule` class) beside
+        the core's ``signal`` and ``ema_decay``: none here."""
+        return {}
+
+    @property
+    def flush_subnormals(self) -> bool:
+        """Flush subnormal floats to zero on a CPU run (p-weighted objectives run 2x faster): always, here."""
+        return True
+
+    def run_extension(self):
+        """The run's plug-in (:class:`trl_prob.extension.RunExtension`), or None: none here."""
+        return None
 
     @property
     def uses_objective(self) -> bool:

@@ -22,7 +22,8 @@ from .loss import distributed_sum, objective_loss
 from .measure import Measurement, gather_rows, num_samples, per_sample_stats, sample_index
 from .objectives import get_objective
 from .schedules import SIGNALS, Schedule, build_schedule
-from .stats import LAMBDA_SUM, SourceStats, TokenProbStats
+from .extension import BatchInfo, RunExtension
+from .stats import LAMBDA_SUM, TokenProbStats
 
 NLL = get_objective("nll")
 
@@ -32,20 +33,22 @@ class ObjectiveHook:
 
     Args:
         args: the run's [`ProbSFTConfig`].
-        per_source: a per-source lambda provider (:class:`trl_prob.sources.SourceLambdas`) for
-            ``schedule_per_source`` runs, else ``None`` (one run-wide lambda).
+        extension: the run's plug-in (:class:`trl_prob.extension.RunExtension`, from
+            ``args.run_extension()``), or ``None``. Where it gives lambdas (``token_lambdas``) they replace the
+            schedule's at the one lambda seam; where it groups statistics (``batch_key``) its groups are kept beside
+            the step's, in the same all-reduce.
         vocab_size: the model's vocabulary size (EAFT normalises the entropy by its log).
     """
 
-    def __init__(self, args: ProbSFTConfig, per_source=None, vocab_size: int | None = None):
+    def __init__(self, args: ProbSFTConfig, extension: RunExtension | None = None, vocab_size: int | None = None):
         self.args = args
         self.objective = get_objective(args.objective)
         self.trains_objective = args.uses_objective
         self.schedule: Schedule = build_schedule(args)
-        self.per_source = per_source
+        self.extension = extension
         self.vocab_size = vocab_size
-        self.step_stats: TokenProbStats | SourceStats | None = None
-        self.eval_stats: TokenProbStats | SourceStats | None = None
+        self.step_stats = None  # TokenProbStats, or the extension's grouped statistics
+        self.eval_stats = None
         self.metrics: dict[str, list[float]] = defaultdict(list)  # this logging window's per-step values
 
     # ------------------------------------------------------------------------------------- what it reads
@@ -56,8 +59,8 @@ class ObjectiveHook:
         if self.trains_objective:
             needs[f"objective {self.objective.spec!r}"] = self.objective.reads
         needs.update(self.schedule.needs())
-        if self.per_source is not None:
-            needs.update(self.per_source.needs())
+        if self.extension is not None:
+            needs.update(self.extension.needs())
         return needs
 
     @property
@@ -80,7 +83,7 @@ class ObjectiveHook:
         tokens: HeadTokens,
         batch: dict,
         training: bool = True,
-        sources: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The per-token loss TRL sums and normalises; records the micro-batch's statistics on the way.
@@ -89,37 +92,39 @@ class ObjectiveHook:
             tokens: the micro-batch's head outputs.
             batch: its model inputs (padding-free batches carry ``cu_seq_lens_q``).
             training: accumulate into the optimizer step's statistics (else into the evaluation's, per sample).
-            sources: each sample's source index (per-source runs).
+            values: each sample's value of the run extension's ``batch_key`` (taken out of the batch by the trainer).
             gather: all-gathers evaluation rows across processes (``accelerator.gather_for_metrics``).
         """
         self.check(tokens)
         objective = self.objective if self.trains_objective else NLL
         padding_free = batch.get("cu_seq_lens_q") is not None
         index = sample_index(batch, tokens.mask) if padding_free else None
-        if self.per_source is not None and sources is None:
-            raise RuntimeError("schedule_per_source: a batch came without its source ids (a custom collator?).")
-        # the seam: the lambda each token trains with (one float for the step, or one per token)
-        if sources is not None:
-            objective_lambda = self.per_source.token_lambdas(sources, index)
-        else:
-            objective_lambda = self.schedule.token_lambdas(tokens)
+        extension = self.extension
+        key = extension.batch_key if extension is not None else None
+        if key is not None and values is None:
+            raise RuntimeError(f"{extension.name}: a batch came without its {key!r} (a custom collator?).")
+        # the seam: the lambda each token trains with (one float for the step, or one per token), the extension's
+        # where it gives one, else the schedule's
+        info = BatchInfo(index, values)
+        objective_lambda = extension.token_lambdas(tokens, info) if extension is not None else None
+        if objective_lambda is None:
+            objective_lambda = self.schedule.token_lambdas(tokens, info)
+        grouped = key is not None
         loss, stats = objective_loss(
             tokens, objective, objective_lambda, self.args.schedule_mode, all_reduce=distributed_sum,
             sample_index=index, num_samples=num_samples(batch) if padding_free else None,
-            sample_source=sources, num_sources=self.per_source.num_sources if sources is not None else 1,
+            group=(lambda rows: extension.group(rows, values)) if grouped else None,
         )  # fmt: skip
         if training:
-            if sources is None and isinstance(objective_lambda, torch.Tensor):  # the step's mean token lambda, in the
+            if not grouped and isinstance(objective_lambda, torch.Tensor):  # the step's mean token lambda, in the
                 stats.sums[LAMBDA_SUM] = (objective_lambda.double() * tokens.mask).sum()  # same all-reduce
             self.step_stats = stats if self.step_stats is None else self.step_stats + stats
             return loss
         # per sample, so that gather_for_metrics counts each evaluation sample once
         keep = objective.keep(tokens.log_p) & tokens.mask if objective.is_thresholded else None
         rows = per_sample_stats(batch, tokens.log_p, tokens.mask, keep, tokens)
-        rows, gathered = gather_rows(rows, gather, sources)
-        stats = TokenProbStats.from_rows(rows) if sources is None else SourceStats.from_rows(
-            rows, gathered, self.per_source.num_sources
-        )
+        rows, gathered = gather_rows(rows, gather, values if grouped else None)
+        stats = extension.group(rows, gathered) if grouped else TokenProbStats.from_rows(rows)
         self.eval_stats = stats if self.eval_stats is None else self.eval_stats + stats
         return loss
 
@@ -131,20 +136,22 @@ class ObjectiveHook:
         ``steps_per_epoch`` tells the ``progress`` schedule which steps see fresh batches."""
         if warm is not None:
             self.schedule.warm_start(warm.stats)
-            if self.per_source is not None:
-                self.per_source.warm_start(warm.sources)
+            if self.extension is not None:
+                self.extension.warm_start(warm.groups)
         self.schedule.begin(total_steps, steps_per_epoch)
-        if self.per_source is not None:
-            self.per_source.begin(total_steps, device)
+        if self.extension is not None:
+            self.extension.begin(total_steps, device)
 
     def end_step(self, device: torch.device | str = "cpu") -> None:
         """Account one optimizer step: one all-reduce of its statistics, its metrics, the next step's lambda."""
         args, schedule, metrics = self.args, self.schedule, self.metrics
         stats, self.step_stats = self.step_stats, None
+        extension = self.extension
         if stats is None:
-            stats = self.per_source.zeros(device) if self.per_source is not None else TokenProbStats.zeros(device)
+            stats = extension.zeros(device) if extension is not None else None
+            stats = TokenProbStats.zeros(device) if stats is None else stats
         stats = stats.all_reduce().to_host()  # one sync per optimizer step, however many statistics are read
-        by_source, stats = (stats, stats.total) if isinstance(stats, SourceStats) else (None, stats)
+        groups, stats = (None, stats) if isinstance(stats, TokenProbStats) else (stats, stats.total)
 
         metrics["mean_token_prob"].append(stats.mean_p)
         metrics["nll"].append(stats.nll)
@@ -155,20 +162,18 @@ class ObjectiveHook:
         signal = SIGNALS[schedule.signal_name]
         if signal.metric is not None:
             metrics[signal.metric].append(schedule.signal(stats))
-        if by_source is None:
+        trained = None if extension is None else extension.log_step(groups, metrics)  # what the step trained overall
+        if trained is not None:
+            metrics["objective_lambda"].append(trained)
+        elif groups is None:
             metrics["objective_lambda"].append(schedule.trained_lambda(stats))
-        else:
-            lambda_now = self.per_source.mean_lambda(by_source)  # what the step trained overall: its tokens' mean
-            if lambda_now is not None:
-                metrics["objective_lambda"].append(lambda_now)
-            self.per_source.log(by_source, metrics)
-        if args.schedule_mode == "exponent" and by_source is None:
+        if args.schedule_mode == "exponent" and groups is None:
             metrics["objective_exponent"].append(schedule.value * self.objective.param)
         schedule.step(stats)
         ema = schedule.p_ema if schedule.p_ema is not None else math.nan
         metrics["schedule_signal_ema"].append(ema)
-        if by_source is not None:
-            self.per_source.step(by_source, device)
+        if extension is not None:
+            extension.step(groups, device)
 
     def pop_metrics(self) -> dict[str, float]:
         """The logging window's metrics, averaged over its optimizer steps (NaN steps skipped), and a new window."""
@@ -185,10 +190,8 @@ class ObjectiveHook:
         if stats is None:
             return {}
         out = {}
-        if isinstance(stats, SourceStats):
-            for index, name in enumerate(self.per_source.names):
-                if stats[index].num_tokens:
-                    out[f"mean_token_prob/{name}"] = stats[index].mean_p
+        if not isinstance(stats, TokenProbStats):  # the extension's groups
+            out.update(self.extension.eval_metrics(stats))
             stats = stats.total
         out["mean_token_prob"] = stats.mean_p
         out["nll"] = stats.nll
@@ -203,6 +206,6 @@ class ObjectiveHook:
 
     def state_dict(self) -> dict:
         state = {"schedule": self.schedule.state_dict()}
-        if self.per_source is not None:
-            state["source_schedules"] = self.per_source.state_dict()
+        if self.extension is not None and self.extension.state_key is not None:
+            state[self.extension.state_key] = self.extension.state_dict()
         return state

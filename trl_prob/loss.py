@@ -8,12 +8,13 @@ by the step's target-token count over all micro-batches and processes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .head import HeadTokens
 from .objectives import Objective, power_loss
-from .stats import SourceStats, TokenProbStats, head_fields
+from .stats import TokenProbStats, head_fields
 
 
 def objective_loss(
@@ -24,9 +25,8 @@ def objective_loss(
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sample_index: torch.Tensor | None = None,
     num_samples: int | None = None,
-    sample_source: torch.Tensor | None = None,
-    num_sources: int = 1,
-) -> tuple[torch.Tensor, TokenProbStats | SourceStats]:
+    group: Callable[[torch.Tensor], Any] | None = None,
+) -> tuple[torch.Tensor, Any]:
     """Per-token loss (fp32, 0 where ``mask`` is false) and the micro-batch's target-token statistics.
 
     Args:
@@ -35,19 +35,20 @@ def objective_loss(
             ``log_sum_sq_probs``): the objective and the statistics read what they need from it.
         objective: the target objective f.
         objective_lambda: 0 is NLL, 1 the objective alone; a float, or a tensor broadcastable to ``log_p`` (one lambda
-            per token: per-source schedules).
+            per token: a per-token schedule or a run extension's).
         mode: ``blend`` trains (1 - lambda) nll + lambda f; ``exponent`` trains ``power:(lambda a)`` for a
             ``power:a`` objective.
         all_reduce: sums a tensor over processes (returns it); ``None`` for one process. Thresholded objectives
             use it for the kept-token count of this micro-batch over all processes.
         sample_index, num_samples: for the sequence statistics (which sample each position belongs to, for
             padding-free batches); statistics only, never the loss.
-        sample_source, num_sources: the source index of each sample (rows, or ``sample_index``'s samples): the
-            statistics are then :class:`SourceStats`, one row per source.
+        group: turns the micro-batch's per-sample statistics rows (:meth:`TokenProbStats.per_sample`, one per row or
+            per ``sample_index`` sample) into the statistics returned (a run extension's grouped statistics, with the
+            micro-batch's total as ``.total``); ``None``: the :class:`TokenProbStats` of the micro-batch.
     """
     log_p, mask = tokens.log_p, tokens.mask
     keep = objective.keep(log_p) & mask if objective.is_thresholded else None
-    if sample_source is None:
+    if group is None:
         stats = TokenProbStats.of_tokens(tokens, keep, sample_index, num_samples)
         total = stats
     else:
@@ -57,7 +58,7 @@ def objective_loss(
         rows = TokenProbStats.per_sample(
             log_p, mask, sample_index, num_samples, keep, tokens.is_top1, **head_fields(tokens)
         )
-        stats = SourceStats.from_rows(rows, sample_source, num_sources)
+        stats = group(rows)
         total = TokenProbStats.from_rows(rows)
     log_p = log_p.float()
     per_token = isinstance(objective_lambda, torch.Tensor)

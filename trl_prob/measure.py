@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .head import HeadTokens
-from .sources import SOURCE_ID
-from .stats import SourceStats, TokenProbStats, head_fields
+from .stats import TokenProbStats, head_fields
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Measurement:
     stats: TokenProbStats
     num_samples: int
     num_samples_without_targets: int
-    sources: SourceStats | None = None  # per data source, when the batches carry each sample's source
+    groups: Any = None  # a run extension's grouped statistics (trl_prob.extension), when it groups the samples
 
 
 def measure(
@@ -35,9 +35,9 @@ def measure(
     prepare: Callable[[dict], dict] | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = False,
-    num_sources: int | None = None,
     check: Callable[[HeadTokens], None] | None = None,
     vocab_size: int | None = None,
+    extension=None,
 ) -> Measurement:
     """Statistics of p(target token) over ``batches`` (collated SFT batches with ``labels``).
 
@@ -48,16 +48,17 @@ def measure(
         gather: all-gathers per-sample rows across processes, dropping accelerate's repeated samples
             (``accelerator.gather_for_metrics``); ``None`` for a single process.
         progress: show a progress bar (main process only).
-        num_sources: the run's number of data sources, when the batches carry each sample's source
-            (:data:`~trl_prob.sources.SOURCE_ID`): the measurement then holds statistics per source.
         check: called on each batch's head outputs (:class:`~trl_prob.head.HeadTokens`) before they are counted: the
             trainer refuses there a forward that lacks an output the run reads.
         vocab_size: the model's vocabulary size, for the statistics of H / ln V.
+        extension: the run's :class:`~trl_prob.extension.RunExtension`: its batch key is taken out of each batch before
+            the model sees it, and the measurement also holds its grouped statistics (``Measurement.groups``).
     """
     was_training = model.training
     model.eval()
     stats = None
-    by_source = SourceStats.zeros(num_sources) if num_sources else None
+    key = extension.batch_key if extension is not None else None
+    groups = extension.zeros("cpu") if key is not None else None
     seen = without_targets = 0
     iterator = batches
     if progress:
@@ -69,17 +70,17 @@ def measure(
             for batch in iterator:
                 batch = prepare(batch) if prepare is not None else batch
                 batch = dict(batch)
-                source = batch.pop(SOURCE_ID, None)
-                if by_source is not None and source is None:
-                    raise ValueError(f"measure(num_sources={num_sources}) needs each batch's {SOURCE_ID!r}.")
+                values = batch.pop(key, None) if key is not None else None
+                if key is not None and values is None:
+                    raise ValueError(f"{extension.name}: measure() needs each batch's {key!r} (a custom collator?).")
                 outputs = model(**batch, fused_lm_head=True, use_cache=False)
                 tokens = HeadTokens.from_outputs(outputs, vocab_size)
                 if check is not None:
                     check(tokens)
                 rows = per_sample_stats(batch, tokens.log_p, tokens.mask, tokens=tokens)
-                rows, source = gather_rows(rows, gather, source if by_source is not None else None)
-                if by_source is not None:
-                    by_source = by_source + SourceStats.from_rows(rows, source, num_sources).to_host()
+                rows, values = gather_rows(rows, gather, values)
+                if groups is not None:
+                    groups = groups + extension.group(rows, values).to_host()
                 stats = TokenProbStats.from_rows(rows) + stats if stats is not None else TokenProbStats.from_rows(rows)
                 seen += rows.shape[0]
                 without_targets += int((rows[:, 0] == 0).sum())
@@ -87,7 +88,7 @@ def measure(
         model.train(was_training)
     if stats is None:
         stats = TokenProbStats.zeros()
-    return Measurement(stats.to_host(), seen, without_targets, by_source)
+    return Measurement(stats.to_host(), seen, without_targets, groups)
 
 
 def per_sample_stats(
@@ -107,14 +108,14 @@ def per_sample_stats(
 
 
 def gather_rows(
-    rows: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None, source: torch.Tensor | None = None
+    rows: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None, values: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-sample rows (and each sample's source) from every process. The source travels as one more column, so one
-    gather keeps rows and sources paired, whatever samples ``gather`` drops."""
-    if source is not None:
-        rows = torch.cat([rows, source.to(rows.device, rows.dtype)[:, None]], dim=1)
+    """Per-sample rows (and each sample's integer value: a run extension's batch key) from every process. The value
+    travels as one more column, so one gather keeps rows and values paired, whatever samples ``gather`` drops."""
+    if values is not None:
+        rows = torch.cat([rows, values.to(rows.device, rows.dtype)[:, None]], dim=1)
     rows = gather(rows) if gather is not None else rows
-    if source is None:
+    if values is None:
         return rows, None
     return rows[:, :-1], rows[:, -1].long()
 

@@ -168,15 +168,14 @@ def _load_dataset(script_args):
 
 
 def _load_mixture(dataset_args, training_args):
-    """TRL's ``get_dataset`` of the ``datasets:`` mixture; with per-source schedules, each row also carries its source in
-    ``--source_column``: the entry's name where the data have no such column (:func:`trl_prob.sources.load_mixture`)."""
-    if not getattr(training_args, "schedule_per_source", False):
+    """TRL's ``get_dataset`` of the ``datasets:`` mixture, or the run extension's loading of it
+    (:meth:`trl_prob.extension.RunExtension.load_mixture`: per-source schedules name each row's source)."""
+    extension = training_args.run_extension()
+    if extension is None:
         from trl import get_dataset
 
         return get_dataset(dataset_args)
-    from .sources import load_mixture
-
-    return load_mixture(dataset_args, training_args.source_column)
+    return extension.load_mixture(dataset_args)
 
 
 def _split(dataset, name: str, flag: str):

@@ -245,7 +245,8 @@ class ProbeReport:
     reference_strong_share_confident: list[float] = field(default_factory=lambda: list(STRONG_SHARE_CONFIDENT))
     histogram: dict[str, list[float]] = field(default_factory=dict)
     histogram_fine: dict[str, list[float]] = field(default_factory=dict)
-    # schedule_per_source: each source's place on the continuum, by name (see :func:`source_report`)
+    # a run extension's entries, by name (trl_prob.experimental's per-source schedules: each source's place on the
+    # continuum, a :func:`source_report`)
     sources: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
@@ -260,14 +261,10 @@ class ProbeReport:
         signal: str = DEFAULT_SIGNAL,
         max_length: int | None = None,
         num_samples_dropped: int | None = None,
-        source_names: list[str] | None = None,
-        source_samples: list[int | None] | None = None,
-        source_lambdas: list[tuple[float, bool]] | None = None,
-        source_signals: list[tuple[str, float, float]] | None = None,
+        sources: dict[str, dict] | None = None,
     ) -> ProbeReport:
-        """The report of ``measurement``; with ``source_names`` (its ``sources`` statistics, in that order) also each
-        source's, given how many samples of each were measured and the ``(lambda, fixed)`` each source's schedule
-        would start with, and ``(signal, ramp_low, ramp_high)`` each source's schedule reads (default: the run's)."""
+        """The report of ``measurement``; ``sources``: a run extension's entries, by name (each a
+        :func:`source_report`; :meth:`trl_prob.extension.RunExtension.probe_entries`)."""
         from .schedules import SIGNALS
 
         stats = measurement.stats
@@ -276,7 +273,6 @@ class ProbeReport:
         objective_spec, schedule, reason = recommend(mean_p, objective, ramp_low, ramp_high, signal, signals[signal],
                                                      stats.sequence_top1_share)
         flags = f"--objective {objective_spec} --objective_schedule {schedule}"
-        read_as = source_signals or [(signal, ramp_low, ramp_high)] * len(source_names or ())
         return cls(
             model=model,
             num_samples=measurement.num_samples,
@@ -305,14 +301,7 @@ class ProbeReport:
             share_above_0_9=stats.share_above(0.9),
             histogram=_histogram(stats, TABLE_BINS),
             histogram_fine=_histogram(stats, PLOT_BINS),
-            sources={
-                name: source_report(
-                    measurement.sources[index], objective, read_as[index][1], read_as[index][2], read_as[index][0],
-                    num_samples=source_samples[index] if source_samples else None,
-                    start_lambda=source_lambdas[index] if source_lambdas else None,
-                )
-                for index, name in enumerate(source_names or ())
-            },
+            sources=dict(sources or {}),
         )
 
     def to_dict(self) -> dict:
@@ -409,9 +398,9 @@ def source_report(
     num_samples: int | None = None,
     start_lambda: tuple[float, bool] | None = None,
 ) -> dict:
-    """One source's entry of ``probe.json``'s ``sources``: its statistics, place on the continuum, schedule signal and
-    what :func:`recommend` advises for it alone; ``start_lambda``: ``(lambda, fixed)`` its schedule starts the run with
-    (``fixed``: pinned by ``schedule_source_lambda``)."""
+    """One entry of ``probe.json``'s ``sources`` (a part of the data, e.g. one source of a mixture): its statistics,
+    place on the continuum, schedule signal and what :func:`recommend` advises for it alone; ``start_lambda``:
+    ``(lambda, fixed)`` its schedule starts the run with (``fixed``: pinned, not adaptive)."""
     from .schedules import SIGNALS
 
     mean_p = stats.mean_p
@@ -569,7 +558,7 @@ def run_probe(
     The tokens are exactly those training uses (TRL's prepared dataset, collator and masks, via the trainer's eval
     dataloader), measured through the fused log-prob head, split over processes and reduced. Rank 0 prints the
     table and, with ``output_dir``, writes ``probe.json`` and ``probe_histogram.png`` there. A per-source trainer's
-    report also places each source on the continuum (``ProbeReport.sources``).
+    report also holds the run extension's entries (per-source schedules: each source's place, ``ProbeReport.sources``).
 
     Args:
         trainer: a built ``ProbSFTTrainer`` (or any ``SFTTrainer`` with ``ProbObjectiveMixin``).
@@ -591,9 +580,9 @@ def run_probe(
     dropped = _count_dropped(source_dataset, dataset, args)
     if dataset is None or (hasattr(dataset, "__len__") and len(dataset) == 0):
         _raise_empty(source_dataset, dropped, max_length)
-    sources = getattr(trainer, "sources", None)
+    extension = getattr(trainer, "extension", None)  # ProbObjectiveMixin's; None for another SFTTrainer
     if num_samples is not None:
-        dataset = _first_samples(dataset, num_samples, per_source=sources is not None)
+        dataset = _first_samples(dataset, num_samples, extension)
 
     measurement = _measure_with_batch_size(trainer, dataset, batch_size, progress)
     _check_measured(measurement, max_length, "train")
@@ -606,10 +595,7 @@ def run_probe(
         signal=getattr(args, "schedule_signal", DEFAULT_SIGNAL),
         max_length=max_length,
         num_samples_dropped=dropped,
-        source_names=sources,
-        source_samples=_samples_per_source(dataset, len(sources)) if sources is not None else None,
-        source_lambdas=_start_lambdas(args, sources, measurement) if sources is not None else None,
-        source_signals=_source_signals(args, sources) if sources is not None else None,
+        sources=extension.probe_entries(measurement, dataset, args) if extension is not None else None,
     )
     if measurement.num_samples_without_targets and trainer.is_world_process_zero():
         logger.warning(
@@ -626,43 +612,13 @@ def run_probe(
     return report
 
 
-def _first_samples(dataset, num_samples: int, per_source: bool):
+def _first_samples(dataset, num_samples: int, extension=None):
     if not hasattr(dataset, "__len__"):
         return dataset.take(num_samples)
-    if per_source:  # a mixture's first rows are its first source's: take each source's share instead
-        from .sources import first_rows_per_source
-
-        return first_rows_per_source(dataset, num_samples)
+    chosen = extension.first_rows(dataset, num_samples) if extension is not None else None  # e.g. each source's share
+    if chosen is not None:
+        return chosen
     return dataset.select(range(min(num_samples, len(dataset))))
-
-
-def _samples_per_source(dataset, num_sources: int) -> list[int | None]:
-    from .sources import SOURCE_ID
-
-    if not hasattr(dataset, "__len__"):
-        return [None] * num_sources
-    counts = torch.bincount(torch.as_tensor(dataset[SOURCE_ID], dtype=torch.long), minlength=num_sources)
-    return counts.tolist()
-
-
-def _start_lambdas(args, sources: list[str], measurement: Measurement) -> list[tuple[float, bool]]:
-    """The lambda each source's schedule would train step 1 with, warm-started from this measurement."""
-    from .sources import SourceLambdas
-
-    schedules = SourceLambdas(args, sources)
-    schedules.warm_start(measurement.sources)
-    schedules.begin(1)
-    fixed = args.schedule_source_lambda or {}
-    return [(value, name in fixed) for name, value in zip(sources, schedules.values)]
-
-
-def _source_signals(args, sources: list[str]) -> list[tuple[str, float, float]]:
-    """``(signal, ramp_low, ramp_high)`` each source's schedule reads (``schedule_source_signal`` may name its own)."""
-    from .sources import SourceLambdas
-
-    schedules = SourceLambdas(args, sources).schedules
-    return [(s.signal_name, getattr(s, "ramp_low", args.schedule_ramp_low), getattr(s, "ramp_high", args.schedule_ramp_high))
-            for s in schedules]  # fmt: skip
 
 
 def _measure_with_batch_size(trainer, dataset, batch_size: int | None, progress: bool) -> Measurement:

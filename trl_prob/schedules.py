@@ -164,16 +164,18 @@ class Schedule:
 
     @classmethod
     def from_args(cls, args, **common) -> Schedule:
-        """This kind built from a [`ProbSFTConfig`]; ``common`` holds signal, ema_decay and monotone."""
+        """This kind built from a [`ProbSFTConfig`]; ``common`` holds signal, ema_decay and whatever the config's
+        ``schedule_kwargs`` adds (trl_prob.experimental: monotone, a late start)."""
         return cls(**common)
 
     def needs(self) -> dict[str, tuple[str, ...]]:
         """The fused head's outputs this schedule reads per token, by who reads them (none by default)."""
         return {}
 
-    def token_lambdas(self, tokens):
+    def token_lambdas(self, tokens, batch=None):
         """The lambda each target token of a micro-batch trains with: one float for the whole step (this default), or a
-        ``[batch, seq]`` tensor (the hook then adds the step's mean token lambda to the statistics it all-reduces)."""
+        ``[batch, seq]`` tensor (the hook then adds the step's mean token lambda to the statistics it all-reduces).
+        ``batch``: the micro-batch's :class:`~trl_prob.extension.BatchInfo` (a run extension's seam is the same)."""
         return self.value
 
     def trained_lambda(self, stats: TokenProbStats) -> float:
@@ -277,8 +279,9 @@ class WarmupSchedule(Schedule):
 
     @classmethod
     def from_args(cls, args, **common) -> Schedule:
-        # a late start is a research knob (trl_prob.experimental); the product ramp starts at step 0
-        return cls(warmup_ratio=args.schedule_warmup_ratio, start=getattr(args, "schedule_warmup_start", 0.0), **common)
+        # the product ramp starts at step 0; a late `start` comes in `common` from a config subclass's
+        # schedule_kwargs (trl_prob.experimental's schedule_warmup_start)
+        return cls(warmup_ratio=args.schedule_warmup_ratio, **common)
 
     def lambda_now(self) -> float:
         return warmup_lambda(self.last_step, self.total_steps, self.warmup_ratio, self.name, self.start)
@@ -327,6 +330,7 @@ def build_schedule(args) -> Schedule:
     kind = args.objective_schedule
     if kind not in SCHEDULES:
         raise ValueError(f"Unknown objective schedule {kind!r}; allowed: {', '.join(SCHEDULES)}.")
-    common = dict(signal=args.schedule_signal, ema_decay=args.schedule_ema_decay,
-                  monotone=getattr(args, "schedule_monotone", False))  # fmt: skip
-    return SCHEDULES[kind].from_args(args, **common)
+    cls = SCHEDULES[kind]
+    # a config subclass's knobs (trl_prob.experimental: monotone, a late start) come through its schedule_kwargs
+    common = dict(signal=args.schedule_signal, ema_decay=args.schedule_ema_decay, **args.schedule_kwargs(cls))
+    return cls.from_args(args, **common)

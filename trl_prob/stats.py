@@ -22,9 +22,10 @@ HISTOGRAM_BINS = 200
  _N_ENTROPY, _SUM_ENTROPY, _SUM_NORM_ENTROPY, _N_SUM_SQ, _SUM_SUM_SQ, _CONFLICTS, LAMBDA_SUM,
  _SEQS_TOP1_CLEAN) = range(16)  # fmt: skip
 _HIST = 16  # LAMBDA_SUM: the trained tokens' lambda, summed by the trainer for a per-token schedule
+WIDTH = _HIST + HISTOGRAM_BINS  # one statistics row: the sums, then the histogram
 
 
-def _sum_over_processes(sums: torch.Tensor) -> None:
+def sum_over_processes(sums: torch.Tensor) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
 
@@ -130,7 +131,7 @@ class TokenProbStats:
 
     def all_reduce(self) -> TokenProbStats:
         """Sum over all processes (no-op without an initialised process group)."""
-        _sum_over_processes(self.sums)
+        sum_over_processes(self.sums)
         return self
 
     def to_host(self) -> TokenProbStats:
@@ -274,49 +275,3 @@ def head_fields(tokens) -> dict:
     """The optional head outputs of a :class:`~trl_prob.head.HeadTokens`, as :meth:`TokenProbStats.per_sample`'s
     keyword arguments."""
     return dict(entropy=tokens.entropy, log_sum_sq_probs=tokens.log_sum_sq_probs, vocab_size=tokens.vocab_size)
-
-
-# One row of sums per data source; 64 x 216 fp64 is 110 KB, still one all-reduce per optimizer step.
-MAX_SOURCES = 64
-
-
-@dataclass
-class SourceStats:
-    """:class:`TokenProbStats` per data source: ``sums[s]`` holds source ``s``'s sums, and their sum is the step's.
-
-    Kept as one ``[num_sources, width]`` tensor so a step, however many sources it mixes, still reduces with a single
-    all-reduce.
-    """
-
-    sums: torch.Tensor
-
-    @classmethod
-    def zeros(cls, num_sources: int, device: torch.device | str = "cpu") -> SourceStats:
-        return cls(torch.zeros(num_sources, _HIST + HISTOGRAM_BINS, dtype=torch.float64, device=device))
-
-    @classmethod
-    def from_rows(cls, rows: torch.Tensor, sample_source: torch.Tensor, num_sources: int) -> SourceStats:
-        """Per-sample rows (:meth:`TokenProbStats.per_sample`) summed by each sample's source index."""
-        out = torch.zeros(num_sources, rows.shape[-1], dtype=rows.dtype, device=rows.device)
-        return cls(out.index_add_(0, sample_source.to(rows.device, torch.long), rows))
-
-    @property
-    def num_sources(self) -> int:
-        return self.sums.shape[0]
-
-    @property
-    def total(self) -> TokenProbStats:
-        return TokenProbStats(self.sums.sum(0))
-
-    def __getitem__(self, source: int) -> TokenProbStats:
-        return TokenProbStats(self.sums[source])
-
-    def __add__(self, other: SourceStats) -> SourceStats:
-        return SourceStats(self.sums + other.sums.to(self.sums.device))
-
-    def all_reduce(self) -> SourceStats:
-        _sum_over_processes(self.sums)
-        return self
-
-    def to_host(self) -> SourceStats:
-        return SourceStats(self.sums.detach().cpu())

@@ -38,8 +38,8 @@ from .data import check_assistant_only, check_datasets, truncation_check
 from .head import TRL_SFT_OUTPUTS, HeadTokens
 from .hook import ObjectiveHook
 from .measure import Measurement, measure
+from .extension import RunExtension
 from .schedules import SIGNALS, Schedule
-from .sources import SOURCE_ID, SourceCollator, SourceLambdas, first_rows, tag_eval, tag_sources
 from .stats import TokenProbStats
 
 logger = logging.getLogger(__name__)
@@ -91,14 +91,13 @@ class ProbObjectiveMixin:
         raw_train, raw_eval = named.get("train_dataset"), named.get("eval_dataset")
         check_datasets(raw_train, raw_eval, config.dataset_text_field)  # a row with nothing to train: one line, here
         check_assistant_only(config, named.get("processing_class"))
-        self.sources: list[str] | None = None  # per-source runs: the data sources, in statistics-row order
-        per_source = None
-        if getattr(config, "schedule_per_source", False):  # trl_prob.experimental
-            self.sources, named["train_dataset"], named["eval_dataset"] = tag_sources(config, raw_train, raw_eval)
-            per_source = SourceLambdas(config, self.sources)
-        self.objective_hook = ObjectiveHook(config, per_source)
+        # the config's plug-in (trl_prob.extension; trl_prob.experimental's per-source schedules): its data first
+        self.extension: RunExtension | None = config.run_extension()
+        if self.extension is not None:
+            named["train_dataset"], named["eval_dataset"] = self.extension.prepare_datasets(raw_train, raw_eval)
+        self.objective_hook = ObjectiveHook(config, self.extension)
         self._in_compute_loss = False
-        self._batch_sources: torch.Tensor | None = None
+        self._batch_values: torch.Tensor | None = None
         self._resume: ResumePlan | None = None
         if bound is not None:
             super().__init__(*bound.args[1:], **bound.kwargs)
@@ -107,8 +106,8 @@ class ProbObjectiveMixin:
         self._rows_before_truncation = truncation_check(
             raw_train, self.train_dataset, self.args, self.processing_class, warn=self.is_world_process_zero()
         )
-        if self.sources is not None:
-            self.data_collator = SourceCollator(self.data_collator)
+        if self.extension is not None:
+            self.data_collator = self.extension.wrap_collator(self.data_collator)
         self._attach_to_head(_unwrap_peft(self.model))
         # ASFT: the per-token KL to a reference, hooked beside the head (trl_prob/asft.py); no reference: refused here
         from .asft import attach_reference
@@ -162,7 +161,7 @@ class ProbObjectiveMixin:
             )
         tokens = HeadTokens.from_outputs(outputs, self.objective_hook.vocab_size)
         per_token_loss = self.objective_hook.loss(
-            tokens, kwargs, training=self.model.training, sources=self._batch_sources,
+            tokens, kwargs, training=self.model.training, values=self._batch_values,
             gather=self.accelerator.gather_for_metrics,
         )  # fmt: skip
         # The one field trl-prob writes: `log_probs` becomes -f(p), the negated per-token objective, because that is
@@ -177,9 +176,10 @@ class ProbObjectiveMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._in_compute_loss = True
-        if SOURCE_ID in inputs:  # the batch's source ids are ours: the model must not see them
-            self._batch_sources = inputs[SOURCE_ID]
-            inputs = {key: value for key, value in inputs.items() if key != SOURCE_ID}
+        key = self._batch_key
+        if key is not None and key in inputs:  # the extension's per-sample values: the model must not see them
+            self._batch_values = inputs[key]
+            inputs = {name: value for name, value in inputs.items() if name != key}
         try:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             if self._written is not None:
@@ -187,7 +187,7 @@ class ProbObjectiveMixin:
             return result
         finally:
             self._in_compute_loss = False
-            self._batch_sources = None
+            self._batch_values = None
             self._written = None
 
     def _check_trained_field(self, loss: torch.Tensor, num_items_in_batch) -> None:
@@ -220,8 +220,8 @@ class ProbObjectiveMixin:
         return self.objective_hook.schedule
 
     @property
-    def source_schedules(self) -> SourceLambdas | None:
-        return self.objective_hook.per_source
+    def _batch_key(self) -> str | None:
+        return self.extension.batch_key if self.extension is not None else None
 
     @property
     def objective_lambda(self) -> float:
@@ -236,7 +236,7 @@ class ProbObjectiveMixin:
         args, hook = self.args, self.objective_hook
         # p-weighted objectives make the head's backward compute on subnormals, which x86 CPUs do in slow microcode
         # (2x the step time, benchmarks/README.md): flushed to zero, as GPUs do in hardware
-        if getattr(args, "flush_denormal", True) and args.device.type == "cpu" and torch.set_flush_denormal(True):
+        if args.flush_subnormals and args.device.type == "cpu" and torch.set_flush_denormal(True):
             logger.info("trl-prob: subnormal floats flushed to zero on CPU.")
         warm = hook.schedule.warm_starts and args.schedule_warm_start_samples > 0 and self._resume is None
         measured = None
@@ -248,8 +248,8 @@ class ProbObjectiveMixin:
         if self._resume is not None:
             if self._resume.schedule_state is not None:
                 hook.schedule.load_state_dict(self._resume.schedule_state)
-                if hook.per_source is not None:
-                    hook.per_source.load_state_dict(self._resume.source_state)
+                if hook.extension is not None and hook.extension.state_key is not None:
+                    hook.extension.load_state_dict(self._resume.extension_state)
                 return
             if args.objective_schedule != "none":
                 logger.warning("%s: no schedule state; the schedule restarts (--schedule_reset_on_resume).",
@@ -260,9 +260,8 @@ class ProbObjectiveMixin:
         if warm:
             signal = SIGNALS[hook.schedule.signal_name]
             logger.info("trl-prob warm start: %s (%s) %.4f", signal.label, signal.name, hook.schedule.p_ema)
-            for name, source in zip(self.sources or (), hook.per_source.schedules if hook.per_source else ()):
-                logger.info("trl-prob warm start: source %s: %s %s", name, source.signal_name,
-                            "not measured" if source.p_ema is None else f"{source.p_ema:.4f}")  # fmt: skip
+            for line in hook.extension.warm_start_lines() if hook.extension is not None else ():
+                logger.info("trl-prob warm start: %s", line)
 
     # ------------------------------------------------------------------------------------- measurement
 
@@ -277,7 +276,18 @@ class ProbObjectiveMixin:
         return self.measure_dataset(self._first_rows(num_samples, dataset), progress=progress).stats
 
     def _first_rows(self, num_samples: int | None, dataset=None):
-        return first_rows(self.train_dataset if dataset is None else dataset, num_samples, self.sources is not None)
+        """The first ``num_samples`` rows (all for None), or those the run extension chooses (per-source runs: each
+        source's share, since a mixture's first rows are its first source's alone)."""
+        dataset = self.train_dataset if dataset is None else dataset
+        if num_samples is None:
+            return dataset
+        if self.extension is not None and hasattr(dataset, "__len__"):
+            chosen = self.extension.first_rows(dataset, num_samples)
+            if chosen is not None:
+                return chosen
+        if hasattr(dataset, "__len__"):
+            return dataset.select(range(min(num_samples, len(dataset))))
+        return dataset.take(num_samples)
 
     def measure_dataset(self, dataset, progress: bool = True) -> Measurement:
         """:func:`trl_prob.measure.measure` of the current model over ``dataset`` through the trainer's eval
@@ -286,24 +296,24 @@ class ProbObjectiveMixin:
         hook = self.objective_hook
         return measure(
             self.model_wrapped, self.get_eval_dataloader(dataset), gather=self.accelerator.gather_for_metrics,
-            progress=progress, num_sources=len(self.sources) if self.sources is not None else None,
-            check=hook.check, vocab_size=hook.vocab_size,
+            progress=progress, check=hook.check, vocab_size=hook.vocab_size, extension=self.extension,
         )  # fmt: skip
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        if self.sources is not None:  # a dataset first seen here carries names in source_column, not ids yet
-            eval_dataset = tag_eval(eval_dataset, self.args.source_column, self.sources, metric_key_prefix)
+        if self.extension is not None:  # data first seen here (per-source runs: names in source_column, not ids yet)
+            eval_dataset = self.extension.prepare_eval(eval_dataset, metric_key_prefix)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _set_signature_columns_if_needed(self):
-        # Per-source runs keep their source id column through the column pruning of `remove_unused_columns`. Kept
+        # A run extension's column (per-source runs: the source ids) survives the pruning of `remove_unused_columns`. Kept
         # private on purpose (tests/test_trl_api.py allows it): transformers keeps the columns in `_signature_columns`
         # and nothing public adds one. `args.label_names` would (transformers appends them), but TRL's override of this
         # method drops them, and they also change evaluation's label handling; `remove_unused_columns=False` keeps
         # every column (the raw text ones too) for every collator; a collator sees the rows only after the pruning.
         super()._set_signature_columns_if_needed()
-        if self.sources is not None and SOURCE_ID not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, SOURCE_ID]
+        key = self._batch_key
+        if key is not None and key not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, key]
 
     # ------------------------------------------------------------------------------------- logging
 
@@ -332,7 +342,7 @@ class ProbObjectiveMixin:
             self.add_callback(completion)
         self._resume = None
         if resume_from_checkpoint:
-            self._resume = plan_resume(resume_from_checkpoint, self.args, self.sources)
+            self._resume = plan_resume(resume_from_checkpoint, self.args, self.extension)
             if self._resume.skipped and self.is_world_process_zero():
                 logger.warning("trl-prob: %s", self._resume.skipped)
             completion.train_tokens = self._resume.train_tokens

@@ -98,6 +98,29 @@ class ExperimentalSFTConfig(ProbSFTConfig):
         },
     )
 
+    # ------------------------------------------------------------------------------------- the core's seams
+
+    def schedule_kwargs(self, kind: type) -> dict:
+        """The monotone hold for every kind, and the late start for the warm-up ramps (``linear``, ``cosine``)."""
+        from ..schedules import WarmupSchedule
+
+        extra = {"monotone": self.schedule_monotone}
+        if issubclass(kind, WarmupSchedule):
+            extra["start"] = self.schedule_warmup_start
+        return extra
+
+    @property
+    def flush_subnormals(self) -> bool:
+        return self.flush_denormal
+
+    def run_extension(self):
+        """Per-source schedules (:class:`~trl_prob.experimental.sources.PerSourceExtension`) when asked for."""
+        if not self.schedule_per_source:
+            return None
+        from .sources import PerSourceExtension
+
+        return PerSourceExtension(self)
+
     def _validate_more(self) -> None:
         super()._validate_more()
         if self.schedule_token_gate not in TOKEN_GATES:
@@ -115,7 +138,7 @@ class ExperimentalSFTConfig(ProbSFTConfig):
         self._validate_source_fields()
 
     def _validate_source_fields(self) -> None:
-        from ..stats import MAX_SOURCES
+        from .sources import MAX_SOURCES
 
         self.schedule_source_lambda = parse_source_lambda(self.schedule_source_lambda)
         self.schedule_source_signal = parse_source_signal(self.schedule_source_signal)

@@ -112,7 +112,7 @@ class TokenGateSchedule(Schedule):
     def trained_lambda(self, stats: TokenProbStats) -> float:
         return stats.mean_lambda  # the step's mean token lambda (the hook puts its sum in the step's all-reduce)
 
-    def token_lambdas(self, tokens):
+    def token_lambdas(self, tokens, batch=None):
         import torch
 
         c = self.gate.read(tokens).float()

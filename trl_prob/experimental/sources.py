@@ -1,9 +1,13 @@
-"""Data sources of a mixed SFT run: which source each row comes from, carried from the dataset to the loss.
+"""Per-source schedules (``schedule_per_source``): one adaptive lambda per data source of a mixture, each read from and
+applied to its own source's tokens. A research row of the lab; it reaches a run only through the core's plug-in door,
+:class:`trl_prob.extension.RunExtension` (:class:`PerSourceExtension`, which ``ExperimentalSFTConfig.run_extension``
+returns).
 
-A row's source is a name in a column of the raw data (``ProbSFTConfig.source_column``; ``trl-prob sft`` fills it from
-a ``datasets:`` mixture). Before TRL prepares the data, the names become an integer column (:data:`SOURCE_ID`) that
-TRL's tokenisation keeps; :class:`SourceCollator` lifts it out of the examples into a ``[batch]`` tensor beside TRL's
-batch, and the trainer takes it out again before the model sees the batch.
+A row's source is a name in a column of the raw data (``source_column``; ``trl-prob sft`` fills it from a
+``datasets:`` mixture, :func:`load_mixture`). Before TRL prepares the data, the names become an integer column
+(:data:`SOURCE_ID`) that TRL's tokenisation keeps; :class:`SourceCollator` lifts it out of the examples into a
+``[batch]`` tensor beside TRL's batch, and the trainer takes it out again before the model sees the batch and hands it
+to the extension. Statistics are kept per source (:class:`SourceStats`, still one all-reduce per optimizer step).
 """
 
 from __future__ import annotations
@@ -16,9 +20,58 @@ from typing import Any
 
 import torch
 
-from .stats import MAX_SOURCES
+from ..checkpoints import CheckpointError
+from ..extension import BatchInfo, RunExtension
+from ..stats import WIDTH, TokenProbStats, sum_over_processes
 
 logger = logging.getLogger(__name__)
+
+# One row of sums per data source; 64 x 216 fp64 is 110 KB, still one all-reduce per optimizer step.
+MAX_SOURCES = 64
+
+
+@dataclass
+class SourceStats:
+    """:class:`~trl_prob.stats.TokenProbStats` per data source: ``sums[s]`` holds source ``s``'s sums, and their sum is
+    the step's.
+
+    Kept as one ``[num_sources, width]`` tensor so a step, however many sources it mixes, still reduces with a single
+    all-reduce.
+    """
+
+    sums: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_sources: int, device: torch.device | str = "cpu") -> SourceStats:
+        return cls(torch.zeros(num_sources, WIDTH, dtype=torch.float64, device=device))
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, sample_source: torch.Tensor, num_sources: int) -> SourceStats:
+        """Per-sample rows (:meth:`TokenProbStats.per_sample`) summed by each sample's source index."""
+        out = torch.zeros(num_sources, rows.shape[-1], dtype=rows.dtype, device=rows.device)
+        return cls(out.index_add_(0, sample_source.to(rows.device, torch.long), rows))
+
+    @property
+    def num_sources(self) -> int:
+        return self.sums.shape[0]
+
+    @property
+    def total(self) -> TokenProbStats:
+        return TokenProbStats(self.sums.sum(0))
+
+    def __getitem__(self, source: int) -> TokenProbStats:
+        return TokenProbStats(self.sums[source])
+
+    def __add__(self, other: SourceStats) -> SourceStats:
+        return SourceStats(self.sums + other.sums.to(self.sums.device))
+
+    def all_reduce(self) -> SourceStats:
+        sum_over_processes(self.sums)
+        return self
+
+    def to_host(self) -> SourceStats:
+        return SourceStats(self.sums.detach().cpu())
+
 
 SOURCE_ID = "trl_prob_source_id"  # integer column, then batch key: index of the row's source in the run's sources
 
@@ -94,7 +147,7 @@ def with_source_ids(dataset, column: str, sources: list[str], dataset_name: str 
 def tag_sources(args, train, evaluation):
     """Per-source runs: the run's sources from the training data, and every raw dataset with its integer
     :data:`SOURCE_ID` column (TRL's preparation keeps it). Returns ``(sources, train, evaluation)``."""
-    from .experimental.config import check_source_names
+    from .config import check_source_names
 
     if train is None:
         raise ValueError("schedule_per_source needs a train_dataset (the sources are read from it).")
@@ -123,18 +176,6 @@ def tag_eval(evaluation, column: str, sources: list[str], prefix: str = "eval"):
     if isinstance(evaluation, dict):
         return {name: tagged(dataset, name) for name, dataset in evaluation.items()}
     return tagged(evaluation, prefix)
-
-
-def first_rows(dataset, num_samples: int | None, per_source: bool = False):
-    """The first ``num_samples`` rows (all for None): each source's share of them in a per-source run (a mixture's
-    first rows are its first source's alone)."""
-    if num_samples is None:
-        return dataset
-    if per_source and hasattr(dataset, "__len__") and SOURCE_ID in (dataset.column_names or ()):
-        return first_rows_per_source(dataset, num_samples)
-    if hasattr(dataset, "__len__"):
-        return dataset.select(range(min(num_samples, len(dataset))))
-    return dataset.take(num_samples)
 
 
 @dataclass
@@ -279,20 +320,21 @@ def first_rows_per_source(dataset, num_samples: int):
 
 
 class SourceLambdas:
-    """Per-source schedules as one provider of a per-token lambda: the trainer's only seam for schedule_per_source.
+    """Per-source schedules as one provider of a per-token lambda (what :class:`PerSourceExtension` gives the core's
+    lambda seam).
 
     One schedule per source (the run's adaptive schedule; a constant one where ``schedule_source_lambda`` pins the
     source; the source's own signal where ``schedule_source_signal`` names one), each stepped on its own source's
-    statistics (one row of a :class:`~trl_prob.stats.SourceStats`, still one all-reduce per step).
+    statistics (one row of a :class:`SourceStats`, still one all-reduce per step).
     """
 
     def __init__(self, args, names: Sequence[str]):
-        from .schedules import SIGNALS, AdaptiveSchedule, ConstantSchedule, build_schedule
+        from ..schedules import SIGNALS, AdaptiveSchedule, ConstantSchedule, build_schedule
 
         self.names = list(names)
         fixed = args.schedule_source_lambda or {}
         signals = args.schedule_source_signal or {}
-        low_given, high_given = getattr(args, "_ramp_given", (args.schedule_ramp_low, args.schedule_ramp_high))
+        low_given, high_given = args.ramp_given
 
         def make(name: str):
             if name in fixed:
@@ -303,7 +345,7 @@ class SourceLambdas:
                 return AdaptiveSchedule(
                     ramp_low=signal.ramp_low if low_given is None else low_given,
                     ramp_high=signal.ramp_high if high_given is None else high_given,
-                    signal=signal.name, ema_decay=args.schedule_ema_decay, monotone=getattr(args, "schedule_monotone", False),
+                    signal=signal.name, ema_decay=args.schedule_ema_decay, monotone=args.schedule_monotone,
                 )  # fmt: skip
             return build_schedule(args)
 
@@ -321,14 +363,12 @@ class SourceLambdas:
         return [schedule.value for schedule in self.schedules]
 
     def needs(self) -> dict[str, tuple[str, ...]]:
-        from .schedules import SIGNALS
+        from ..schedules import SIGNALS
 
         return {f"schedule_source_signal[{name!r}]={signal!r}": SIGNALS[signal].reads
                 for name, signal in self._own_signals.items()}  # fmt: skip
 
     def zeros(self, device):
-        from .stats import SourceStats
-
         return SourceStats.zeros(self.num_sources, device)
 
     def token_lambdas(self, sample_source: torch.Tensor, sample_index: torch.Tensor | None) -> torch.Tensor:
@@ -363,7 +403,7 @@ class SourceLambdas:
     def log(self, by_source, metrics) -> None:
         """Per-source metrics of the step; a source without target tokens in it logs nothing (its schedule keeps its
         running signal and lambda), said once per source."""
-        from .schedules import SIGNALS
+        from ..schedules import SIGNALS
 
         for index, (name, schedule) in enumerate(zip(self.names, self.schedules)):
             stats = by_source[index]
@@ -385,7 +425,7 @@ class SourceLambdas:
         return {name: schedule.state_dict() for name, schedule in zip(self.names, self.schedules)}
 
     def load_state_dict(self, state: Any) -> None:
-        from .schedules import ScheduleStateError
+        from ..schedules import ScheduleStateError
 
         if not isinstance(state, dict):
             raise ScheduleStateError(f"per-source state must map source names to schedule states, got {state!r}")
@@ -402,3 +442,133 @@ class SourceLambdas:
 def _is_main_process() -> bool:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return not distributed or torch.distributed.get_rank() == 0
+
+
+# ------------------------------------------------------------------------------------- the plug-in
+
+
+class PerSourceExtension(RunExtension):
+    """``schedule_per_source`` as the core's plug-in (:class:`~trl_prob.extension.RunExtension`): the data tagged with
+    each row's source, the source ids carried beside TRL's batch, one schedule per source (:class:`SourceLambdas`) at
+    the core's lambda seam, statistics and metrics per source, their state in checkpoints, each source in the probe."""
+
+    name = "schedule_per_source"
+    batch_key = SOURCE_ID
+    state_key = "source_schedules"  # in the schedule callback's checkpoint state, beside "schedule"
+
+    def __init__(self, args):
+        self.args = args
+        self.names: list[str] | None = None  # the run's sources, in statistics-row order (read from the train data)
+        self.lambdas: SourceLambdas | None = None
+
+    # ---- data
+    def load_mixture(self, mixture):
+        return load_mixture(mixture, self.args.source_column)
+
+    def prepare_datasets(self, train, evaluation):
+        self.names, train, evaluation = tag_sources(self.args, train, evaluation)
+        self.lambdas = SourceLambdas(self.args, self.names)
+        return train, evaluation
+
+    def prepare_eval(self, evaluation, prefix: str):
+        return tag_eval(evaluation, self.args.source_column, self.names, prefix)
+
+    def wrap_collator(self, collator):
+        return SourceCollator(collator)
+
+    def first_rows(self, dataset, num_samples: int):
+        if hasattr(dataset, "__len__") and SOURCE_ID in (getattr(dataset, "column_names", None) or ()):
+            return first_rows_per_source(dataset, num_samples)
+        return None
+
+    # ---- per micro-batch
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        return self.lambdas.needs()
+
+    def token_lambdas(self, tokens, batch: BatchInfo) -> torch.Tensor:
+        return self.lambdas.token_lambdas(batch.values, batch.sample_index)
+
+    def group(self, rows: torch.Tensor, values: torch.Tensor) -> SourceStats:
+        return SourceStats.from_rows(rows, values, len(self.names))
+
+    def zeros(self, device) -> SourceStats:
+        return SourceStats.zeros(len(self.names), device)
+
+    # ---- per optimizer step
+    def warm_start(self, groups) -> None:
+        self.lambdas.warm_start(groups)
+
+    def warm_start_lines(self) -> list[str]:
+        return [f"source {name}: {schedule.signal_name} "
+                + ("not measured" if schedule.p_ema is None else f"{schedule.p_ema:.4f}")
+                for name, schedule in zip(self.names, self.lambdas.schedules)]  # fmt: skip
+
+    def begin(self, total_steps: int, device="cpu") -> None:
+        self.lambdas.begin(total_steps, device)
+
+    def log_step(self, groups, metrics) -> float | None:
+        trained = self.lambdas.mean_lambda(groups)  # what the step trained overall: its tokens' mean
+        self.lambdas.log(groups, metrics)
+        return trained
+
+    def step(self, groups, device="cpu") -> None:
+        self.lambdas.step(groups, device)
+
+    def eval_metrics(self, groups) -> dict[str, float]:
+        return {f"mean_token_prob/{name}": groups[index].mean_p
+                for index, name in enumerate(self.names) if groups[index].num_tokens}  # fmt: skip
+
+    # ---- checkpoints
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return self.lambdas.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.lambdas.load_state_dict(state)
+
+    def saved_state(self, checkpoint: str, state: Any, args) -> dict | None:
+        """The per-source schedule state ``checkpoint`` holds, checked against this run's sources; ``None`` where the
+        run may start the per-source schedules afresh."""
+        from ..checkpoints import SCHEDULE_CALLBACK, TRAINER_STATE_FILE
+        from ..schedules import ScheduleStateError
+
+        if state is None:
+            if args.schedule_reset_on_resume:
+                return None
+            raise CheckpointError(
+                f"checkpoint {checkpoint} has no per-source schedule state ({TRAINER_STATE_FILE} stateful_callbacks."
+                f"{SCHEDULE_CALLBACK}.{self.state_key}): it was written by a run without schedule_per_source. Pass "
+                "--schedule_reset_on_resume to start each source's schedule afresh."
+            )
+        try:
+            SourceLambdas(args, self.names).load_state_dict(state)
+        except ScheduleStateError as exc:
+            raise CheckpointError(
+                f"checkpoint {checkpoint}: bad per-source schedule state in {TRAINER_STATE_FILE}: {exc}."
+            ) from None
+        return state
+
+    # ---- probe
+    def probe_entries(self, measurement, dataset, args) -> dict[str, dict]:
+        """Each source's place on the continuum (:func:`trl_prob.probe.source_report`), with how many of its samples
+        were measured, the lambda its schedule would train step 1 with, and the signal and ramp it reads."""
+        from ..probe import source_report
+        from ..schedules import AdaptiveSchedule
+
+        names = self.names
+        counts = [None] * len(names)
+        if hasattr(dataset, "__len__"):
+            counts = torch.bincount(torch.as_tensor(dataset[SOURCE_ID], dtype=torch.long), minlength=len(names)).tolist()
+        schedules = SourceLambdas(args, names)  # fresh, warm-started from this measurement
+        schedules.warm_start(measurement.groups)
+        schedules.begin(1)
+        fixed = args.schedule_source_lambda or {}
+        entries = {}
+        for index, (name, schedule) in enumerate(zip(names, schedules.schedules)):
+            adaptive = isinstance(schedule, AdaptiveSchedule)
+            low = schedule.ramp_low if adaptive else args.schedule_ramp_low
+            high = schedule.ramp_high if adaptive else args.schedule_ramp_high
+            entries[name] = source_report(
+                measurement.groups[index], args.objective, low, high, schedule.signal_name, num_samples=counts[index],
+                start_lambda=(schedule.value, name in fixed),
+            )  # fmt: skip
+        return entries
