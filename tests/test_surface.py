@@ -46,7 +46,7 @@ def test_import_trl_prob_registers_few_signals_and_experimental_adds_the_rest():
     (core_signals, core_kinds), (all_signals, all_kinds) = eval(out.strip().splitlines()[-1])  # noqa: S307
     assert len(core_signals) <= CORE_SIGNALS and {"token_top1", "mean"} <= set(core_signals)
     assert set(core_kinds) == {"none", "constant", "linear", "adaptive"}
-    assert set(all_signals) - set(core_signals) == {"median", "share_confident", "geomean", "p25", "sequence_top1",
+    assert set(all_signals) - set(core_signals) == {"median", "share_confident", "geomean", "p25", "sequence_top1_clean",
                                                     "token_top1_clean", "confidence"}  # fmt: skip
     assert set(all_kinds) - set(core_kinds) == {"cosine", "token_gate", "progress"}
 
