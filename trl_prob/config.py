@@ -95,6 +95,14 @@ class ProbSFTConfig(SFTConfig):
         schedule_reset_on_resume (`bool`, *optional*, defaults to `False`):
             Resume from a checkpoint that holds no schedule state by starting the schedule afresh. Without it such
             a checkpoint is refused: the resumed run would follow a different trajectory.
+
+        > Evaluation
+
+        `eval_loss` is the loss training minimises, evaluated: the objective at the live lambda, so under a schedule it
+        changes meaning as lambda moves. `eval_nll` beside it is the evaluation's mean NLL per target token, the same
+        quantity at every step (also `eval_mean_token_prob`, `eval_exact_match`). Under a schedule that moves lambda
+        (not `none` / `constant`), ranking checkpoints on `eval_loss` (`load_best_model_at_end`, `EarlyStoppingCallback`)
+        is refused: set `metric_for_best_model="eval_nll"` (lower is better; `greater_is_better` defaults to `False`).
     """
 
     objective: str = field(default="nll", metadata={"help": objective_help()})
@@ -278,12 +286,33 @@ class ProbSFTConfig(SFTConfig):
                 "Liger's fused linear cross-entropy replaces the model's forward and computes NLL itself; trl-prob "
                 "needs TRL's fused log-prob head. Set liger_kernel_config={'fused_linear_cross_entropy': False}."
             )
+        self._check_best_metric()
         self._validate_more()
         parallelism = getattr(self, "parallelism_config", None)
         if parallelism is not None and getattr(parallelism, "sp_enabled", False) and self.uses_objective:
             raise ValueError(
                 "Sequence parallelism (Ulysses/ALST) reduces the model's own NLL across ranks, so "
                 f"objective {target.spec!r} cannot be applied. Disable sequence parallelism."
+            )
+
+    def _check_best_metric(self) -> None:
+        """``eval_loss`` is the trained loss, the objective at the live lambda: under a schedule that moves lambda, two
+        evaluations' ``eval_loss`` measure different things, so neither the best checkpoint (``load_best_model_at_end``)
+        nor early stopping (``EarlyStoppingCallback``, which reads ``metric_for_best_model``) may rank by it. The
+        evaluation's NLL, ``eval_nll`` (lower is better), means one thing all along."""
+        metric = self.metric_for_best_model
+        if metric is not None and metric.removeprefix("eval_") == "nll" and self.greater_is_better is None:
+            self.greater_is_better = False  # transformers would take a name not ending in "loss" as greater-is-better
+        if self.objective_schedule in ("none", "constant"):
+            return
+        ranks_by_loss = metric in ("loss", "eval_loss") or (metric is None and self.load_best_model_at_end)
+        if ranks_by_loss:
+            given = "unset (eval_loss with load_best_model_at_end)" if metric is None else repr(metric)
+            raise ValueError(
+                f"metric_for_best_model is {given}, but under objective_schedule={self.objective_schedule!r} eval_loss "
+                "is the objective at the live lambda, which moves during training, so checkpoints cannot be ranked or "
+                "stopped on it (load_best_model_at_end, EarlyStoppingCallback): set metric_for_best_model='eval_nll' "
+                "(the evaluation's NLL, lower is better)."
             )
 
     # ------------------------------------------------------------------------------------- a subclass's seams

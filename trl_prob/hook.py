@@ -194,6 +194,8 @@ class ObjectiveHook:
             out.update(self.extension.eval_metrics(stats))
             stats = stats.total
         out["mean_token_prob"] = stats.mean_p
+        # the evaluation's mean NLL per target token: beside eval_loss (the objective at the live lambda, whose meaning
+        # moves with lambda), the one loss that means the same thing at every evaluation (metric_for_best_model)
         out["nll"] = stats.nll
         # teacher-forced exact match: the share of evaluation completions whose every target token is the model's
         # first choice, i.e. that greedy decoding would write exactly (one forward pass, no generation)

@@ -139,20 +139,28 @@ class ProbObjectiveMixin:
     _trained_field_unchecked = True
     _written: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    # Whether this compute_loss call has run the fused-head forward (its loss is the objective) yet.
+    _fused_forward_done = False
+
     def _replace_log_probs(self, module, args, kwargs, outputs):
         if not self._in_compute_loss:
             return outputs
         if not kwargs.get("fused_lm_head"):
-            if self.objective_hook.trains_objective and torch.is_grad_enabled():
-                # A loss computed from this forward's logits would be plain NLL (or whatever the caller computes),
-                # never the objective: refuse instead of training it silently.
+            # A loss computed from this forward's logits would be plain NLL (or whatever the caller computes), never
+            # the objective: refused in training, and in evaluation's no-grad forward too (eval_loss would silently be
+            # TRL's plain NLL). The one no-grad logits forward let through is TRL's own after the fused one
+            # (compute_loss(return_outputs=True) recomputes logits for compute_metrics; the loss is the fused one's).
+            grad = torch.is_grad_enabled()
+            if self.objective_hook.trains_objective and (grad or not self._fused_forward_done):
+                where = "" if grad else " (a no-grad evaluation forward: eval_loss would be plain NLL)"
                 raise RuntimeError(
                     f"objective {self.args.objective!r}: the model was called inside compute_loss without TRL's fused "
-                    "log-prob head (fused_lm_head=True), so its loss would be computed from logits, outside the "
-                    "objective. A compute_loss override or a TRL path that bypasses the head (label smoothing, "
-                    "compute_loss_func, Liger) cannot train a trl-prob objective; use objective='nll' there."
+                    f"log-prob head (fused_lm_head=True){where}, so its loss would be computed from logits, outside "
+                    "the objective. A compute_loss override or a TRL path that bypasses the head (label smoothing, "
+                    "compute_loss_func, Liger) cannot train or evaluate a trl-prob objective; use objective='nll' there."
                 )
             return outputs
+        self._fused_forward_done = True
         if getattr(outputs, "log_probs", None) is None or getattr(outputs, "label_mask", None) is None:
             raise RuntimeError(
                 f"objective {self.args.objective!r}: the model's forward ignored fused_lm_head=True and returned "
@@ -187,6 +195,7 @@ class ProbObjectiveMixin:
             return result
         finally:
             self._in_compute_loss = False
+            self._fused_forward_done = False
             self._batch_values = None
             self._written = None
 
