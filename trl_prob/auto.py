@@ -25,8 +25,9 @@ AUTO_SETTINGS: dict[str, object] = {
 # One line for the log at start and the probe: what `auto` is and where its evidence is.
 AUTO_EVIDENCE = (
     "EAFT (NLL weighted by the normalised entropy), first by the committed rule of the real-model benchmark "
-    "(SmolLM2-135M, 5 places, 12 candidates, paired, up to 3 seeds): best at 2 places, behind at 3 (weak: NLL; noisy "
-    "labels: asft; SVAMP: deft_cayley); no candidate was best everywhere (benchmarks/README.md)"
+    "(evidence at one scale: SmolLM2-135M, LoRA, 36 steps per run, CPU; 5 places, 12 candidates, paired, up to 3 "
+    "seeds): best at 2 places, behind at 3 (weak: NLL; noisy labels: asft; SVAMP: deft_cayley); no candidate was best "
+    "everywhere; at the paper's scale (Qwen2.5-Math on NuminaMath) the paper's p (benchmarks/README.md)"
 )
 
 
