@@ -321,7 +321,14 @@ def test_probe_builds_the_sft_trainer_and_reports(tmp_path, capsys):
     argv = [*TINY, "--output_dir", str(tmp_path), "--num_samples", "64", "--batch_size", "32"]
     assert cli.run_worker("probe", argv) == 0
     report = json.loads((tmp_path / "probe.json").read_text())
-    assert report["num_samples"] == 64 and report["continuum"] == "model-strong"  # the embedded model knows its task
+    assert report["num_samples"] == 64 and report["continuum_mean_p"] == "model-strong"  # the model knows its task
+    # the placement reads the schedule's signal on its ramp, so it agrees with the lambda the warm start would give;
+    # the embedded data carries wrong answers the model does not write, so it writes fewer rows exactly than its mean p
+    from trl_prob.probe import place_on_continuum
+
+    assert report["schedule_signal"] == "sequence_top1"
+    assert report["continuum"] == place_on_continuum(report["schedule_signal_value"], report["schedule_ramp_low"],
+                                                     report["schedule_ramp_high"]) != "model-weak"
     assert (tmp_path / "probe_histogram.png").is_file()
     assert not (tmp_path / "model.safetensors").exists()  # measured, not trained
 
@@ -383,13 +390,22 @@ def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
     scheduled = AUTO_SETTINGS.get("objective_schedule", "none") != "none"
     if scheduled:  # lambda of step 1 is the ramp read at the warm start's signal
         first = summary["lambda"]["first"]
-        assert first["value"] == pytest.approx(adaptive_lambda(first["ema_token_prob"], 0.30, 0.55))
+        from trl_prob.schedules import DEFAULT_SIGNAL, SIGNALS
+
+        assert first["value"] == pytest.approx(adaptive_lambda(first["ema_token_prob"], *SIGNALS[DEFAULT_SIGNAL].ramp))
     else:
         assert f"{AUTO_SETTINGS['objective']} throughout" in result.stdout  # a fixed objective, said in the summary
     for text in ("exact match", "mean target p", "lambda" if scheduled else "throughout", f"model        {output_dir}",
                  f"summary      {output_dir / 'summary.json'}", "checkpoints  none",
-                 f"plot         {output_dir / 'training.png'}", "on the paper's continuum"):  # fmt: skip
+                 f"plot         {output_dir / 'training.png'}", "on the task (exact match on the"):  # fmt: skip
         assert text in result.stdout, result.stdout[-2000:]
+    # the placement reads exact match on the default signal's ramp: a base that writes no answer is weak, whatever
+    # its mean p (SmolLM2 here: mean p ~0.6, which the paper's proxy would call strong)
+    before = summary["before"]
+    low, high = __import__("trl_prob.schedules", fromlist=["SIGNALS"]).SIGNALS["sequence_top1"].ramp
+    expected = "model-weak" if before["exact_match"] < low else "model-strong" if before["exact_match"] >= high else (
+        "model-intermediate")
+    assert before["continuum"] == expected and f"{expected} on the task" in result.stdout
     assert (output_dir / "training.png").read_bytes()[:4] == b"\x89PNG"
     assert (output_dir / "adapter_model.safetensors").is_file()
     state = json.loads((output_dir / "trainer_state.json").read_text())
@@ -424,7 +440,7 @@ def test_two_cpu_processes_agree_on_the_schedule(tmp_path):
     output_dir, rank_logs = tmp_path / "run", tmp_path / "ranks"
     result = run(
         [sys.executable, "-m", "trl_prob", "sft", "--experimental", *TINY, "--output_dir", str(output_dir),
-         "--objective", "p", "--objective_schedule", "adaptive",  # --experimental: --rank_log_dir, --summary_samples
+         "--objective", "p", "--objective_schedule", "adaptive", "--schedule_signal", "mean",  # --experimental: --rank_log_dir, --summary_samples
          # a ramp around the tiny model's mean target probability, so lambda is strictly between 0 and 1 and moves
          "--schedule_ramp_low", "0.6", "--schedule_ramp_high", "0.95", "--schedule_ema_decay", "0.5",
          "--max_steps", "4", "--logging_steps", "1", "--save_strategy", "no", "--rank_log_dir", str(rank_logs),

@@ -290,8 +290,8 @@ def drop_output(trainer, name):
     "spec, overrides, dropped, who",
     [
         # the bug of #20: without the warm start, a top-1 signal without is_top1 trained NLL all run, silently
-        ("p", dict(objective_schedule="adaptive", schedule_warm_start_samples=0), "is_top1", "schedule_signal='token_top1'"),
-        ("p", dict(objective_schedule="adaptive"), "is_top1", "schedule_signal='token_top1'"),
+        ("p", dict(objective_schedule="adaptive", schedule_warm_start_samples=0), "is_top1", "schedule_signal='sequence_top1'"),
+        ("p", dict(objective_schedule="adaptive"), "is_top1", "schedule_signal='sequence_top1'"),
         ("deft", {}, "log_sum_sq_probs", "objective 'deft'"),
         ("eaft:1", {}, "entropy", "objective 'eaft:1'"),
         ("p", dict(objective_schedule="adaptive", schedule_signal="token_top1_clean", schedule_warm_start_samples=0),
@@ -355,7 +355,7 @@ class Step:
     """Stand-in statistics of one optimizer step."""
 
     def __init__(self, nll):
-        self.nll, self.token_top1_share = nll, 0.5
+        self.nll, self.token_top1_share, self.sequence_top1_share = nll, 0.5, 0.5
 
 
 def test_progress_waits_while_fresh_nll_falls_then_rises_and_holds():

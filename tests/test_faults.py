@@ -35,7 +35,7 @@ FLAGS = [
     "--seed", "0", "--data_seed", "0",
     # a ramp around the shipped model's statistic, so lambda moves strictly inside (0, 1) and the trajectory depends
     # on the restored schedule state
-    "--objective", "p", "--objective_schedule", "adaptive", "--schedule_ramp_low", "0.55", "--schedule_ramp_high", "0.85",
+    "--objective", "p", "--objective_schedule", "adaptive", "--schedule_signal", "token_top1", "--schedule_ramp_low", "0.55", "--schedule_ramp_high", "0.85",
     "--schedule_ema_decay", "0.5", "--schedule_warm_start_samples", "16",
 ]  # fmt: skip
 # per-step entries; wall-clock fields left out
