@@ -222,10 +222,6 @@ ALLOWED_PRIVATE = {
     ("trainer.py", "_signature_columns"): "the list that hook fills (same reason)",
     ("trainer.py", "_tag_names"): "the model-card tags transformers/TRL read from the trainer class; TRL's own "
     "trainers set them the same way and no argument takes them",
-    ("trainer.py", "_name_or_path"): "SFTTrainer's own default output_dir reads config._name_or_path; the public "
-    "PretrainedConfig.name_or_path gives the same (to switch when trainer.py's __init__ is next edited)",
-    ("probe.py", "_name_or_path"): "the model's name as the config holds it; the public PretrainedConfig.name_or_path "
-    "gives the same (to switch when probe.py is next edited)",
 }
 PRIVATE_LIBRARIES = ("trl", "transformers", "peft", "accelerate")
 

@@ -662,5 +662,5 @@ def _model_name(model) -> str:
     from accelerate.utils import is_peft_model
 
     base = model.get_base_model() if is_peft_model(model) else model
-    name = getattr(getattr(base, "config", None), "_name_or_path", "") or type(base).__name__
+    name = getattr(getattr(base, "config", None), "name_or_path", "") or type(base).__name__
     return str(name)

@@ -76,7 +76,7 @@ class ProbObjectiveMixin:
         config = named.get("args")
         if config is None:  # SFTTrainer's own default, as a ProbSFTConfig
             model = named.get("model")
-            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", "model")
             config = named["args"] = ProbSFTConfig(f"{str(name).split('/')[-1]}-SFT")
         if not isinstance(config, ProbSFTConfig):
             raise TypeError(
