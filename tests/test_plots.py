@@ -70,7 +70,7 @@ def test_plot_training_writes_a_png_from_a_real_run(run_dir):
         logged = {key for entry in json.load(f)["log_history"] for key in entry}
     # What the figure draws is really in the log.
     assert {"mean_token_prob", "schedule_signal_ema", "objective_lambda", "objective_exponent", "loss", "nll"} <= logged
-    assert {"eval_loss", "eval_nll", "eval_mean_token_prob"} <= logged
+    assert {"eval_loss", "eval_nll", "eval_mean_token_prob", "eval_exact_match"} <= logged
 
     path = plot_training(run_dir)
     assert path == os.path.join(run_dir, TRAINING_PNG)
@@ -134,3 +134,20 @@ def test_per_source_run_draws_a_line_per_source(tmp_path, monkeypatch):
     lambdas = {line.get_label(): list(line.get_ydata()) for line in schedule.get_lines()}
     logged = [e["objective_lambda/rev"] for e in trainer.state.log_history if "objective_lambda/rev" in e]
     assert lambdas["source rev"] == pytest.approx(logged)
+
+
+def test_plot_draws_the_held_out_exact_match(run_dir, tmp_path, monkeypatch):
+    """eval_exact_match (what the schedule's signal should track) is drawn wherever the run evaluated."""
+    import trl_prob.plots as plots
+
+    drawn, original = [], plots._plot
+
+    def recording(ax, history, key, label, **style):
+        plotted = original(ax, history, key, label, **style)
+        if plotted:
+            drawn.append(key)
+        return plotted
+
+    monkeypatch.setattr(plots, "_plot", recording)
+    plots.plot_training(run_dir, str(tmp_path / "t.png"))
+    assert "eval_exact_match" in drawn and "eval_mean_token_prob" in drawn
