@@ -867,7 +867,8 @@ def place_table_v2(cell: dict, fixed=FIXED_V2, k: float = BEHIND_SE) -> dict:
     best = max(present, key=lambda f: (rows[f]["mean"], -present.index(f)))
     ranks = average_ranks({c: r["mean"] for c, r in rows.items()})
     for c, r in rows.items():
-        d = combined_difference(cell[c], cell[best])
+        d = combined_difference(cell[c], cell[best]) if c != best else dict(mean=0.0, se=0.0, se_problems=0.0,
+                                                                                se_seeds=0.0)
         r.update(diff=d["mean"], diff_se=d["se"], se_problems=d["se_problems"], se_seeds=d["se_seeds"],
                  standing=standing(d["mean"], d["se"], k), rank=ranks[c])
         if c in ENDPOINTS_V2 and all(e in cell for e in ENDPOINTS_V2[c]):
