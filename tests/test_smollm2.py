@@ -319,7 +319,9 @@ def test_qlora_4bit_on_cpu(model_dir, tokenizer, gsm8k_rows, tmp_path):
 
 LORA_RUN = ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "v_proj",
             "--objective", "p", "--objective_schedule", "adaptive",
-            # A ramp around SmolLM2's ~0.55 on GSM8K, so lambda sits inside (0, 1) and moves step to step.
+            # A ramp around SmolLM2's ~0.55 token_top1 on GSM8K, so lambda sits inside (0, 1) and moves step to step
+            # (the default signal, whole-completion exact match, is 0 on GSM8K solutions: lambda would sit at 0).
+            "--schedule_signal", "token_top1",
             "--schedule_ramp_low", "0.3", "--schedule_ramp_high", "0.8", "--schedule_ema_decay", "0.5",
             "--schedule_warm_start_samples", "8", "--per_device_train_batch_size", "2", "--max_length", "96",
             "--learning_rate", "1e-3", "--max_steps", "10", "--save_strategy", "steps", "--save_steps", "5",
