@@ -784,18 +784,15 @@ def stage_two(cell: dict, fixed=FIXED, seed: int = 0) -> list[str]:
     return [c for c, r in table["candidates"].items() if r["within_two_se"]]
 
 
-def apply_rule(cells: dict, candidates: list[str], fixed=FIXED) -> dict:
-    """Over places (``cells[place][candidate][seed]`` = hits): per place :func:`place_table`; a place enters the rule
-    once every candidate has run there (others are reported, outside the verdict). Candidates are ranked by fewest
-    places behind, then most places ahead, then mean rank of exact match at the places (1 = best, ties averaged).
-    ``auto`` becomes the first of that ranking: the first candidate never behind if there is one, else the one
-    behind in the fewest places."""
+def rule_tables(cells: dict, candidates: list[str], fixed, table) -> tuple[dict, list, dict, list]:
+    """What v1 and v2 share: per place ``table(cell)``, the places where every candidate has run, each candidate's
+    places behind / ahead and ranks there, and the ranking (fewest behind, most ahead, mean rank)."""
     tables, complete = {}, []
     for place, cell in cells.items():
         cell = {c: s for c, s in cell.items() if s}
         if not any(f in cell for f in fixed):
             continue
-        tables[place] = place_table(cell, fixed)
+        tables[place] = table(cell)
         if all(c in cell for c in candidates):
             complete.append(place)
     per = {c: dict(behind=[], ahead=[], ranks=[]) for c in candidates}
@@ -807,7 +804,16 @@ def apply_rule(cells: dict, candidates: list[str], fixed=FIXED) -> dict:
             per[c]["ranks"].append(r["rank"])
     for c in candidates:
         per[c]["mean_rank"] = statistics.fmean(per[c]["ranks"]) if per[c]["ranks"] else None
-    ranking = rank_by_rule(per) if complete else []
+    return tables, complete, per, rank_by_rule(per) if complete else []
+
+
+def apply_rule(cells: dict, candidates: list[str], fixed=FIXED) -> dict:
+    """Over places (``cells[place][candidate][seed]`` = hits): per place :func:`place_table`; a place enters the rule
+    once every candidate has run there (others are reported, outside the verdict). Candidates are ranked by fewest
+    places behind, then most places ahead, then mean rank of exact match at the places (1 = best, ties averaged).
+    ``auto`` becomes the first of that ranking: the first candidate never behind if there is one, else the one
+    behind in the fewest places."""
+    tables, complete, per, ranking = rule_tables(cells, candidates, fixed, lambda cell: place_table(cell, fixed))
     never_behind = [c for c in ranking if not per[c]["behind"]]
     return dict(tables=tables, places_in_rule=complete, per=per, ranking=ranking, never_behind=never_behind,
                 auto=ranking[0] if ranking else None)
@@ -895,24 +901,7 @@ def apply_rule_v2(cells: dict, candidates: list[str], fixed=FIXED_V2, k: float =
     schedule ahead of both its endpoints."""
     if seed0_only:
         cells = {p: {c: {0: s[0]} for c, s in cell.items() if 0 in s} for p, cell in cells.items()}
-    tables, complete = {}, []
-    for place, cell in cells.items():
-        cell = {c: s for c, s in cell.items() if s}
-        if not any(f in cell for f in fixed):
-            continue
-        tables[place] = place_table_v2(cell, fixed, k)
-        if all(c in cell for c in candidates):
-            complete.append(place)
-    per = {c: dict(behind=[], ahead=[], ranks=[]) for c in candidates}
-    for place in complete:
-        for c in candidates:
-            r = tables[place]["candidates"][c]
-            if r["standing"] != "level":
-                per[c][r["standing"]].append(place)
-            per[c]["ranks"].append(r["rank"])
-    for c in candidates:
-        per[c]["mean_rank"] = statistics.fmean(per[c]["ranks"]) if per[c]["ranks"] else None
-    ranking = rank_by_rule(per) if complete else []
+    tables, complete, per, ranking = rule_tables(cells, candidates, fixed, lambda cell: place_table_v2(cell, fixed, k))
     # trajectory places whose pilot qualified (``qualified``: by :func:`qualifies`; None: every trajectory place)
     trajectory = [p for p in complete if PLACES.get(p, {}).get("trajectory") and (qualified is None or p in qualified)]
     schedules_ahead = {p: [c for c, r in tables[p]["candidates"].items() if r.get("ahead_of_both_endpoints")]
