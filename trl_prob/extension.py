@@ -76,6 +76,13 @@ class RunExtension:
         """The fused head's outputs it reads, by who reads them."""
         return {}
 
+    def stats_columns(self) -> frozenset[str]:
+        """The statistics' column groups (:data:`~trl_prob.stats.COLUMN_GROUPS`) its steps and metrics read from the
+        grouped statistics; every group unless it says less."""
+        from .stats import ALL_COLUMNS
+
+        return ALL_COLUMNS
+
     def token_lambdas(self, tokens, batch: BatchInfo):
         """Each token's lambda for this micro-batch, or None for the run's schedule's."""
         return None

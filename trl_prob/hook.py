@@ -23,7 +23,7 @@ from .measure import Measurement, gather_rows, num_samples, per_sample_stats, sa
 from .objectives import get_objective
 from .schedules import SIGNALS, Schedule, build_schedule
 from .extension import BatchInfo, RunExtension
-from .stats import LAMBDA_SUM, TokenProbStats
+from .stats import LAMBDA_SUM, TokenProbStats, column_groups
 
 NLL = get_objective("nll")
 
@@ -67,6 +67,22 @@ class ObjectiveHook:
     def head_outputs(self) -> tuple[str, ...]:
         """What the fused head must compute: what this run reads, plus what SFTTrainer's own metrics read."""
         return union([*self.needs().values(), TRL_SFT_OUTPUTS])
+
+    @property
+    def stats_columns(self) -> frozenset[str]:
+        """The statistics' column groups a training step computes: what its schedule's signal and the run extension
+        read (the base columns, always computed, carry the logged mean_token_prob, nll and kept_token_fraction)."""
+        readers = []
+        if self.args.objective_schedule != "none":
+            readers.append(self.schedule.stats_columns())
+        if self.extension is not None:
+            readers.append(self.extension.stats_columns())
+        return column_groups(*readers)
+
+    @property
+    def eval_stats_columns(self) -> frozenset[str]:
+        """An evaluation's: the training step's, and the top-1 columns of ``eval_exact_match``."""
+        return column_groups(self.stats_columns, ("top1",))
 
     def check(self, tokens: HeadTokens) -> None:
         """Refuse head outputs that lack what a reader needs (one line naming both)."""
@@ -114,6 +130,7 @@ class ObjectiveHook:
             tokens, objective, objective_lambda, self.args.schedule_mode, all_reduce=distributed_sum,
             sample_index=index, num_samples=num_samples(batch) if padding_free else None,
             group=(lambda rows: extension.group(rows, values)) if grouped else None,
+            columns=self.stats_columns if training else self.eval_stats_columns,
         )  # fmt: skip
         if training:
             if not grouped and isinstance(objective_lambda, torch.Tensor):  # the step's mean token lambda, in the
@@ -122,7 +139,7 @@ class ObjectiveHook:
             return loss
         # per sample, so that gather_for_metrics counts each evaluation sample once
         keep = objective.keep(tokens.log_p) & tokens.mask if objective.is_thresholded else None
-        rows = per_sample_stats(batch, tokens.log_p, tokens.mask, keep, tokens)
+        rows = per_sample_stats(batch, tokens.log_p, tokens.mask, keep, tokens, self.eval_stats_columns)
         rows, gathered = gather_rows(rows, gather, values if grouped else None)
         stats = extension.group(rows, gathered) if grouped else TokenProbStats.from_rows(rows)
         self.eval_stats = stats if self.eval_stats is None else self.eval_stats + stats

@@ -14,7 +14,7 @@ import torch
 
 from .head import HeadTokens
 from .objectives import Objective, power_loss
-from .stats import TokenProbStats, head_fields
+from .stats import ALL_COLUMNS, TokenProbStats, head_fields
 
 
 def objective_loss(
@@ -26,6 +26,7 @@ def objective_loss(
     sample_index: torch.Tensor | None = None,
     num_samples: int | None = None,
     group: Callable[[torch.Tensor], Any] | None = None,
+    columns: frozenset[str] = ALL_COLUMNS,
 ) -> tuple[torch.Tensor, Any]:
     """Per-token loss (fp32, 0 where ``mask`` is false) and the micro-batch's target-token statistics.
 
@@ -45,18 +46,20 @@ def objective_loss(
         group: turns the micro-batch's per-sample statistics rows (:meth:`TokenProbStats.per_sample`, one per row or
             per ``sample_index`` sample) into the statistics returned (a run extension's grouped statistics, with the
             micro-batch's total as ``.total``); ``None``: the :class:`TokenProbStats` of the micro-batch.
+        columns: the statistics' column groups to compute beside the base ones (:data:`~trl_prob.stats.COLUMN_GROUPS`:
+            what the run's signal, schedule and metrics read); the loss never reads them.
     """
     log_p, mask = tokens.log_p, tokens.mask
     keep = objective.keep(log_p) & mask if objective.is_thresholded else None
     if group is None:
-        stats = TokenProbStats.of_tokens(tokens, keep, sample_index, num_samples)
+        stats = TokenProbStats.of_tokens(tokens, keep, sample_index, num_samples, columns)
         total = stats
     else:
         if sample_index is None:
             num_samples = log_p.shape[0]
             sample_index = torch.arange(num_samples, device=log_p.device)[:, None].expand_as(log_p)
         rows = TokenProbStats.per_sample(
-            log_p, mask, sample_index, num_samples, keep, tokens.is_top1, **head_fields(tokens)
+            log_p, mask, sample_index, num_samples, keep, tokens.is_top1, **head_fields(tokens), columns=columns
         )
         stats = group(rows)
         total = TokenProbStats.from_rows(rows)

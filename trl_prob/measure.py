@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .head import HeadTokens
-from .stats import TokenProbStats, head_fields
+from .stats import ALL_COLUMNS, TokenProbStats, head_fields
 
 
 @dataclass
@@ -97,13 +97,14 @@ def per_sample_stats(
     label_mask: torch.Tensor,
     keep: torch.Tensor | None = None,
     tokens: HeadTokens | None = None,
+    columns: frozenset[str] = ALL_COLUMNS,
 ) -> torch.Tensor:
     """[samples, width] statistics of one batch, one row per sample (padding-free rows split at ``cu_seq_lens_q``),
-    with every other head output ``tokens`` carries."""
+    with every other head output ``tokens`` carries (``columns``: the column groups computed, all by default)."""
     extra = head_fields(tokens) if tokens is not None else {}
     return TokenProbStats.per_sample(
         log_p, label_mask, sample_index(batch, label_mask), num_samples(batch), keep,
-        tokens.is_top1 if tokens is not None else None, **extra,
+        tokens.is_top1 if tokens is not None else None, **extra, columns=columns,
     )  # fmt: skip
 
 

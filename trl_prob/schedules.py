@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .stats import TokenProbStats
+from .stats import ALL_COLUMNS, TokenProbStats, column_groups
 
 MODES = ("blend", "exponent")
 # The ramp a signal is read on unless it (or the user) says otherwise: lambda 0 at and below 0.30, 1 from 0.55.
@@ -50,6 +50,8 @@ class Signal:
     ramp_high: float = DEFAULT_RAMP[1]
     metric: str | None = None  # logged under this name every step (None: already logged by the trainer)
     reads: tuple[str, ...] = ("log_probs",)
+    # the statistics' column groups `read` needs beyond the base ones (stats.COLUMN_GROUPS; unsaid: all of them)
+    columns: frozenset[str] = ALL_COLUMNS
     title: str = ""  # what the number is, for log lines and plots ("share of target tokens ranked first")
 
     @property
@@ -71,6 +73,7 @@ def register_signal(signal: Signal) -> Signal:
     from .head import union
 
     union([signal.reads])  # its reads name head outputs
+    column_groups(signal.columns)  # and its columns name statistics column groups
     SIGNALS[signal.name] = signal
     return signal
 
@@ -81,17 +84,17 @@ def unregister_signal(name: str) -> None:
 
 for _signal in (
     Signal("mean", lambda stats: stats.mean_p, "mean target-token p, the paper's capability proxy (its Eq. 5)",
-           title="mean target-token p"),
+           columns=frozenset(), title="mean target-token p"),
     Signal("token_top1", lambda stats: stats.token_top1_share,
            "share of target tokens that are the model's top-1 choice", metric="token_top1_share",
-           reads=("log_probs", "is_top1"), title="share of target tokens ranked first"),
+           reads=("log_probs", "is_top1"), columns=frozenset({"top1"}), title="share of target tokens ranked first"),
     # what the model can do on the task: a completion counts only if greedy decoding would write all of it (every
     # target token its first choice); numbers copied from the prompt no longer make a model that cannot answer read
     # as capable (SmolLM2 on MAWPS: token_top1 0.64, mean p 0.61, while it writes 1.8% of the answers)
     Signal("sequence_top1", lambda stats: stats.sequence_top1_share,
            "share of completions whose every target token is the model's top-1 (teacher-forced exact match)",
            ramp_low=0.20, ramp_high=0.50, metric="sequence_top1_share", reads=("log_probs", "is_top1"),
-           title="share of completions ranked first throughout"),
+           columns=frozenset({"top1"}), title="share of completions ranked first throughout"),
 ):
     register_signal(_signal)
 # More signals (median, geomean, p25, sequence_top1_clean, ...) are research rows: `import trl_prob.experimental`.
@@ -171,6 +174,10 @@ class Schedule:
     def needs(self) -> dict[str, tuple[str, ...]]:
         """The fused head's outputs this schedule reads per token, by who reads them (none by default)."""
         return {}
+
+    def stats_columns(self) -> frozenset[str]:
+        """The statistics' column groups :meth:`step` reads (its signal's; a kind reading more says so)."""
+        return SIGNALS[self.signal_name].columns
 
     def token_lambdas(self, tokens, batch=None):
         """The lambda each target token of a micro-batch trains with: one float for the whole step (this default), or a

@@ -24,6 +24,31 @@ HISTOGRAM_BINS = 200
 _HIST = 16  # LAMBDA_SUM: the trained tokens' lambda, summed by the trainer for a per-token schedule
 WIDTH = _HIST + HISTOGRAM_BINS  # one statistics row: the sums, then the histogram
 
+# What a reader asks the statistics for, beyond the columns every run reads (count, sum p, sum -log p, kept tokens,
+# the per-token lambda): one name per group of columns. A group nobody asks for stays 0 (same row layout, same single
+# all-reduce), so the hot path computes only what the run's signal, schedule and metrics read (issue 35).
+COLUMN_GROUPS = {
+    "confident": "tokens with p > 0.55",
+    "top1": "top-1 tokens, sequences with a target, sequences all top-1 (needs is_top1)",
+    "entropy": "entropy in nats and / ln V (needs entropy)",
+    "sum_sq": "sum_v p_v^2 and confident conflicts (needs log_sum_sq_probs)",
+    "top1_clean": "sequences all top-1 or confident conflict (needs is_top1 and log_sum_sq_probs)",
+    "histogram": "the 200-bin histogram of p (median, quantiles, share above a p)",
+}
+ALL_COLUMNS = frozenset(COLUMN_GROUPS)
+_IMPLIES = {"top1_clean": {"top1", "sum_sq"}}  # a group computed from others' columns
+
+
+def column_groups(*groups) -> frozenset[str]:
+    """The groups named (iterables of names), with the groups they are computed from; an unknown name is refused."""
+    out = set()
+    for names in groups:
+        for name in names:
+            if name not in COLUMN_GROUPS:
+                raise ValueError(f"Unknown statistics column group {name!r}; allowed: {', '.join(COLUMN_GROUPS)}.")
+            out |= {name} | _IMPLIES.get(name, set())
+    return frozenset(out)
+
 
 def sum_over_processes(sums: torch.Tensor) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -52,9 +77,11 @@ class TokenProbStats:
         is_top1: torch.Tensor | None = None,
         sample_index: torch.Tensor | None = None,
         num_samples: int | None = None,
+        columns: frozenset[str] = ALL_COLUMNS,
         **head,
     ) -> TokenProbStats:
-        """Statistics of the positions where ``mask`` is true; ``keep`` marks the tokens a thresholded objective trains.
+        """Statistics of the positions where ``mask`` is true; ``keep`` marks the tokens a thresholded objective trains;
+        ``columns``: the :data:`COLUMN_GROUPS` computed beside the base columns (the others stay 0).
 
         Sequences are the rows of ``log_p`` unless ``sample_index`` (padding-free batches) says otherwise. Written
         with masked sums and ``index_add_`` rather than boolean indexing: no host-device sync in the training hot path.
@@ -63,12 +90,14 @@ class TokenProbStats:
             rows = torch.arange(log_p.shape[0] if log_p.dim() > 1 else 1, device=log_p.device)
             sample_index = rows[:, None].expand_as(log_p) if log_p.dim() > 1 else rows.expand_as(log_p)
             num_samples = rows.numel()
-        return cls(cls.per_sample(log_p, mask, sample_index, num_samples, keep, is_top1, **head).sum(0))
+        rows = cls.per_sample(log_p, mask, sample_index, num_samples, keep, is_top1, columns=columns, **head)
+        return cls(rows.sum(0))
 
     @classmethod
-    def of_tokens(cls, tokens, keep=None, sample_index=None, num_samples=None) -> TokenProbStats:
+    def of_tokens(cls, tokens, keep=None, sample_index=None, num_samples=None, columns=ALL_COLUMNS) -> TokenProbStats:
         """:meth:`of` a micro-batch's :class:`~trl_prob.head.HeadTokens` (every output it carries)."""
-        return cls.of(tokens.log_p, tokens.mask, keep, tokens.is_top1, sample_index, num_samples, **head_fields(tokens))
+        return cls.of(tokens.log_p, tokens.mask, keep, tokens.is_top1, sample_index, num_samples, columns,
+                      **head_fields(tokens))  # fmt: skip
 
     @classmethod
     def per_sample(
@@ -82,9 +111,18 @@ class TokenProbStats:
         entropy: torch.Tensor | None = None,
         log_sum_sq_probs: torch.Tensor | None = None,
         vocab_size: int | None = None,
+        columns: frozenset[str] = ALL_COLUMNS,
     ) -> torch.Tensor:
         """The sums, one row per sample (``[num_samples, width]``): what ``gather_for_metrics`` needs to drop the
-        samples accelerate repeats to even out the last batch, so every sample counts once."""
+        samples accelerate repeats to even out the last batch, so every sample counts once. Only the base columns and
+        the :data:`COLUMN_GROUPS` in ``columns`` are computed; the others are 0."""
+        want = column_groups(columns)
+        if "top1" not in want:
+            is_top1 = None
+        if "entropy" not in want:
+            entropy = None
+        if "sum_sq" not in want:
+            log_sum_sq_probs = None
         w = mask.to(torch.float64)
         log_p = log_p.detach().to(torch.float64) * w  # 0 where masked, so exp() = 1 there, weighted out below
         p = log_p.exp()
@@ -93,24 +131,26 @@ class TokenProbStats:
         top1 = torch.zeros_like(w) if is_top1 is None else is_top1.detach().to(torch.float64) * w
         # columns 0-4, a scratch column (the sequence columns are derived from it below) and the top-1 tokens
         zeros = torch.zeros_like(w)
-        columns = [w, p * w, -log_p, (p > CONFIDENT_P) * w, kept, zeros, zeros, top1]
+        confident = (p > CONFIDENT_P) * w if "confident" in want else zeros
+        cols = [w, p * w, -log_p, confident, kept, zeros, zeros, top1]
         if entropy is None:
-            columns += [zeros, zeros, zeros]
+            cols += [zeros, zeros, zeros]
         else:
             h = entropy.detach().to(torch.float64) * w
             normalised = h / math.log(vocab_size) if vocab_size else zeros
-            columns += [w, h, normalised]
+            cols += [w, h, normalised]
         if log_sum_sq_probs is None:
-            columns += [zeros, zeros, zeros]
+            cols += [zeros, zeros, zeros]
         else:
             sum_sq = log_sum_sq_probs.detach().to(torch.float64).exp() * w
-            columns += [w, sum_sq, ((sum_sq >= CONFLICT_SUM_SQ) & (p < 0.5)) * w]
-        head = torch.stack(columns + [zeros, zeros], dim=-1)  # LAMBDA_SUM and a scratch column (derived below)
-        bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1).flatten()
+            cols += [w, sum_sq, ((sum_sq >= CONFLICT_SUM_SQ) & (p < 0.5)) * w]
+        head = torch.stack(cols + [zeros, zeros], dim=-1)  # LAMBDA_SUM and a scratch column (derived below)
         rows = sample_index.flatten()
         out = torch.zeros(num_samples, width, dtype=torch.float64, device=p.device)
         out[:, :_HIST].index_add_(0, rows, head.reshape(-1, _HIST))
-        out.view(-1).index_add_(0, rows * width + _HIST + bins, w.flatten())
+        if "histogram" in want:
+            bins = (p * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1).flatten()
+            out.view(-1).index_add_(0, rows * width + _HIST + bins, w.flatten())
         has_targets = out[:, _COUNT] > 0
         all_top1 = has_targets & (out[:, _TOP1] == out[:, _COUNT])
         out[:, _SEQS] = has_targets.to(torch.float64) if is_top1 is not None else 0.0
@@ -118,7 +158,7 @@ class TokenProbStats:
         # every target token top-1 or a confident conflict (a label the model confidently contradicts): exact but for
         # the labels a capable model rejects; needs both is_top1 and log_sum_sq_probs
         top1_or_conflict = has_targets & (out[:, _TOP1] + out[:, _CONFLICTS] == out[:, _COUNT])
-        both = is_top1 is not None and log_sum_sq_probs is not None
+        both = is_top1 is not None and log_sum_sq_probs is not None and "top1_clean" in want
         out[:, _SEQS_TOP1_CLEAN] = top1_or_conflict.to(torch.float64) if both else 0.0
         return out
 

@@ -33,29 +33,31 @@ from ..stats import TokenProbStats
 
 EXPERIMENTAL_SIGNALS = (
     Signal("median", lambda stats: stats.median_p, "median target-token p", metric="median_token_prob",
-           title="median target-token p"),
+           columns=frozenset({"histogram"}), title="median target-token p"),
     Signal("share_confident", lambda stats: stats.share_confident,
            "share of target tokens with p > 0.55 (the paper's cut-off)", metric="confident_token_share",
-           title="share of target tokens with p > 0.55"),
+           columns=frozenset({"confident"}), title="share of target tokens with p > 0.55"),
     Signal("geomean", lambda stats: stats.geometric_mean_p,
            "geometric mean of p, exp(-NLL): dominated by the hardest tokens", metric="geomean_token_prob",
-           title="geometric mean target-token p"),
+           columns=frozenset(), title="geometric mean target-token p"),
     Signal("p25", lambda stats: stats.quantile(0.25),
            "25th percentile of p: where the hard quarter of the tokens stands", metric="p25_token_prob",
-           title="25th percentile of target-token p"),
+           columns=frozenset({"histogram"}), title="25th percentile of target-token p"),
     Signal("sequence_top1_clean", lambda stats: stats.sequence_top1_share_without_conflicts,
            "sequence_top1 where a confident conflict (the model puts sum_v p_v^2 >= 0.5 on another token) does not "
            "spoil a completion: labels a capable model contradicts do not hold the signal down",
            ramp_low=0.20, ramp_high=0.50, metric="sequence_top1_share_without_conflicts",
-           reads=("log_probs", "is_top1", "log_sum_sq_probs"), title="share of completions ranked first but for conflicts"),
+           reads=("log_probs", "is_top1", "log_sum_sq_probs"), columns=frozenset({"top1_clean"}),
+           title="share of completions ranked first but for conflicts"),
     Signal("token_top1_clean", lambda stats: stats.token_top1_share_without_conflicts,
            "token_top1 over the target tokens that are not confident conflicts (the model puts sum_v p_v^2 >= 0.5 "
            "on another token): noisy labels a capable model contradicts do not hold the signal down",
            metric="token_top1_share_without_conflicts", reads=("log_probs", "is_top1", "log_sum_sq_probs"),
-           title="share of non-conflicting target tokens ranked first"),
+           columns=frozenset({"top1", "sum_sq"}), title="share of non-conflicting target tokens ranked first"),
     Signal("confidence", lambda stats: stats.mean_sum_sq_probs,
            "mean sum_v p_v^2 over target positions: how concentrated the model's predictions are, right or wrong",
-           metric="mean_sum_sq_probs", reads=("log_probs", "log_sum_sq_probs"), title="mean sum_v p_v^2"),
+           metric="mean_sum_sq_probs", reads=("log_probs", "log_sum_sq_probs"),
+           columns=frozenset({"sum_sq"}), title="mean sum_v p_v^2"),
 )
 
 

@@ -368,6 +368,12 @@ class SourceLambdas:
         return {f"schedule_source_signal[{name!r}]={signal!r}": SIGNALS[signal].reads
                 for name, signal in self._own_signals.items()}  # fmt: skip
 
+    def stats_columns(self) -> frozenset[str]:
+        """The statistics' column groups every source's schedule reads (its signal's)."""
+        from ..stats import column_groups
+
+        return column_groups(*(schedule.stats_columns() for schedule in self.schedules))
+
     def zeros(self, device):
         return SourceStats.zeros(self.num_sources, device)
 
@@ -484,6 +490,9 @@ class PerSourceExtension(RunExtension):
     # ---- per micro-batch
     def needs(self) -> dict[str, tuple[str, ...]]:
         return self.lambdas.needs()
+
+    def stats_columns(self) -> frozenset[str]:
+        return self.lambdas.stats_columns()
 
     def token_lambdas(self, tokens, batch: BatchInfo) -> torch.Tensor:
         return self.lambdas.token_lambdas(batch.values, batch.sample_index)
