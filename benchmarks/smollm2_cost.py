@@ -11,6 +11,12 @@ flushing is set for the whole process, TRL's baseline included, so every case of
 
     python benchmarks/smollm2_cost.py --mode lora --flush on      # writes benchmarks/results/smollm2_cost_lora_flush.json
     python benchmarks/smollm2_cost.py --mode full --flush off --case trl:nll --case prob:p
+
+A case ending in `@all_columns` computes every statistics column each micro-batch, as every run did before issue 35
+(now a run computes the column groups its signal, schedule and extension read): the before / after of that change.
+
+    python benchmarks/smollm2_cost.py --flush off --steps 7 --case trl:nll --case prob:p --case prob:p@all_columns \
+        --case prob:p+adaptive --case prob:p+adaptive@all_columns --out benchmarks/results/smollm2_cost_columns.json
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ("trl:nll", "prob:nll", "prob:p", "prob:power:10", "prob:top_p:0.2", "prob:bottom_p:0.8",
          "prob:top_logp:0.2", "prob:bottom_logp:0.8", "prob:dft", "prob:p+adaptive")  # fmt: skip
+ALL_COLUMNS_SUFFIX = "@all_columns"
 
 
 def gsm8k_rows(n: int):
@@ -65,8 +72,10 @@ def step_args(output_dir: str, rows: int, steps: int, max_length: int, learning_
 def build_trainer(case: str, model_dir: str, data, args, output_dir: str):
     from trl import SFTConfig, SFTTrainer
 
-    from trl_prob import ProbSFTConfig, ProbSFTTrainer
+    from trl_prob import ProbSFTTrainer
+    from trl_prob.experimental import ExperimentalSFTConfig as ProbSFTConfig  # flush_denormal is a lab knob
 
+    case, all_columns = case.removesuffix(ALL_COLUMNS_SUFFIX), case.endswith(ALL_COLUMNS_SUFFIX)
     info = parse_case(case)
     common = step_args(output_dir, args.rows, args.steps, args.max_length)
     peft_config = lora_config() if args.mode == "lora" else None
@@ -76,6 +85,11 @@ def build_trainer(case: str, model_dir: str, data, args, output_dir: str):
         config = ProbSFTConfig(**common, objective=info["objective"], objective_schedule=info["schedule"],
                                schedule_warm_start_samples=8, flush_denormal=args.flush == "on")  # fmt: skip
         trainer = ProbSFTTrainer(model=model_dir, args=config, train_dataset=data, peft_config=peft_config)
+        if all_columns:  # every column, as before issue 35: the hook's class with its column choice overridden
+            from trl_prob.stats import ALL_COLUMNS
+
+            hook = trainer.objective_hook
+            hook.__class__ = type("AllColumnsHook", (type(hook),), {"stats_columns": property(lambda self: ALL_COLUMNS)})
     recorder = StepRecorder("cpu")
     trainer.add_callback(recorder)
     trainer.add_callback(CpuClock(recorder))
@@ -101,6 +115,30 @@ def CpuClock(recorder):
 
     recorder.cpu_periods = []
     return Clock()
+
+
+def statistics_cost(rows: int, length: int, vocab: int, repeats: int = 200) -> dict:
+    """Milliseconds of one micro-batch's statistics (``TokenProbStats.per_sample`` on every head output, shape
+    ``rows x length``) with every column group and with the groups each kind of run now reads: the part of the step
+    that issue 35's change touches, timed alone (median of ``repeats``)."""
+    from trl_prob.stats import ALL_COLUMNS, TokenProbStats
+
+    generator = torch.Generator().manual_seed(0)
+    log_p = -torch.rand(rows, length, generator=generator) * 5
+    head = dict(log_p=log_p, mask=torch.rand(rows, length, generator=generator) > 0.3, is_top1=log_p > -0.5,
+                entropy=torch.rand(rows, length, generator=generator), log_sum_sq_probs=log_p / 2, vocab_size=vocab)  # fmt: skip
+    out = {}
+    for name, columns in (("all columns (before)", ALL_COLUMNS), ("top1 (adaptive, sequence_top1)", frozenset({"top1"})),
+                          ("base only (fixed objective)", frozenset())):  # fmt: skip
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            TokenProbStats.per_sample(head["log_p"], head["mask"], torch.arange(rows)[:, None].expand(rows, length),
+                                      rows, None, head["is_top1"], head["entropy"], head["log_sum_sq_probs"], vocab,
+                                      columns=columns)  # fmt: skip
+            times.append(time.perf_counter() - start)
+        out[name] = 1000 * statistics.median(times)
+    return out
 
 
 def main(argv=None) -> None:
@@ -163,7 +201,12 @@ def main(argv=None) -> None:
         s = summary[case]
         print(f"{case:24s} {s['step_s_median']:8.2f} {s['time_ratio']:9.2f} {s['step_cpu_s_median']:8.2f} "
               f"{s['cpu_time_ratio']:9.2f} {s['peak_mib_median']:9.0f} {s['memory_ratio']:9.2f}")
+    micro = {f"{rows}x{length}": statistics_cost(rows, length, 49152)  # this run's batches, and a GPU-sized one
+             for rows, length in ((args.rows, args.max_length), (8, 2048))}  # fmt: skip
+    for shape, ms in micro.items():
+        print(f"statistics of one {shape} micro-batch alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
     record = {
+        "statistics_ms_per_micro_batch": micro,
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/smollm2_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
