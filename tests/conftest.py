@@ -89,3 +89,20 @@ def finish_rank(trainer, out: str, result) -> None:
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def logits_loss_trainer_class():
+    """A ``ProbSFTTrainer`` subclass whose compute_loss calls the model the ordinary way (full logits, the model's own
+    NLL): what a user's subclass that bypasses TRL's fused head looks like."""
+    from trl_prob import ProbSFTTrainer
+
+    class LogitsLossTrainer(ProbSFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self._in_compute_loss = True  # as the mixin's compute_loss does around TRL's
+            try:
+                outputs = model(**inputs)
+            finally:
+                self._in_compute_loss = False
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    return LogitsLossTrainer

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from conftest import addition_dataset, base_args
+from conftest import addition_dataset, base_args, logits_loss_trainer_class
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
+
+LogitsLossTrainer = logits_loss_trainer_class()
 
 
 def config(tmp_path, **overrides):
@@ -63,18 +65,6 @@ def test_a_run_keeps_the_checkpoint_with_the_best_eval_nll(tmp_path, tokenizer, 
     # lambda moved from step to step, so eval_loss (the objective at the live lambda) is not eval_nll
     assert any(entry["eval_loss"] != pytest.approx(entry["eval_nll"], rel=1e-3) for entry in evals)
     assert trainer.state.best_metric == min(entry["eval_nll"] for entry in evals)
-
-
-class LogitsLossTrainer(ProbSFTTrainer):
-    """A subclass whose compute_loss calls the model the ordinary way (full logits, the model's own NLL)."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._in_compute_loss = True  # as the mixin's compute_loss does around TRL's
-        try:
-            outputs = model(**inputs)
-        finally:
-            self._in_compute_loss = False
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
 
 def test_a_no_grad_forward_without_the_fused_head_is_refused_like_the_training_one(tmp_path, tiny_model, tokenizer):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import base_args
+from conftest import base_args, logits_loss_trainer_class
 from trl_prob import ProbSFTConfig, ProbSFTTrainer
+
+LogitsLossTrainer = logits_loss_trainer_class()
 
 
 @pytest.mark.parametrize("objective", ["p", "deft", "auto"])
@@ -16,18 +18,6 @@ def test_liger_with_its_default_config_is_refused_in_the_config(tmp_path, object
         ProbSFTConfig(**base_args(tmp_path), objective=objective, use_liger_kernel=True)
     assert "pip install" not in str(info.value)
     assert "\n" not in str(info.value)
-
-
-class LogitsLossTrainer(ProbSFTTrainer):
-    """A subclass whose compute_loss calls the model the ordinary way (full logits, the model's own NLL)."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._in_compute_loss = True  # as the mixin's compute_loss does around TRL's
-        try:
-            outputs = model(**inputs)
-        finally:
-            self._in_compute_loss = False
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
 
 def test_a_forward_without_the_fused_head_is_refused_for_an_objective(tmp_path, tiny_model, tokenizer, train_dataset):
