@@ -119,11 +119,16 @@ CANDIDATES_V2 = [
     ("seq->eaft:1", dict(objective="eaft:1", objective_schedule="adaptive", schedule_signal="sequence_top1")),
     ("seq->asft", dict(objective="asft", objective_schedule="adaptive", schedule_signal="sequence_top1")),
     ("seq_clean->p", dict(objective="p", objective_schedule="adaptive", schedule_signal="sequence_top1_clean")),
+    # added 2026-12-07, after the rule (3895758) and before any of its runs: a lambda-0 end that is a confidence-aware
+    # objective (the issue's own example): EAFT while the model cannot answer (v1: eaft:1 first at mid and strong),
+    # p once it can (seq->p ahead of NLL at traj on seed 0); lab field schedule_start_objective
+    ("seq:eaft:1->p", dict(objective="p", objective_schedule="adaptive", schedule_signal="sequence_top1",
+                           schedule_start_objective="eaft:1")),
 ]
 FIXED_V2 = ["nll", "p", "eaft:1", "asft", "deft_cayley"]
 # each schedule's two endpoints (lambda 0: NLL; lambda 1: its target), for "a schedule ahead of both its endpoints"
 ENDPOINTS_V2 = {"mean->p": ("nll", "p"), "seq->p": ("nll", "p"), "seq->eaft:1": ("nll", "eaft:1"),
-                "seq->asft": ("nll", "asft"), "seq_clean->p": ("nll", "p")}
+                "seq->asft": ("nll", "asft"), "seq_clean->p": ("nll", "p"), "seq:eaft:1->p": ("eaft:1", "p")}
 # the candidate signals of the signal rule, with the ramp each is read on (its registered one)
 SIGNAL_CANDIDATES = ("sequence_top1", "sequence_top1_clean", "token_top1", "mean")
 PROBE_CONFIG = dict(objective="p", objective_schedule="adaptive")  # the config the probe advises from (its defaults)
@@ -132,19 +137,32 @@ SMOKE_CANDIDATES = ["nll", "p"]
 # same values train the same thing, so their runs are shared (today's auto and another, or the probe's choice).
 KEY_FIELDS = ("objective", "objective_schedule", "schedule_signal", "schedule_mode", "schedule_ramp_low",
               "schedule_ramp_high", "schedule_ema_decay", "schedule_constant_lambda", "schedule_warmup_ratio",
-              "ref_model_name_or_path")
+              "ref_model_name_or_path", "schedule_start_objective")  # the last: lab only, absent from core configs
+# fields only trl_prob.experimental's config has: a candidate naming one is built with it (the others with the core's,
+# so their resolved fields, and their run keys, stay what they were)
+LAB_FIELDS = ("schedule_start_objective",)
+
+
+def config_class(kwargs: dict):
+    """``ProbSFTConfig``, or ``ExperimentalSFTConfig`` for a candidate that sets a lab field."""
+    if any(k in kwargs for k in LAB_FIELDS):
+        from trl_prob.experimental import ExperimentalSFTConfig
+
+        return ExperimentalSFTConfig
+    from trl_prob import ProbSFTConfig
+
+    return ProbSFTConfig
 
 
 def accepted(kwargs: dict) -> bool:
-    """trl_prob accepts this candidate: its objective parses and ProbSFTConfig takes the kwargs."""
-    from trl_prob import ProbSFTConfig
+    """trl_prob accepts this candidate: its objective parses and its config class takes the kwargs."""
     from trl_prob.objectives import get_objective
 
     try:
         if kwargs.get("objective", "nll") != "auto":
             get_objective(kwargs["objective"])
         with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(open(os.devnull, "w")):
-            ProbSFTConfig(output_dir=out, use_cpu=True, bf16=False, report_to="none", **kwargs)
+            config_class(kwargs)(output_dir=out, use_cpu=True, bf16=False, report_to="none", **kwargs)
     except Exception:  # noqa: BLE001 - any refusal means "not there yet"
         return False
     return True
@@ -163,10 +181,9 @@ def resolved(kwargs: dict) -> str:
 @functools.lru_cache(maxsize=None)
 def _resolved(kwargs_json: str) -> str:
     """What a candidate trains, after trl_prob resolves it (``auto`` becomes its settings): KEY_FIELDS, as JSON."""
-    from trl_prob import ProbSFTConfig
-
+    kwargs = json.loads(kwargs_json)
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(open(os.devnull, "w")):
-        config = ProbSFTConfig(output_dir=out, use_cpu=True, bf16=False, report_to="none", **json.loads(kwargs_json))
+        config = config_class(kwargs)(output_dir=out, use_cpu=True, bf16=False, report_to="none", **kwargs)
     fields = {k: getattr(config, k) for k in KEY_FIELDS if hasattr(config, k)}
     if fields.get("objective_schedule") == "none":
         # a fixed objective's training does not read the schedule fields: pinned to their defaults when the first
@@ -472,11 +489,11 @@ def make_trainer(model_dir: str, rows: list[dict], args, kwargs: dict, seed: int
     from datasets import Dataset
     from transformers import AutoTokenizer, set_seed
 
-    from trl_prob import ProbSFTConfig, ProbSFTTrainer
+    from trl_prob import ProbSFTTrainer
 
     set_seed(seed)  # the LoRA init happens when the trainer wraps the model, before the Trainer seeds itself
     evaluation = dict(eval_strategy="steps", eval_steps=eval_every) if eval_rows and eval_every else {}
-    config = ProbSFTConfig(
+    config = config_class(kwargs)(
         output_dir=out, use_cpu=args.device == "cpu", bf16=False, max_length=args.max_length,
         per_device_train_batch_size=args.batch, per_device_eval_batch_size=32, max_steps=steps, learning_rate=lr,
         lr_scheduler_type="constant_with_warmup", warmup_steps=2, logging_steps=1, save_strategy="no",
@@ -485,11 +502,19 @@ def make_trainer(model_dir: str, rows: list[dict], args, kwargs: dict, seed: int
         **kwargs)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with reading_every_signal() if every_signal else contextlib.nullcontext():
-        return ProbSFTTrainer(model=load_model(model_dir, args.device), args=config,
-                              train_dataset=Dataset.from_list(rows),
-                              eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-                              processing_class=tokenizer, peft_config=lora_config(model_dir, args),
-                              callbacks=list(callbacks))  # fmt: skip
+        trainer = ProbSFTTrainer(model=load_model(model_dir, args.device), args=config,
+                                 train_dataset=Dataset.from_list(rows),
+                                 eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                                 processing_class=tokenizer, peft_config=lora_config(model_dir, args),
+                                 callbacks=list(callbacks))  # fmt: skip
+    if every_signal:  # and every statistics column each step (a run computes only its own signal's): same training
+        from trl_prob.schedules import SIGNALS
+        from trl_prob.stats import column_groups
+
+        hook = trainer.objective_hook
+        columns = column_groups(hook.stats_columns, *(SIGNALS[name].columns for name in SIGNAL_CANDIDATES))
+        hook.__class__ = type("EverySignalHook", (type(hook),), {"stats_columns": property(lambda self: columns)})
+    return trainer
 
 
 def signal_values(stats) -> dict:
