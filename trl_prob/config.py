@@ -337,6 +337,11 @@ class ProbSFTConfig(SFTConfig):
         return None
 
     @property
+    def start_objective(self) -> str:
+        """The objective a blend trains at lambda 0: NLL here, the paper's continuum."""
+        return "nll"
+
+    @property
     def uses_objective(self) -> bool:
         """False only for plain NLL, where the trainer leaves TRL's loss untouched."""
         return not (get_objective(self.objective).family == "nll" and self.objective_schedule == "none")

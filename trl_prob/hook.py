@@ -45,6 +45,8 @@ class ObjectiveHook:
         self.objective = get_objective(args.objective)
         self.trains_objective = args.uses_objective
         self.schedule: Schedule = build_schedule(args)
+        start = get_objective(args.start_objective)  # the blend's lambda-0 end: NLL unless a subclass says otherwise
+        self.start = None if start.family == "nll" else start
         self.extension = extension
         self.vocab_size = vocab_size
         self.step_stats = None  # TokenProbStats, or the extension's grouped statistics
@@ -58,6 +60,8 @@ class ObjectiveHook:
         needs = {}
         if self.trains_objective:
             needs[f"objective {self.objective.spec!r}"] = self.objective.reads
+        if self.start is not None:
+            needs[f"start objective {self.start.spec!r}"] = self.start.reads
         needs.update(self.schedule.needs())
         if self.extension is not None:
             needs.update(self.extension.needs())
@@ -130,7 +134,7 @@ class ObjectiveHook:
             tokens, objective, objective_lambda, self.args.schedule_mode, all_reduce=distributed_sum,
             sample_index=index, num_samples=num_samples(batch) if padding_free else None,
             group=(lambda rows: extension.group(rows, values)) if grouped else None,
-            columns=self.stats_columns if training else self.eval_stats_columns,
+            columns=self.stats_columns if training else self.eval_stats_columns, start=self.start,
         )  # fmt: skip
         if training:
             if not grouped and isinstance(objective_lambda, torch.Tensor):  # the step's mean token lambda, in the

@@ -27,6 +27,7 @@ def objective_loss(
     num_samples: int | None = None,
     group: Callable[[torch.Tensor], Any] | None = None,
     columns: frozenset[str] = ALL_COLUMNS,
+    start: Objective | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """Per-token loss (fp32, 0 where ``mask`` is false) and the micro-batch's target-token statistics.
 
@@ -37,8 +38,8 @@ def objective_loss(
         objective: the target objective f.
         objective_lambda: 0 is NLL, 1 the objective alone; a float, or a tensor broadcastable to ``log_p`` (one lambda
             per token: a per-token schedule or a run extension's).
-        mode: ``blend`` trains (1 - lambda) nll + lambda f; ``exponent`` trains ``power:(lambda a)`` for a
-            ``power:a`` objective.
+        mode: ``blend`` trains (1 - lambda) nll + lambda f (``start`` in place of nll where given); ``exponent``
+            trains ``power:(lambda a)`` for a ``power:a`` objective.
         all_reduce: sums a tensor over processes (returns it); ``None`` for one process. Thresholded objectives
             use it for the kept-token count of this micro-batch over all processes.
         sample_index, num_samples: for the sequence statistics (which sample each position belongs to, for
@@ -48,6 +49,7 @@ def objective_loss(
             micro-batch's total as ``.total``); ``None``: the :class:`TokenProbStats` of the micro-batch.
         columns: the statistics' column groups to compute beside the base ones (:data:`~trl_prob.stats.COLUMN_GROUPS`:
             what the run's signal, schedule and metrics read); the loss never reads them.
+        start: the objective a blend trains at lambda 0 (None: NLL, the paper's continuum); never thresholded.
     """
     log_p, mask = tokens.log_p, tokens.mask
     keep = objective.keep(log_p) & mask if objective.is_thresholded else None
@@ -74,7 +76,8 @@ def objective_loss(
     if keep is not None:
         loss = loss * keep * kept_token_scale(total, all_reduce)
     if per_token or objective_lambda < 1.0:
-        loss = (1.0 - lam) * (-log_p) + lam * loss
+        at_zero = -log_p if start is None else start(log_p, tokens)  # the blend's lambda-0 end
+        loss = (1.0 - lam) * at_zero + lam * loss
     return loss * mask, stats
 
 

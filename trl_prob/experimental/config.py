@@ -46,6 +46,10 @@ class ExperimentalSFTConfig(ProbSFTConfig):
         flush_denormal (`bool`, *optional*, defaults to `True`):
             On CPU, flush subnormal floats to zero while training (2x faster for p-weighted objectives; the core
             always does).
+        schedule_start_objective (`str`, *optional*, defaults to `"nll"`):
+            The objective a schedule's blend trains at lambda 0: loss = (1 - lambda) start + lambda `objective`. NLL
+            is the paper's continuum; a confidence-aware start (`eaft:1`, `deft`, `deft_cayley`, `dft`) keeps its
+            weighting while the model is weak. Not thresholded, not `asft` (its KL rides beside the head).
     """
 
     schedule_warmup_start: float = field(
@@ -90,6 +94,12 @@ class ExperimentalSFTConfig(ProbSFTConfig):
         default=None,
         metadata={"help": "Signal of named sources' schedules instead of --schedule_signal, e.g. 'new=geomean'."},
     )
+    schedule_start_objective: str = field(
+        default="nll",
+        metadata={"help": "The objective a schedule's blend trains at lambda 0: (1 - lambda) start + lambda objective "
+                          "(default nll, the paper's continuum; e.g. eaft:1 keeps EAFT's weighting while the model is "
+                          "weak)."},
+    )
     flush_denormal: bool = field(
         default=True,
         metadata={
@@ -113,6 +123,10 @@ class ExperimentalSFTConfig(ProbSFTConfig):
     def flush_subnormals(self) -> bool:
         return self.flush_denormal
 
+    @property
+    def start_objective(self) -> str:
+        return self.schedule_start_objective
+
     def run_extension(self):
         """Per-source schedules (:class:`~trl_prob.experimental.sources.PerSourceExtension`) when asked for."""
         if not self.schedule_per_source:
@@ -135,7 +149,29 @@ class ExperimentalSFTConfig(ProbSFTConfig):
         start = self.schedule_warmup_start
         if not (isinstance(start, (int, float)) and math.isfinite(start) and 0.0 <= start <= 1.0):
             raise ValueError(f"schedule_warmup_start must be in [0, 1], got {start!r}.")
+        self._validate_start_objective()
         self._validate_source_fields()
+
+    def _validate_start_objective(self) -> None:
+        from ..objectives import get_objective
+
+        start = get_objective(self.schedule_start_objective)
+        self.schedule_start_objective = start.spec
+        if start.family == "nll":
+            return
+        given = f"schedule_start_objective={start.spec!r}"
+        if self.objective_schedule == "none":
+            raise ValueError(f"{given} is the objective at lambda 0 of a schedule, but objective_schedule is 'none' "
+                             f"(training {self.objective!r} alone): set objective_schedule, or drop it.")  # fmt: skip
+        if self.schedule_mode != "blend":
+            raise ValueError(f"{given} needs schedule_mode='blend' ((1 - lambda) start + lambda objective); "
+                             f"got {self.schedule_mode!r}.")  # fmt: skip
+        if start.is_thresholded or start.family == "asft":
+            raise ValueError(f"{given}: a thresholded objective or asft cannot be the start of a blend (their "
+                             "normaliser and reference act on the whole loss); allowed: nll or an objective without a "
+                             "threshold, e.g. eaft:1, deft, deft_cayley, dft, p, power:k.")  # fmt: skip
+        if start.spec == get_objective(self.objective).spec:
+            raise ValueError(f"{given} is the objective itself: the schedule would move nowhere.")
 
     def _validate_source_fields(self) -> None:
         from .sources import MAX_SOURCES
