@@ -24,6 +24,15 @@ from trl_prob.models import cache_dir, smollm2_dir  # noqa: F401  (re-exported: 
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def compute_stats_columns(trainer, columns) -> None:
+    """Make ``trainer`` compute these statistics column groups each step instead of the ones its run reads (benchmarks
+    only: the before/after of issue 35, and every candidate signal along a run): its hook's class, with
+    ``stats_columns`` fixed to ``columns``."""
+    hook = trainer.objective_hook
+    hook.__class__ = type(f"{type(hook).__name__}WithColumns", (type(hook),),
+                          {"stats_columns": property(lambda self: columns)})  # fmt: skip
+
+
 def mean_se(xs) -> tuple[float, float]:
     """Mean and standard error of the mean, stdev / sqrt(n) (0 for a single value: no spread measured)."""
     xs = list(xs)

@@ -511,9 +511,10 @@ def make_trainer(model_dir: str, rows: list[dict], args, kwargs: dict, seed: int
         from trl_prob.schedules import SIGNALS
         from trl_prob.stats import column_groups
 
-        hook = trainer.objective_hook
-        columns = column_groups(hook.stats_columns, *(SIGNALS[name].columns for name in SIGNAL_CANDIDATES))
-        hook.__class__ = type("EverySignalHook", (type(hook),), {"stats_columns": property(lambda self: columns)})
+        from common import compute_stats_columns
+
+        columns = column_groups(trainer.objective_hook.stats_columns, *(SIGNALS[n].columns for n in SIGNAL_CANDIDATES))
+        compute_stats_columns(trainer, columns)
     return trainer
 
 

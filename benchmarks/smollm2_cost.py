@@ -86,10 +86,10 @@ def build_trainer(case: str, model_dir: str, data, args, output_dir: str):
                                schedule_warm_start_samples=8, flush_denormal=args.flush == "on")  # fmt: skip
         trainer = ProbSFTTrainer(model=model_dir, args=config, train_dataset=data, peft_config=peft_config)
         if all_columns:  # every column, as before issue 35: the hook's class with its column choice overridden
+            from common import compute_stats_columns
             from trl_prob.stats import ALL_COLUMNS
 
-            hook = trainer.objective_hook
-            hook.__class__ = type("AllColumnsHook", (type(hook),), {"stats_columns": property(lambda self: ALL_COLUMNS)})
+            compute_stats_columns(trainer, ALL_COLUMNS)
     recorder = StepRecorder("cpu")
     trainer.add_callback(recorder)
     trainer.add_callback(CpuClock(recorder))

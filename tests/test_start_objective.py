@@ -78,7 +78,7 @@ def test_at_lambda_zero_the_run_trains_the_start_objective_alone(tmp_path, token
                                  schedule_start_objective="eaft:1")  # fmt: skip
     assert blend.objective_hook.needs()["start objective 'eaft:1'"] == get_objective("eaft:1").reads
     _, alone = train("alone", objective="eaft:1")
-    nll_start, nll_weights = train("nll", objective="p", objective_schedule="constant", schedule_constant_lambda=0.0)
+    _, nll_weights = train("nll", objective="p", objective_schedule="constant", schedule_constant_lambda=0.0)
     for name, weight in alone.items():
         torch.testing.assert_close(blend_weights[name], weight, rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(nll_weights[n], w) for n, w in alone.items())  # NLL's lambda 0 trains otherwise
