@@ -1086,6 +1086,9 @@ def parse_args(argv=None):
     parser.add_argument("--places", nargs="+", default=None, choices=list(PLACES))
     parser.add_argument("--only", nargs="+", default=None, help="candidate names to run (default: all accepted)")
     parser.add_argument("--stage", type=int, choices=[1, 2], default=2, help="1: seed 0 only; 2: then seeds 1, 2")
+    parser.add_argument("--seeds", nargs="+", type=int, choices=[1, 2], default=[1, 2],
+                        help="the seeds stage 2 (and --check) runs: two workers can split one candidate's seeds "
+                             "(--seeds 1 / --seeds 2); the rule reads whatever seeds the runs hold")
     parser.add_argument("--epochs", type=float, default=3.0, help="passes over the training rows (every run)")
     parser.add_argument("--lr", type=float, default=1e-3, help="one learning rate for every candidate and place")
     parser.add_argument("--batch", type=int, default=8)
@@ -1214,7 +1217,7 @@ def main(argv=None) -> dict:
             for name in names:
                 run(place, name, 0)
         if args.stage == 2 and args.design == "v2":  # stage 2 of v2: seeds 1 and 2 for those in contention
-            for seed in (1, 2):
+            for seed in args.seeds:
                 for place in args.places:
                     prepare(place)
                     cell = cells_v2(log.runs, [place])[place]
@@ -1222,7 +1225,7 @@ def main(argv=None) -> dict:
                         for name in in_contention({n: cell[n] for n in names}):
                             run(place, name, seed)
         elif args.stage == 2:  # stage 2: seeds 1 and 2 for those within two s.e. of the best fixed objective
-            for seed in (1, 2):
+            for seed in args.seeds:
                 for place in args.places:
                     prepare(place)
                     cell = cells_from_runs(log.runs, {place: place_trainings(place, candidates, args)})[place]
@@ -1230,7 +1233,7 @@ def main(argv=None) -> dict:
                         for name in stage_two(cell):
                             run(place, name, seed)
         for name in args.check:  # after the verdict: the seeds the staged rule did not give these candidates
-            for seed in (1, 2):
+            for seed in args.seeds:
                 for place in args.places:
                     run(place, name, seed)
 

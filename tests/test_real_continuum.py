@@ -506,6 +506,17 @@ def test_harness_end_to_end_saves_hits_in_test_order_and_resumes(tiny_model, tmp
         assert len(json.load(f)["runs"]) == 6  # the verdict's file is untouched
     with pytest.raises(SystemExit):
         rc.parse_args(["--check", "p"])  # not into the verdict's file
+    # --seeds: a worker runs only the seeds it is given (two workers split one candidate's seeds)
+    added.clear()
+    split = str(tmp_path / "seed2.json")
+    rc.main(argv[: argv.index("--out")] + ["--out", split, "--absorb", out, "--check", "p", "--seeds", "2"])
+    assert sorted(added) == [("mid", "p"), ("strong_noise25", "p")]
+    with open(split) as f:
+        runs = json.load(f)["runs"]
+    assert sorted((r["place"], r["seed"]) for r in runs if r["objective"] == "p") == sorted(
+        (place, seed) for place in ("mid", "strong_noise25") for seed in (0, 2))
+    with pytest.raises(SystemExit):
+        rc.parse_args(["--seeds", "3"])  # the rule's seeds are 0, 1, 2
 
 
 @pytest.mark.timeout(900)
