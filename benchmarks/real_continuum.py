@@ -1085,7 +1085,7 @@ def parse_args(argv=None):
                         help="2 places, 2 candidates, 8 training rows, 1 pass, 8 test problems, 1 seed (< 3 min)")
     parser.add_argument("--places", nargs="+", default=None, choices=list(PLACES))
     parser.add_argument("--only", nargs="+", default=None, help="candidate names to run (default: all accepted)")
-    parser.add_argument("--stage", type=int, choices=[1, 2], default=2, help="1: seed 0 only; 2: then seeds 1, 2")
+    parser.add_argument("--stage", type=int, choices=[1, 2], default=2, help="1: seed 0 only; 2: then --seeds (1 and 2)")
     parser.add_argument("--seeds", nargs="+", type=int, choices=[1, 2], default=[1, 2],
                         help="the seeds stage 2 (and --check) runs: two workers can split one candidate's seeds "
                              "(--seeds 1 / --seeds 2); the rule reads whatever seeds the runs hold")
@@ -1216,7 +1216,7 @@ def main(argv=None) -> dict:
         for place in args.places:  # stage 1: every candidate at every place, seed 0, place by place
             for name in names:
                 run(place, name, 0)
-        if args.stage == 2 and args.design == "v2":  # stage 2 of v2: seeds 1 and 2 for those in contention
+        if args.stage == 2 and args.design == "v2":  # stage 2 of v2: --seeds for those in contention
             for seed in args.seeds:
                 for place in args.places:
                     prepare(place)
@@ -1224,7 +1224,7 @@ def main(argv=None) -> dict:
                     if all(0 in cell[n] for n in names):  # stage 1 complete here
                         for name in in_contention({n: cell[n] for n in names}):
                             run(place, name, seed)
-        elif args.stage == 2:  # stage 2: seeds 1 and 2 for those within two s.e. of the best fixed objective
+        elif args.stage == 2:  # stage 2: --seeds for those within two s.e. of the best fixed objective
             for seed in args.seeds:
                 for place in args.places:
                     prepare(place)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -379,8 +380,7 @@ def test_quickstart_end_to_end_through_the_console_script(tmp_path, capsys):
     assert len(test_rows) == 200
     data = tmp_path / "mawps"
     data.mkdir()
-    with open(os.path.join(mawps, "train.jsonl")) as f:
-        (data / "train.jsonl").write_text(f.read())
+    shutil.copy(os.path.join(mawps, "train.jsonl"), data / "train.jsonl")
     (data / "test.jsonl").write_text("".join(test_rows[:24]))
     result = run(
         ["trl-prob", "sft", "--config", QUICKSTART, "--max_steps", "4", "--logging_steps", "2",
