@@ -124,11 +124,17 @@ CANDIDATES_V2 = [
     # p once it can (seq->p ahead of NLL at traj on seed 0); lab field schedule_start_objective
     ("seq:eaft:1->p", dict(objective="p", objective_schedule="adaptive", schedule_signal="sequence_top1",
                            schedule_start_objective="eaft:1")),
+    # added 2026-12-07 (fourth sitting), before any of its runs: the third and last design of ours. Where the model never
+    # answers within the run a schedule trains its lambda-0 end alone (weak, svamp), and deft_cayley is the one fixed
+    # objective not behind at either; p once the model answers, as above
+    ("seq:deft_cayley->p", dict(objective="p", objective_schedule="adaptive", schedule_signal="sequence_top1",
+                                schedule_start_objective="deft_cayley")),
 ]
 FIXED_V2 = ["nll", "p", "eaft:1", "asft", "deft_cayley"]
 # each schedule's two endpoints (lambda 0: NLL; lambda 1: its target), for "a schedule ahead of both its endpoints"
 ENDPOINTS_V2 = {"mean->p": ("nll", "p"), "seq->p": ("nll", "p"), "seq->eaft:1": ("nll", "eaft:1"),
-                "seq->asft": ("nll", "asft"), "seq_clean->p": ("nll", "p"), "seq:eaft:1->p": ("eaft:1", "p")}
+                "seq->asft": ("nll", "asft"), "seq_clean->p": ("nll", "p"), "seq:eaft:1->p": ("eaft:1", "p"),
+                "seq:deft_cayley->p": ("deft_cayley", "p")}
 # the candidate signals of the signal rule, with the ramp each is read on (its registered one)
 SIGNAL_CANDIDATES = ("sequence_top1", "sequence_top1_clean", "token_top1", "mean")
 PROBE_CONFIG = dict(objective="p", objective_schedule="adaptive")  # the config the probe advises from (its defaults)
