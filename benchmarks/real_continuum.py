@@ -318,7 +318,25 @@ def noisy_equation(equation: str, answer: str, rng: random.Random) -> str:
 
 
 
+def noisy_operand(equation: str, question: str, rng: random.Random) -> str:
+    """A wrong equation a model that reads the question contradicts: one operand replaced by a number the question
+    does not contain (the right one moved by 1-10, never negative), so the label asks the model to write a number it
+    has nowhere to copy from; the equation's value changes (None when no such operand exists)."""
+    given = {float(m.group().replace(",", "")) for m in NUMBER.finditer(question)}
+    numbers = list(NUMBER.finditer(equation))
+    rng.shuffle(numbers)
+    for m in numbers:
+        for _ in range(20):
+            y = noisy_answer(m.group(), rng)
+            candidate = equation[: m.start()] + y + equation[m.end() :]
+            value, right = evaluate_infix(candidate), evaluate_infix(equation)
+            if float(y) not in given and value is not None and right is not None and abs(value - right) > 1e-6:
+                return candidate
+    return None
+
+
 # A place: which problems, which format, label noise, and whether the base is first warmed up (NLL, disjoint rows).
+# ``noise_kind``: "operator" (default: noisy_equation, an operator swapped) or "operand" (noisy_operand).
 EASY = ["mawps_singleop", "mawps_addsub"]
 PLACES = {
     "weak": dict(sources=EASY, fmt="prefix", noise=0.0, warmup=False),
@@ -340,6 +358,13 @@ PLACES = {
     "traj_noise25_long": dict(sources=EASY, fmt="prefix", noise=0.25, warmup=False,
                               trajectory=dict(train_rows=288, epochs=8.0, curve_every=48, curve_rows=200,
                                               test_rows=400)),
+    # the second redesign (2026-12-07, fourth sitting; committed before its pilot): traj_noise25_long's NLL fitted its
+    # swapped operators (mean p 0.97) and still rose to the end: a swapped operator is a plausible answer to the
+    # question. Here 30% of the rows write an operand the question does not contain, a label a model that copies the
+    # question's numbers contradicts, and which fitting teaches it to invent numbers; same rows and length (288 steps)
+    "traj_noise30_operand_long": dict(sources=EASY, fmt="prefix", noise=0.30, noise_kind="operand", warmup=False,
+                                      trajectory=dict(train_rows=288, epochs=8.0, curve_every=48, curve_rows=200,
+                                                      test_rows=400)),
 }
 PLACES_V1 = ["weak", "strong_noise25", "mid", "strong", "svamp"]  # the places of the issue-27 verdict
 SMOKE_PLACES = ["weak", "mid"]
@@ -394,8 +419,13 @@ def place_splits(place: str, args, problems: dict) -> dict:
         raise ValueError(f"place {place}: {len(test)} test problems left, fewer than {MIN_TEST}")
     rng = random.Random(args.split_seed + 1)
     noisy = set(rng.sample(range(len(train)), round(spec["noise"] * len(train))))
-    rows = [chat_row(r, spec["fmt"], equation=noisy_equation(r["equation"], r["answer"], rng)) if i in noisy
-            else chat_row(r, spec["fmt"]) for i, r in enumerate(train)]
+    if spec.get("noise_kind", "operator") == "operand":
+        wrong = {i: noisy_operand(train[i]["equation"], train[i]["question"], rng) for i in sorted(noisy)}
+        noisy = {i for i, eq in wrong.items() if eq is not None}  # rows with no such operand stay clean (reported)
+    else:
+        wrong = {i: noisy_equation(train[i]["equation"], train[i]["answer"], rng) for i in sorted(noisy)}
+    rows = [chat_row(r, spec["fmt"], equation=wrong[i]) if i in noisy else chat_row(r, spec["fmt"])
+            for i, r in enumerate(train)]
     return dict(test=test, train=rows, train_clean=train, warm=[chat_row(r, spec["fmt"]) for r in warm],
                 fmt=spec["fmt"], noisy=sorted(noisy))
 

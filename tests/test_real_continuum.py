@@ -95,6 +95,25 @@ def test_noisy_labels_are_wrong():
                 common.predicted_value(wrong, "equation"), answer), (eq, wrong)
 
 
+
+def test_operand_noise_writes_a_number_the_question_does_not_contain():
+    problems = rc.load_problems()
+    args = rc.place_args("traj_noise30_operand_long", rc.parse_args([]))
+    split = rc.place_splits("traj_noise30_operand_long", args, problems)
+    assert abs(len(split["noisy"]) - 0.30 * len(split["train"])) <= 3  # a row with no such operand stays clean
+    clean = rc.place_splits("traj", rc.place_args("traj", rc.parse_args([])), problems)
+    assert [r["prompt"] for r in split["train"]] == [r["prompt"] for r in clean["train"]]  # traj's rows, relabelled
+    numbers = lambda text: {float(m.group().replace(",", "")) for m in common.NUMBER.finditer(text)}  # noqa: E731
+    for i, (row, truth) in enumerate(zip(split["train"], split["train_clean"])):
+        written = row["completion"][0]["content"]
+        value = common.predicted_value(written, "prefix")
+        if i in split["noisy"]:  # the value is wrong, and one operand is nowhere in the question
+            assert not common.same_number(value, truth["answer"]), written
+            assert numbers(written) - numbers(truth["question"]), (truth["question"], written)
+        else:
+            assert written == clean["train"][i]["completion"][0]["content"]
+
+
 # ------------------------------------------------------------------------------------------------ the places
 
 
