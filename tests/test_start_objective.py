@@ -15,7 +15,7 @@ from trl_prob.experimental import ExperimentalSFTConfig
 from trl_prob.loss import objective_loss
 
 
-@pytest.mark.parametrize("start", ["eaft:1", "deft"])
+@pytest.mark.parametrize("start", ["eaft:1", "deft", "deft_cayley"])
 @pytest.mark.parametrize("per_token", [False, True])
 def test_blend_from_a_start_objective_matches_the_authors_formulas(start, per_token):
     logits, targets, mask = full_logits(seed=2)
