@@ -318,7 +318,7 @@ def noisy_equation(equation: str, answer: str, rng: random.Random) -> str:
 
 
 
-def noisy_operand(equation: str, question: str, rng: random.Random) -> str:
+def noisy_operand(equation: str, question: str, rng: random.Random) -> str | None:
     """A wrong equation a model that reads the question contradicts: one operand replaced by a number the question
     does not contain (the right one moved by 1-10, never negative), so the label asks the model to write a number it
     has nowhere to copy from; the equation's value changes (None when no such operand exists)."""
