@@ -131,7 +131,8 @@ CANDIDATES_V2 = [
                                 schedule_start_objective="deft_cayley")),
 ]
 FIXED_V2 = ["nll", "p", "eaft:1", "asft", "deft_cayley"]
-# each schedule's two endpoints (lambda 0: NLL; lambda 1: its target), for "a schedule ahead of both its endpoints"
+# each schedule's two endpoints (lambda 0: NLL or its start objective; lambda 1: its target), for "a schedule ahead of
+# both its endpoints"
 ENDPOINTS_V2 = {"mean->p": ("nll", "p"), "seq->p": ("nll", "p"), "seq->eaft:1": ("nll", "eaft:1"),
                 "seq->asft": ("nll", "asft"), "seq_clean->p": ("nll", "p"), "seq:eaft:1->p": ("eaft:1", "p"),
                 "seq:deft_cayley->p": ("deft_cayley", "p")}
@@ -316,21 +317,22 @@ def noisy_equation(equation: str, answer: str, rng: random.Random) -> str:
     return equation[: m.start()] + noisy_answer(m.group(), rng) + equation[m.end() :]
 
 
-
-
 def noisy_operand(equation: str, question: str, rng: random.Random) -> str | None:
     """A wrong equation a model that reads the question contradicts: one operand replaced by a number the question
     does not contain (the right one moved by 1-10, never negative), so the label asks the model to write a number it
     has nowhere to copy from; the equation's value changes (None when no such operand exists)."""
     given = {float(m.group().replace(",", "")) for m in NUMBER.finditer(question)}
+    right = evaluate_infix(equation)
+    if right is None:
+        return None
     numbers = list(NUMBER.finditer(equation))
     rng.shuffle(numbers)
     for m in numbers:
         for _ in range(20):
             y = noisy_answer(m.group(), rng)
             candidate = equation[: m.start()] + y + equation[m.end() :]
-            value, right = evaluate_infix(candidate), evaluate_infix(equation)
-            if float(y) not in given and value is not None and right is not None and abs(value - right) > 1e-6:
+            value = evaluate_infix(candidate)
+            if float(y) not in given and value is not None and abs(value - right) > 1e-6:
                 return candidate
     return None
 

@@ -95,7 +95,6 @@ def test_noisy_labels_are_wrong():
                 common.predicted_value(wrong, "equation"), answer), (eq, wrong)
 
 
-
 def test_operand_noise_writes_a_number_the_question_does_not_contain():
     problems = rc.load_problems()
     args = rc.place_args("traj_noise30_operand_long", rc.parse_args([]))
