@@ -667,17 +667,31 @@ def base_dir_for(place: str, split: dict, args) -> tuple[str, dict]:
     return path, info
 
 
-def check_same_base(place: str, recorded: dict, fresh: dict, out: str) -> None:
+REBUILT_PROBE_TOLERANCE = 1e-4  # probe mean p / token_top1 of a rebuilt base that measures as the recorded one
+
+
+def check_same_base(place: str, recorded: dict, fresh: dict, out: str) -> dict | None:
     """Refuse to add runs to a place whose base, built again here, is not the one its recorded runs trained from.
 
     A warm-up base is rebuilt on each new machine, and floating point differs between CPUs: the same steps can give
-    another base (another place on the continuum). Runs of two bases must not be averaged as seeds of one."""
-    if recorded.get("base_sha256") != fresh["base_sha256"]:
+    another base (another place on the continuum). Runs of two bases must not be averaged as seeds of one. A rebuilt
+    base whose weights differ is accepted as the recorded one only when it measures the same: the same hit or miss on
+    every test problem and probe mean p and token_top1 within REBUILT_PROBE_TOLERANCE (weights that differ by CPU
+    rounding, not by place). Returns None for the very base, the rebuild's record for an accepted one (kept beside the
+    place as ``rebuilt_bases`` and on each run as ``base_rebuilt_sha256``: disclosed, never silent)."""
+    if recorded.get("base_sha256") == fresh["base_sha256"]:
+        return None
+    same = recorded.get("base_hits") == fresh["base_hits"] and all(
+        abs(recorded["probe"][k] - fresh["probe"][k]) <= REBUILT_PROBE_TOLERANCE for k in ("mean_p", "token_top1"))
+    if not same:
         raise SystemExit(
             f"real_continuum: place {place}: the base built here (exact match {fresh['base_exact_match']:.3f}, "
             f"probe mean p {fresh['probe']['mean_p']:.4f}) is not the base of the runs in {out} (exact match "
             f"{recorded.get('base_exact_match', float('nan')):.3f}, mean p {recorded['probe']['mean_p']:.4f}); write "
             f"these runs to another --out, or point --cache_dir at the original base")
+    return dict(base_sha256=fresh["base_sha256"], base_exact_match=fresh["base_exact_match"], probe=fresh["probe"],
+                hits_identical=True, warmup_base=fresh.get("warmup_base"),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def probe_recommendation(base_dir: str, split: dict, args) -> dict:
@@ -1206,7 +1220,7 @@ def main(argv=None) -> dict:
         absorb(log, other)
     problems = load_problems(args.data_dir)
     t_start = time.time()
-    prepared = {}
+    prepared, rebuilt_sha = {}, {}  # rebuilt_sha: places whose base here is an accepted rebuild (check_same_base)
 
     def prepare(place):
         if place not in prepared:
@@ -1215,12 +1229,22 @@ def main(argv=None) -> dict:
             base_dir, warmup = base_dir_for(place, split, pargs)
             pkey = settings_key(pargs, "place", place, PLACES[place], args.max_new_tokens, base_dir, PROBE_CONFIG)
             sha, info = weights_sha256(base_dir), args.place_info.get(place, {})
-            if info.get("key") != pkey or info.get("base_sha256") != sha:
+            accepted = [b["base_sha256"] for b in info.get("rebuilt_bases", [])] if info.get("key") == pkey else []
+            if (info.get("key") != pkey or info.get("base_sha256") != sha) and sha not in accepted:
                 fresh = dict(measure_place(place, split, base_dir, warmup, pargs), key=pkey, base_sha256=sha)
+                rebuilt = None
                 if info.get("key") == pkey and any(r["place"] == place for r in log.runs):
-                    check_same_base(place, info, fresh, args.out)
-                args.place_info[place] = fresh
+                    rebuilt = check_same_base(place, info, fresh, args.out)
+                if rebuilt:  # measured the same: its runs join the recorded base's, each marked with its base
+                    info.setdefault("rebuilt_bases", []).append(rebuilt)
+                    print(f"  place {place}: base rebuilt here (sha256 {sha}, recorded {info['base_sha256']}): the "
+                          f"same hit on all {len(fresh['base_hits'])} test problems, probe within "
+                          f"{REBUILT_PROBE_TOLERANCE:g}: its runs join the recorded ones, marked", flush=True)
+                else:
+                    args.place_info[place] = fresh
                 log.save()
+            if sha != args.place_info[place]["base_sha256"]:
+                rebuilt_sha[place] = sha
             if args.design == "v2" and "start" not in args.place_info[place]:  # the signals at step 1 (issue 34)
                 args.place_info[place]["start"] = measure_start(place, split, base_dir, pargs)
                 log.save()
@@ -1244,6 +1268,8 @@ def main(argv=None) -> dict:
             print(f"  {place:15s} {name:22s} seed {seed}: FAILED {failed['error']} (not recorded as a run; a rerun "
                   "tries again)", flush=True)
             return
+        if place in rebuilt_sha:
+            r["base_rebuilt_sha256"] = rebuilt_sha[place]
         log.add(r)
         lam = f" lambda {r['lambda_path'][0]:.2f}->{r['lambda_path'][-1]:.2f}" if r["lambda_path"] else ""
         print(f"  {place:15s} {name:22s} seed {seed}: exact match {r['test_acc']:.3f}, mean p after "
@@ -1356,6 +1382,11 @@ def absorb(log: RunLog, path: str) -> None:
         if mine is not None and (mine.get("key"), mine.get("base_sha256")) != (info.get("key"), info.get("base_sha256")):
             raise SystemExit(f"real_continuum: --absorb {path}: place {place} was measured on another base or with "
                              f"other settings there than in {log.path}; absorb files made with the same settings")
+        if mine is not None:  # the rebuilds accepted in either file
+            known = {b["base_sha256"] for b in mine.get("rebuilt_bases", [])}
+            extra = [b for b in info.get("rebuilt_bases", []) if b["base_sha256"] not in known]
+            if extra:
+                mine.setdefault("rebuilt_bases", []).extend(extra)
         places[place] = mine or info
     added = [r for r in other.runs if r["key"] not in log]
     for r in added:

@@ -274,10 +274,18 @@ def test_runs_of_a_rebuilt_base_that_differs_are_refused(tmp_path):
     assert len(sha) == 16 and sha == common.weights_sha256(str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(b"weights B")
     assert common.weights_sha256(str(tmp_path)) != sha
-    recorded = dict(base_exact_match=0.2, probe=dict(mean_p=0.7676), base_sha256="a" * 16)
-    rc.check_same_base("strong", recorded, dict(recorded), "out.json")
-    with pytest.raises(SystemExit, match="is not the base of the runs in out.json"):
-        rc.check_same_base("strong", recorded, dict(recorded, base_sha256="b" * 16), "out.json")
+    recorded = dict(base_exact_match=0.5, probe=dict(mean_p=0.7676, token_top1=0.8), base_sha256="a" * 16,
+                    base_hits=[1, 0, 1, 0])
+    assert rc.check_same_base("strong", recorded, dict(recorded), "out.json") is None  # the very base
+    # weights that differ by rounding and measure the same: accepted, and the rebuild is recorded
+    rebuilt = dict(recorded, base_sha256="b" * 16, probe=dict(mean_p=0.76765, token_top1=0.80005))
+    record = rc.check_same_base("strong", recorded, rebuilt, "out.json")
+    assert record["base_sha256"] == "b" * 16 and record["probe"] == rebuilt["probe"] and record["hits_identical"]
+    # another base: one problem answered otherwise, or the probe off by more than the tolerance
+    for other in (dict(rebuilt, base_hits=[1, 0, 0, 0]), dict(rebuilt, probe=dict(mean_p=0.7678, token_top1=0.8)),
+                  dict(rebuilt, probe=dict(mean_p=0.7676, token_top1=0.8002))):
+        with pytest.raises(SystemExit, match="is not the base of the runs in out.json"):
+            rc.check_same_base("strong", recorded, other, "out.json")
 
 
 def test_absorb_joins_another_workers_places_and_runs(tmp_path):
@@ -291,6 +299,10 @@ def test_absorb_joins_another_workers_places_and_runs(tmp_path):
     back = common.RunLog(main.path)
     assert set(back.record["places"]) == {"weak", "mid"} and len(back) == 2
     assert {r["key"]: r["hits"] for r in back.runs} == {"weak|x|0": [1], "mid|x|0": [0, 1]}
+    other.record["places"]["weak"]["rebuilt_bases"] = [dict(base_sha256="r1")]  # a rebuild accepted there joins
+    other.save()
+    rc.absorb(main, other.path)
+    assert [b["base_sha256"] for b in common.RunLog(main.path).record["places"]["weak"]["rebuilt_bases"]] == ["r1"]
     other.record["places"]["weak"]["base_sha256"] = "s1"  # measured on another base: refused
     other.save()
     with pytest.raises(SystemExit, match="place weak was measured on another base"):
@@ -503,7 +515,7 @@ def test_harness_end_to_end_saves_hits_in_test_order_and_resumes(tiny_model, tmp
     added = []
     monkeypatch.undo()
     monkeypatch.setattr(rc, "generate_answers", lambda model, tok, questions, bs, n: [_answer(q) for q in questions])
-    real_run_one = rc.run_one
+    real_run_one, real_measure_place = rc.run_one, rc.measure_place
     monkeypatch.setattr(rc, "measure_place", refuse)
     monkeypatch.setattr(rc, "run_one", lambda *a, **k: added.append((a[0], a[3])) or real_run_one(*a, **k))
     argv[argv.index("probe") + 1 : argv.index("probe") + 1] = ["dft"]
@@ -535,6 +547,25 @@ def test_harness_end_to_end_saves_hits_in_test_order_and_resumes(tiny_model, tmp
         (place, seed) for place in ("mid", "strong_noise25") for seed in (0, 2))
     with pytest.raises(SystemExit):
         rc.parse_args(["--seeds", "3"])  # the rule's seeds are 0, 1, 2
+    # A warm-up base rebuilt on another machine, its weights another hash, that measures the same (every hit, the
+    # probe): measured once, accepted and recorded beside the place; its runs join, marked; mid's base is untouched.
+    real_sha = rc.weights_sha256
+    monkeypatch.setattr(rc, "weights_sha256", lambda d: "f" * 16 if d != tiny_model else real_sha(d))
+    monkeypatch.setattr(rc, "measure_place", real_measure_place)
+    added.clear()
+    rc.main(argv)
+    assert added == []  # the recorded runs stand for this base
+    with open(out) as f:
+        places = json.load(f)["places"]
+    assert [b["base_sha256"] for b in places["strong_noise25"]["rebuilt_bases"]] == ["f" * 16]
+    assert places["strong_noise25"]["base_sha256"] != "f" * 16 and "rebuilt_bases" not in places["mid"]
+    monkeypatch.setattr(rc, "measure_place", refuse)  # accepted once: not measured again
+    rebuilt = str(tmp_path / "rebuilt.json")
+    rc.main(argv[: argv.index("--out")] + ["--out", rebuilt, "--absorb", out, "--check", "p", "--seeds", "1"])
+    assert sorted(added) == [("mid", "p"), ("strong_noise25", "p")]
+    with open(rebuilt) as f:
+        marks = {r["place"]: r.get("base_rebuilt_sha256") for r in json.load(f)["runs"] if r["seed"] == 1}
+    assert marks == {"mid": None, "strong_noise25": "f" * 16}
 
 
 @pytest.mark.timeout(900)
