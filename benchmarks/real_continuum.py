@@ -1382,9 +1382,11 @@ def absorb(log: RunLog, path: str) -> None:
         if mine is not None and (mine.get("key"), mine.get("base_sha256")) != (info.get("key"), info.get("base_sha256")):
             raise SystemExit(f"real_continuum: --absorb {path}: place {place} was measured on another base or with "
                              f"other settings there than in {log.path}; absorb files made with the same settings")
-        if mine is not None:  # the rebuilds accepted in either file
+        if mine is not None:  # the same place: what only the other file measured joins (the signals at step 1,
+            # ``start``), and the rebuilds accepted in either file
             known = {b["base_sha256"] for b in mine.get("rebuilt_bases", [])}
             extra = [b for b in info.get("rebuilt_bases", []) if b["base_sha256"] not in known]
+            mine.update({k: v for k, v in info.items() if k not in mine and k != "rebuilt_bases"})
             if extra:
                 mine.setdefault("rebuilt_bases", []).extend(extra)
         places[place] = mine or info

@@ -299,10 +299,12 @@ def test_absorb_joins_another_workers_places_and_runs(tmp_path):
     back = common.RunLog(main.path)
     assert set(back.record["places"]) == {"weak", "mid"} and len(back) == 2
     assert {r["key"]: r["hits"] for r in back.runs} == {"weak|x|0": [1], "mid|x|0": [0, 1]}
-    other.record["places"]["weak"]["rebuilt_bases"] = [dict(base_sha256="r1")]  # a rebuild accepted there joins
+    # what only the other worker measured at a place joins: a rebuild accepted there, the signals at step 1
+    other.record["places"]["weak"].update(rebuilt_bases=[dict(base_sha256="r1")], start=dict(signals={"s": 0.5}))
     other.save()
     rc.absorb(main, other.path)
-    assert [b["base_sha256"] for b in common.RunLog(main.path).record["places"]["weak"]["rebuilt_bases"]] == ["r1"]
+    weak = common.RunLog(main.path).record["places"]["weak"]
+    assert [b["base_sha256"] for b in weak["rebuilt_bases"]] == ["r1"] and weak["start"] == dict(signals={"s": 0.5})
     other.record["places"]["weak"]["base_sha256"] = "s1"  # measured on another base: refused
     other.save()
     with pytest.raises(SystemExit, match="place weak was measured on another base"):
